@@ -151,8 +151,13 @@ impl Criu {
             self.ensure_mem_track()?;
         }
         self.ensure_version(opts)?;
-        self.call(Request::Dump, with_opts(CriuReqType::DUMP, opts), Some(opts), notify)
-            .map(drop)
+        self.call(
+            Request::Dump,
+            with_opts(CriuReqType::DUMP, opts),
+            Some(opts),
+            notify,
+        )
+        .map(drop)
     }
 
     /// Writes the tree's memory and starts tracking what changes, so a later
@@ -270,7 +275,9 @@ impl Criu {
                 Received::Eof => {
                     let status = session.finish();
                     let mut failure = logs.failure(&mut session);
-                    failure.message.get_or_insert_with(|| "CRIU closed the connection".into());
+                    failure
+                        .message
+                        .get_or_insert_with(|| "CRIU closed the connection".into());
                     return Err(Error::Died {
                         request: kind,
                         status: status
@@ -314,7 +321,11 @@ impl Criu {
             if !resp.success() {
                 let mut failure = logs.failure(&mut session);
                 failure.errno = resp.cr_errno;
-                failure.message = resp.cr_errmsg.clone().filter(|m| !m.is_empty());
+                failure.message = resp
+                    .cr_errmsg
+                    .as_deref()
+                    .map(|m| m.trim().to_string())
+                    .filter(|m| !m.is_empty() && !is_benign(m));
                 return Err(Error::Criu {
                     request: kind,
                     failure,
@@ -397,11 +408,25 @@ impl LogSource {
     }
 }
 
+/// CRIU log errors that CRIU itself recovers from. They would otherwise be
+/// the first thing a user reads (and CRIU copies the first error into
+/// cr_errmsg), pointing at the wrong cause.
+const BENIGN_ERRORS: &[&str] = &[
+    // CRIU tries to raise its own fd limit and carries on when it may not
+    // (seen as root in VMs that cap RLIMIT_NOFILE).
+    "Can't setup RLIMIT_NOFILE for self",
+];
+
+fn is_benign(line: &str) -> bool {
+    BENIGN_ERRORS.iter().any(|b| line.contains(b))
+}
+
 /// The "Error (file:line): ..." lines of a CRIU log, first ones first: the
 /// first error is usually the cause, the rest its consequences.
 pub(crate) fn error_lines(log: &str) -> Vec<String> {
     log.lines()
         .filter(|l| l.contains("Error (") || l.starts_with("Error:"))
+        .filter(|l| !is_benign(l))
         .map(|l| {
             // Drop the "(00.012345) " timestamp prefix.
             let l = l.trim();
@@ -421,6 +446,7 @@ mod tests {
     #[test]
     fn picks_error_lines_from_a_criu_log() {
         let log = "(00.000100) Version: 4.2.1\n\
+                   (00.000200) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n\
                    (00.001000) Error (criu/cr-restore.c:1234): Can't open images\n\
                    (00.001100) Warn  (criu/x.c:1): meh\n\
                    (00.001200) Error (criu/cr-restore.c:2000): Restoring FAILED.\n";

@@ -59,12 +59,20 @@ impl fmt::Display for CriuFailure {
         }
         if let Some(errno) = self.errno.filter(|e| *e != 0) {
             let sep = if said { " " } else { "" };
-            write!(f, "{sep}(errno {errno}: {})", io::Error::from_raw_os_error(errno))?;
+            let desc = nix::errno::Errno::from_raw(errno).desc();
+            write!(f, "{sep}(errno {errno}: {desc})")?;
             said = true;
         }
-        if !self.log_errors.is_empty() {
+        // cr_errmsg is usually the first log error: do not say it twice.
+        let rest: Vec<&str> = self
+            .log_errors
+            .iter()
+            .map(String::as_str)
+            .filter(|l| Some(*l) != self.message.as_deref())
+            .collect();
+        if !rest.is_empty() {
             let sep = if said { "; " } else { "" };
-            write!(f, "{sep}CRIU log: {}", self.log_errors.join(" | "))?;
+            write!(f, "{sep}CRIU log: {}", rest.join(" | "))?;
             said = true;
         }
         if !said {
@@ -91,7 +99,9 @@ pub enum Error {
         failure: CriuFailure,
     },
 
-    #[error("CRIU {found} is too old for {feature}: it needs CRIU >= {needed}; install a newer CRIU")]
+    #[error(
+        "CRIU {found} is too old for {feature}: it needs CRIU >= {needed}; install a newer CRIU"
+    )]
     TooOld {
         feature: &'static str,
         needed: Version,
@@ -181,7 +191,10 @@ mod tests {
             failure: f,
         }
         .to_string();
-        assert!(text.starts_with("CRIU dump failed: Can't seize 4242 (errno 3"), "{text}");
+        assert!(
+            text.starts_with("CRIU dump failed: Can't seize 4242 (errno 3"),
+            "{text}"
+        );
         assert!(text.contains("seize failed"), "{text}");
         assert!(text.contains("/tmp/w/dump.log"), "{text}");
     }

@@ -409,10 +409,7 @@ mod tests {
         assert_eq!(raw.external, vec!["mnt[/data]:data".to_string()]);
         assert_eq!(raw.inherit_fd[0].fd(), stdin_raw);
         assert_eq!(opts.inherited_fds(), &[stdin_raw]);
-        assert_eq!(
-            raw.network_lock(),
-            rpc::Criu_network_lock_method::NFTABLES
-        );
+        assert_eq!(raw.network_lock(), rpc::Criu_network_lock_method::NFTABLES);
         assert_eq!(raw.log_level(), 4);
         assert_eq!(opts.log_file_name(), Some("dump.log"));
         assert_eq!(

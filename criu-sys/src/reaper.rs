@@ -110,6 +110,8 @@ mod tests {
 
     #[test]
     fn waitpid_reports_exit_code() {
+        // Reaped through WaitPid, which is what is under test.
+        #[allow(clippy::zombie_processes)]
         let child = std::process::Command::new("sh")
             .args(["-c", "exit 7"])
             .spawn()

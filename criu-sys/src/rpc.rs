@@ -4,7 +4,20 @@
 //! The generated names keep CRIU's snake_case (`Criu_opts`); the aliases below
 //! give the ones the rest of the crate uses a Rust spelling.
 
-#![allow(clippy::all, clippy::pedantic, missing_docs, dead_code, non_camel_case_types, non_snake_case, non_upper_case_globals, unused_attributes, unused_results, unused_mut, trivial_casts, unused_imports)]
+#![allow(
+    clippy::all,
+    clippy::pedantic,
+    missing_docs,
+    dead_code,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    unused_attributes,
+    unused_results,
+    unused_mut,
+    trivial_casts,
+    unused_imports
+)]
 
 include!(concat!(env!("OUT_DIR"), "/proto/rpc.rs"));
 

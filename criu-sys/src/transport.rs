@@ -79,7 +79,9 @@ impl Session {
         // between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
-                SigSet::empty().thread_set_mask().map_err(std::io::Error::from)?;
+                SigSet::empty()
+                    .thread_set_mask()
+                    .map_err(std::io::Error::from)?;
                 for sig in [libc::SIGCHLD, libc::SIGPIPE] {
                     libc::signal(sig, libc::SIG_DFL);
                 }
@@ -153,12 +155,7 @@ impl Session {
         let mut cmsg = nix::cmsg_space!([RawFd; 4]);
         let (n, fds) = loop {
             let mut iov = [IoSliceMut::new(&mut buf)];
-            match recvmsg::<()>(
-                sock,
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
+            match recvmsg::<()>(sock, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
                 Ok(msg) => {
                     let mut fds = Vec::new();
                     for c in msg
@@ -167,7 +164,11 @@ impl Session {
                     {
                         if let ControlMessageOwned::ScmRights(rights) = c {
                             // SAFETY: the kernel just installed these fds for us.
-                            fds.extend(rights.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                            fds.extend(
+                                rights
+                                    .into_iter()
+                                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                            );
                         }
                     }
                     break (msg.bytes, fds);
@@ -181,7 +182,10 @@ impl Session {
         }
         let resp = CriuResp::parse_from_bytes(&buf[..n])
             .map_err(|e| Error::Protocol(format!("decode reply ({n} bytes): {e}")))?;
-        Ok(Some(Received::Message(Box::new(resp), fds.into_iter().next())))
+        Ok(Some(Received::Message(
+            Box::new(resp),
+            fds.into_iter().next(),
+        )))
     }
 
     fn wait_readable(&self, deadline: Option<Instant>) -> Result<bool> {
@@ -231,7 +235,10 @@ impl Session {
             self.exit = self.wait_exit(EXIT_GRACE);
         }
         if self.exit.is_none() {
-            log::warn!("CRIU pid {} did not exit after its reply; killing it", self.pid);
+            log::warn!(
+                "CRIU pid {} did not exit after its reply; killing it",
+                self.pid
+            );
             self.kill();
             self.exit = self.wait_exit(EXIT_GRACE);
         }

@@ -85,7 +85,10 @@ mod tests {
     #[test]
     fn parses_release_strings() {
         assert_eq!(Version::parse("4.2.1"), Some(Version::new(4, 2, 1)));
-        assert_eq!(Version::parse("Version: 3.17"), Some(Version::new(3, 17, 0)));
+        assert_eq!(
+            Version::parse("Version: 3.17"),
+            Some(Version::new(3, 17, 0))
+        );
         assert_eq!(Version::parse("garbage"), None);
         assert_eq!(Version::parse("4"), None);
     }

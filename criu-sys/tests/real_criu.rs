@@ -1,0 +1,423 @@
+//! criu-sys against the real CRIU that hack/setup installs (needs root).
+//!
+//! The helper process is `examples/counter.rs`, built by `cargo test`.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use criu_sys::{open_dir, Action, Criu, Error, LogLevel, Notification, Options};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::waitpid;
+use nix::unistd::Pid;
+
+fn criu_path() -> PathBuf {
+    let p = std::env::var_os("CRIU_SHIM_CRIU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/opt/criu-shim/bin/criu".into());
+    assert!(p.exists(), "{} missing: run hack/setup", p.display());
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests need root (CRIU does)"
+    );
+    p
+}
+
+fn criu() -> Criu {
+    Criu::new(criu_path()).deadline(Duration::from_secs(60))
+}
+
+fn counter_bin() -> PathBuf {
+    // target/<profile>/deps/real_criu-HASH -> target/<profile>/examples/counter
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/counter");
+    if !bin.exists() {
+        // `cargo test` builds examples; `cargo test --test real_criu` does not.
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "criu-sys", "--example", "counter"])
+            .status()
+            .unwrap();
+        assert!(
+            status.success() && bin.exists(),
+            "cannot build {}",
+            bin.display()
+        );
+    }
+    bin
+}
+
+/// A counter in its own session (CRIU dumps session leaders without --shell-job).
+struct Counter {
+    pid: i32,
+    file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Counter {
+    fn start() -> Counter {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("count");
+        let mut cmd = Command::new(counter_bin());
+        cmd.arg(&file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                Ok(())
+            });
+        }
+        // Reaped by Drop (waitpid), not through the Child.
+        #[allow(clippy::zombie_processes)]
+        let child = cmd.spawn().unwrap();
+        let c = Counter {
+            pid: child.id() as i32,
+            file,
+            _dir: dir,
+        };
+        c.wait_for(|n| n >= 5);
+        c
+    }
+
+    fn read(&self) -> Option<u64> {
+        std::fs::read_to_string(&self.file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Waits until the published count satisfies `ok`; returns it.
+    fn wait_for(&self, ok: impl Fn(u64) -> bool) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(n) = self.read().filter(|n| ok(*n)) {
+                return n;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "count stuck at {:?}",
+                self.read()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn alive(pid: i32) -> bool {
+        // A zombie counts as dead.
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(s) => !s
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z'),
+            Err(_) => false,
+        }
+    }
+
+    fn is_counting(&self) -> bool {
+        let a = self.wait_for(|_| true);
+        std::thread::sleep(Duration::from_millis(100));
+        self.read().unwrap() > a
+    }
+}
+
+impl Drop for Counter {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
+        let _ = waitpid(Pid::from_raw(self.pid), None);
+    }
+}
+
+fn images() -> (tempfile::TempDir, Options) {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options::new()
+        .images_dir(open_dir(dir.path()).unwrap())
+        .log_level(LogLevel::Info);
+    (dir, opts)
+}
+
+fn has_image(dir: &Path, prefix: &str) -> bool {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .any(|e| e.unwrap().file_name().to_string_lossy().starts_with(prefix))
+}
+
+/// Soft-dirty tracking, checked independently of CRIU: a freshly written page
+/// has bit 55 set in /proc/self/pagemap only when the kernel tracks it.
+fn kernel_has_soft_dirty() -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    if std::fs::write("/proc/self/clear_refs", "4").is_err() {
+        return false;
+    }
+    let mut page = vec![0u8; 4096 * 2];
+    page[4096] = 1;
+    let addr = (&page[4096] as *const u8 as usize) & !4095;
+    let mut f = std::fs::File::open("/proc/self/pagemap").unwrap();
+    f.seek(SeekFrom::Start((addr / 4096 * 8) as u64)).unwrap();
+    let mut entry = [0u8; 8];
+    f.read_exact(&mut entry).unwrap();
+    std::hint::black_box(&page);
+    u64::from_le_bytes(entry) & (1 << 55) != 0
+}
+
+#[test]
+fn version_and_check_succeed() {
+    let c = criu();
+    let v = c.version().unwrap();
+    assert!(v.version >= criu_sys::MIN_VERSION, "{v}");
+    eprintln!("CRIU {v}");
+    c.check().unwrap();
+}
+
+#[test]
+fn feature_check_reports_this_kernel() {
+    let f = criu().feature_check().unwrap();
+    assert!(f.lazy_pages, "userfaultfd is enabled on these kernels");
+    assert_eq!(f.mem_track, kernel_has_soft_dirty(), "{f:?}");
+}
+
+#[test]
+fn dump_and_restore_continue_the_count() {
+    let c = criu();
+    let counter = Counter::start();
+    let (dir, opts) = images();
+    let opts = opts.pid(counter.pid).log_file("dump.log");
+    c.dump(&opts, None).unwrap();
+    // Dump without leave_running kills the tree; collect the zombie so the
+    // pid is free for the restore.
+    waitpid(Pid::from_raw(counter.pid), None).unwrap();
+    let at_dump = counter.read().unwrap();
+    assert!(has_image(dir.path(), "core-"), "no core image");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        counter.read(),
+        Some(at_dump),
+        "the dumped counter kept running"
+    );
+
+    let ropts = Options::new()
+        .images_dir(open_dir(dir.path()).unwrap())
+        .log_file("restore.log")
+        .rst_sibling(true);
+    let pid = c.restore(&ropts, None).unwrap();
+    assert_eq!(pid, counter.pid, "restored tree keeps its pid");
+    assert!(Counter::alive(pid));
+    let after = counter.wait_for(|n| n > at_dump);
+    assert!(
+        after <= at_dump + 50,
+        "count jumped from {at_dump} to {after}: not the same process state?"
+    );
+    assert!(counter.is_counting());
+}
+
+#[test]
+fn leave_running_keeps_the_source_and_images_are_usable() {
+    let c = criu();
+    let counter = Counter::start();
+    let (dir, opts) = images();
+    c.dump(&opts.pid(counter.pid).leave_running(true), None)
+        .unwrap();
+    let at_dump = counter.read().unwrap();
+    assert!(Counter::alive(counter.pid));
+    assert!(
+        counter.is_counting(),
+        "source stopped counting after a leave-running dump"
+    );
+    assert!(has_image(dir.path(), "pages-"));
+
+    // The images restore: stop the source, then bring the copy back.
+    kill(Pid::from_raw(counter.pid), Signal::SIGKILL).unwrap();
+    waitpid(Pid::from_raw(counter.pid), None).unwrap();
+    let source_last = counter.read().unwrap();
+    std::fs::remove_file(&counter.file).unwrap();
+    let ropts = Options::new()
+        .images_dir(open_dir(dir.path()).unwrap())
+        .rst_sibling(true);
+    let pid = c.restore(&ropts, None).unwrap();
+    assert!(Counter::alive(pid));
+    // The copy resumes from the dump's count, behind the source's last one.
+    let first = counter.wait_for(|_| true);
+    assert!(
+        first > at_dump && first < source_last,
+        "{at_dump} < {first} < {source_last}?"
+    );
+    assert!(counter.is_counting());
+}
+
+#[test]
+fn notifications_arrive_in_order() {
+    let c = criu();
+    let counter = Counter::start();
+    let (dir, opts) = images();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let mut cb = move |n: &mut Notification| {
+        log.lock().unwrap().push(n.action.clone());
+        Ok(())
+    };
+    c.dump(&opts.pid(counter.pid).notify_scripts(true), Some(&mut cb))
+        .unwrap();
+    waitpid(Pid::from_raw(counter.pid), None).unwrap();
+    let dump_seen = std::mem::take(&mut *seen.lock().unwrap());
+    assert_order(&dump_seen, &[Action::PreDump, Action::PostDump]);
+
+    let log = seen.clone();
+    let mut cb = move |n: &mut Notification| {
+        log.lock().unwrap().push(n.action.clone());
+        Ok(())
+    };
+    let ropts = Options::new()
+        .images_dir(open_dir(dir.path()).unwrap())
+        .rst_sibling(true)
+        .notify_scripts(true);
+    c.restore(&ropts, Some(&mut cb)).unwrap();
+    let restore_seen = seen.lock().unwrap().clone();
+    assert_order(
+        &restore_seen,
+        &[
+            Action::PreRestore,
+            Action::PostRestore,
+            Action::PreResume,
+            Action::PostResume,
+        ],
+    );
+    assert!(counter.is_counting());
+}
+
+fn assert_order(seen: &[Action], expected: &[Action]) {
+    let mut it = seen.iter();
+    for want in expected {
+        assert!(
+            it.any(|a| a == want),
+            "{want} missing or out of order in {seen:?}"
+        );
+    }
+}
+
+#[test]
+fn a_refusing_callback_aborts_the_dump_and_the_source_survives() {
+    let c = criu();
+    let counter = Counter::start();
+    let (dir, opts) = images();
+    let mut cb = |n: &mut Notification| match n.action {
+        Action::PostDump => Err("test refuses post-dump".to_string()),
+        _ => Ok(()),
+    };
+    let err = c
+        .dump(&opts.pid(counter.pid).notify_scripts(true), Some(&mut cb))
+        .unwrap_err();
+    match &err {
+        Error::NotifyRejected { action, reason } => {
+            assert_eq!(action, "post-dump");
+            assert!(reason.contains("test refuses"));
+        }
+        other => panic!("expected NotifyRejected, got {other}"),
+    }
+    assert!(
+        Counter::alive(counter.pid),
+        "a failed dump killed the source"
+    );
+    assert!(counter.is_counting());
+    drop(dir);
+}
+
+#[test]
+fn pre_dump_is_reported_unsupported_without_memory_tracking() {
+    if kernel_has_soft_dirty() {
+        eprintln!("kernel tracks soft-dirty pages: nothing to check here");
+        return;
+    }
+    let counter = Counter::start();
+    let (_dir, opts) = images();
+    let err = criu().pre_dump(&opts.pid(counter.pid), None).unwrap_err();
+    assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    assert!(
+        err.to_string().contains("memory tracking not supported"),
+        "{err}"
+    );
+    assert!(counter.is_counting());
+}
+
+#[test]
+fn missing_binary_names_the_path() {
+    let err = Criu::new("/no/such/dir/criu").check().unwrap_err();
+    assert!(matches!(err, Error::BinaryNotFound { .. }));
+    assert!(err.to_string().contains("/no/such/dir/criu"), "{err}");
+}
+
+#[test]
+fn restore_from_an_empty_images_dir_carries_criu_s_reason() {
+    let (_dir, opts) = images();
+    let err = criu()
+        .restore(&opts.log_file("restore.log"), None)
+        .unwrap_err();
+    let failure = err
+        .criu_failure()
+        .unwrap_or_else(|| panic!("not a CRIU failure: {err}"));
+    assert!(!failure.log_errors.is_empty(), "no CRIU log lines in {err}");
+    assert!(failure.log_path.as_ref().unwrap().ends_with("restore.log"));
+    eprintln!("{err}");
+}
+
+#[test]
+fn dumping_a_pid_that_does_not_exist_carries_criu_s_reason() {
+    let mut gone = Command::new("true").spawn().unwrap();
+    let pid = gone.id() as i32;
+    gone.wait().unwrap();
+    let (_dir, opts) = images();
+    let err = criu()
+        .dump(&opts.pid(pid).log_file("dump.log"), None)
+        .unwrap_err();
+    let failure = err
+        .criu_failure()
+        .unwrap_or_else(|| panic!("not a CRIU failure: {err}"));
+    let text = err.to_string();
+    assert!(
+        failure.message.is_some() || !failure.log_errors.is_empty(),
+        "no reason from CRIU: {text}"
+    );
+    assert!(
+        text.contains(&pid.to_string()) || text.contains("seize"),
+        "{text}"
+    );
+    eprintln!("{text}");
+}
+
+#[test]
+fn a_dump_past_its_deadline_is_stopped_and_the_source_keeps_running() {
+    let counter = Counter::start();
+    let (dir, opts) = images();
+    let c = Criu::new(criu_path()).deadline(Duration::from_millis(1500));
+    // Hold CRIU after it has frozen and dumped the tree, past the deadline.
+    let mut cb = |n: &mut Notification| {
+        if n.action == Action::PostDump {
+            std::thread::sleep(Duration::from_millis(2000));
+        }
+        Ok(())
+    };
+    let started = Instant::now();
+    let err = c
+        .dump(&opts.pid(counter.pid).notify_scripts(true), Some(&mut cb))
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        Counter::alive(counter.pid),
+        "timed-out dump killed the source"
+    );
+    assert!(
+        counter.is_counting(),
+        "source frozen after a timed-out dump"
+    );
+    drop(dir);
+}
