@@ -1,1 +1,264 @@
+//! Every setting of criu-shim, its annotation names and defaults, parsed and
+//! validated in one place.
+//!
+//! Settings reach the shim three ways, and this crate merges them in this
+//! order (later wins):
+//! 1. built-in defaults ([`ShimConfig::default`]);
+//! 2. containerd's runc options for the runtime (`[...runtimes.criu.options]`
+//!    in containerd's config: `BinaryName`, `Root`, `SystemdCgroup`,
+//!    `CriuPath`, ...), so an existing runc runtime config carries over;
+//! 3. environment variables of the shim (`CRIU_SHIM_*`), for the settings
+//!    containerd's runc options have no field for.
+//!
+//! See `config/README.md` for the containerd config snippet and the
+//! RuntimeClass manifest.
 
+use std::path::{Path, PathBuf};
+
+/// The runtime type containerd knows the shim by.
+pub const RUNTIME_ID: &str = "io.containerd.criu.v2";
+
+/// Prefix of every annotation criu-shim reads. List it in containerd's
+/// `pod_annotations` (CRI) so pod annotations reach the container's OCI spec.
+pub const ANNOTATION_PREFIX: &str = "criu-shim.io/";
+
+/// Annotation naming the archive (on the share) to restore a container from.
+pub const ANNOTATION_RESTORE_FROM: &str = "criu-shim.io/restore-from";
+
+/// Annotation naming where on the share checkpoints of this container go.
+pub const ANNOTATION_CHECKPOINT_TO: &str = "criu-shim.io/checkpoint-to";
+
+/// CRI's annotation carrying the pod sandbox id; containers of one pod share a shim.
+pub const ANNOTATION_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+
+/// Where hack/setup installs CRIU 4.2 with its own libraries.
+pub const DEFAULT_CRIU: &str = "/opt/criu-shim/bin/criu";
+
+/// Environment variable names.
+pub mod env {
+    pub const CRIU: &str = "CRIU_SHIM_CRIU";
+    pub const RUNC: &str = "CRIU_SHIM_RUNC";
+    pub const STAGING_DIR: &str = "CRIU_SHIM_STAGING_DIR";
+    pub const SHARE_DIR: &str = "CRIU_SHIM_SHARE_DIR";
+    pub const CRIU_TIMEOUT_SECS: &str = "CRIU_SHIM_CRIU_TIMEOUT";
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("the systemd cgroup driver was requested (SystemdCgroup = true) but systemd is not running on this host; set SystemdCgroup = false in the runtime options")]
+    SystemdNotRunning,
+    #[error("{name}={value:?} is not valid: {why}")]
+    BadValue {
+        name: &'static str,
+        value: String,
+        why: &'static str,
+    },
+    #[error("{what} {path} must be an absolute path")]
+    NotAbsolute { what: &'static str, path: PathBuf },
+}
+
+/// containerd's runc options (`containerd.runc.v1.Options`), the fields we use.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuncOptions {
+    pub binary_name: String,
+    pub root: String,
+    pub systemd_cgroup: bool,
+    pub criu_path: String,
+    pub no_pivot_root: bool,
+    pub no_new_keyring: bool,
+}
+
+/// The shim's settings, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShimConfig {
+    /// runc binary (a path, or a name looked up in PATH).
+    pub runc: PathBuf,
+    /// runc's state root (`runc --root`).
+    pub runc_root: PathBuf,
+    /// The CRIU binary criu-shim drives (and points runc at).
+    pub criu: PathBuf,
+    pub no_pivot_root: bool,
+    pub no_new_keyring: bool,
+    /// Local directory where checkpoints are staged before publishing.
+    pub staging_dir: PathBuf,
+    /// Mount point of the file share every node sees.
+    pub share_dir: PathBuf,
+    /// Longest a CRIU dump or restore may take.
+    pub criu_timeout_secs: u64,
+}
+
+impl ShimConfig {
+    /// Defaults for containerd namespace `namespace`.
+    pub fn defaults(namespace: &str) -> Self {
+        ShimConfig {
+            runc: "runc".into(),
+            runc_root: Path::new("/run/containerd/runc").join(namespace),
+            criu: if Path::new(DEFAULT_CRIU).exists() {
+                DEFAULT_CRIU.into()
+            } else {
+                "criu".into()
+            },
+            no_pivot_root: false,
+            no_new_keyring: false,
+            staging_dir: "/var/lib/criu-shim/staging".into(),
+            share_dir: "/var/lib/criu-shim/share".into(),
+            criu_timeout_secs: 600,
+        }
+    }
+
+    /// Applies containerd's runc options and then the environment.
+    pub fn resolve(
+        namespace: &str,
+        runc: Option<&RuncOptions>,
+        env: impl Fn(&str) -> Option<String>,
+        systemd_running: bool,
+    ) -> Result<Self, ConfigError> {
+        let mut c = Self::defaults(namespace);
+        if let Some(o) = runc {
+            if o.systemd_cgroup && !systemd_running {
+                return Err(ConfigError::SystemdNotRunning);
+            }
+            if !o.binary_name.is_empty() {
+                c.runc = o.binary_name.clone().into();
+            }
+            if !o.root.is_empty() {
+                c.runc_root = Path::new(&o.root).join(namespace);
+            }
+            if !o.criu_path.is_empty() {
+                c.criu = o.criu_path.clone().into();
+            }
+            c.no_pivot_root = o.no_pivot_root;
+            c.no_new_keyring = o.no_new_keyring;
+        }
+        if let Some(v) = env(env::RUNC) {
+            c.runc = v.into();
+        }
+        if let Some(v) = env(env::CRIU) {
+            c.criu = v.into();
+        }
+        if let Some(v) = env(env::STAGING_DIR) {
+            c.staging_dir = v.into();
+        }
+        if let Some(v) = env(env::SHARE_DIR) {
+            c.share_dir = v.into();
+        }
+        if let Some(v) = env(env::CRIU_TIMEOUT_SECS) {
+            c.criu_timeout_secs = match v.parse::<u64>() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    return Err(ConfigError::BadValue {
+                        name: env::CRIU_TIMEOUT_SECS,
+                        value: v,
+                        why: "expected a whole number of seconds > 0",
+                    })
+                }
+            };
+        }
+        for (what, path) in [
+            ("runc root", &c.runc_root),
+            ("staging dir", &c.staging_dir),
+            ("share dir", &c.share_dir),
+        ] {
+            if !path.is_absolute() {
+                return Err(ConfigError::NotAbsolute {
+                    what,
+                    path: path.clone(),
+                });
+            }
+        }
+        Ok(c)
+    }
+
+    /// From the shim process's real environment.
+    pub fn from_env(namespace: &str, runc: Option<&RuncOptions>) -> Result<Self, ConfigError> {
+        Self::resolve(
+            namespace,
+            runc,
+            |k| std::env::var(k).ok().filter(|v| !v.is_empty()),
+            systemd_running(),
+        )
+    }
+}
+
+/// systemd's own test: the directory exists only when systemd is PID 1.
+pub fn systemd_running() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+/// The shim grouping key: containers of one pod share one shim process.
+pub fn grouping<'a>(id: &'a str, annotations: impl Fn(&str) -> Option<&'a str>) -> &'a str {
+    annotations(ANNOTATION_SANDBOX_ID)
+        .filter(|s| !s.is_empty())
+        .unwrap_or(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn defaults_are_namespaced() {
+        let c = ShimConfig::resolve("k8s.io", None, no_env, false).unwrap();
+        assert_eq!(c.runc_root, Path::new("/run/containerd/runc/k8s.io"));
+        assert_eq!(c.runc, Path::new("runc"));
+    }
+
+    #[test]
+    fn runc_options_carry_over() {
+        let o = RuncOptions {
+            binary_name: "/usr/local/bin/runc".into(),
+            root: "/run/myrunc".into(),
+            criu_path: "/usr/local/sbin/criu".into(),
+            ..Default::default()
+        };
+        let c = ShimConfig::resolve("default", Some(&o), no_env, false).unwrap();
+        assert_eq!(c.runc, Path::new("/usr/local/bin/runc"));
+        assert_eq!(c.runc_root, Path::new("/run/myrunc/default"));
+        assert_eq!(c.criu, Path::new("/usr/local/sbin/criu"));
+    }
+
+    #[test]
+    fn systemd_cgroup_without_systemd_is_refused_with_the_fix() {
+        let o = RuncOptions {
+            systemd_cgroup: true,
+            ..Default::default()
+        };
+        let err = ShimConfig::resolve("default", Some(&o), no_env, false).unwrap_err();
+        assert_eq!(err, ConfigError::SystemdNotRunning);
+        assert!(err.to_string().contains("SystemdCgroup = false"));
+        assert!(ShimConfig::resolve("default", Some(&o), no_env, true).is_ok());
+    }
+
+    #[test]
+    fn environment_overrides_and_is_validated() {
+        let env = |k: &str| match k {
+            env::CRIU => Some("/x/criu".to_string()),
+            env::SHARE_DIR => Some("/mnt/share".to_string()),
+            _ => None,
+        };
+        let c = ShimConfig::resolve("default", None, env, false).unwrap();
+        assert_eq!(c.criu, Path::new("/x/criu"));
+        assert_eq!(c.share_dir, Path::new("/mnt/share"));
+
+        let bad = |k: &str| (k == env::CRIU_TIMEOUT_SECS).then(|| "soon".to_string());
+        let err = ShimConfig::resolve("default", None, bad, false).unwrap_err();
+        assert!(err.to_string().contains("CRIU_SHIM_CRIU_TIMEOUT"), "{err}");
+
+        let rel = |k: &str| (k == env::SHARE_DIR).then(|| "share".to_string());
+        assert!(matches!(
+            ShimConfig::resolve("default", None, rel, false),
+            Err(ConfigError::NotAbsolute { .. })
+        ));
+    }
+
+    #[test]
+    fn pods_share_a_shim() {
+        let ann = |k: &str| (k == ANNOTATION_SANDBOX_ID).then_some("pod123");
+        assert_eq!(grouping("ctr1", ann), "pod123");
+        assert_eq!(grouping("ctr1", |_| None), "ctr1");
+    }
+}

@@ -18,7 +18,8 @@ fn main() {
 }
 
 fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
-    let usage = "usage: criu_rpc CRIU version|check|features|dump PID DIR [--leave-running]|restore DIR";
+    let usage =
+        "usage: criu_rpc CRIU version|check|features|dump PID DIR [--leave-running]|restore DIR";
     let criu = Criu::new(args.first().ok_or(usage)?).deadline(Duration::from_secs(120));
     let started = Instant::now();
     match args.get(1).map(String::as_str) {

@@ -1,0 +1,344 @@
+//! A container: its bundle, rootfs mount, init process and execs, and the
+//! runc calls that act on them. The Task service translates RPCs into these
+//! methods; nothing here knows about ttrpc.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::process::{Process, Status};
+use crate::runc::{Runc, SpawnOpts};
+use crate::stdio::{ConsoleSocket, ProcessIo, StdioPaths};
+
+/// A rootfs mount containerd asks us to make at `<bundle>/rootfs`.
+#[derive(Debug, Clone)]
+pub struct Mount {
+    pub fs_type: String,
+    pub source: String,
+    pub options: Vec<String>,
+}
+
+pub struct CreateOpts {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub rootfs: Vec<Mount>,
+    pub stdio: StdioPaths,
+    pub no_pivot: bool,
+    pub no_new_keyring: bool,
+}
+
+pub struct Container {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub init: Arc<Process>,
+    execs: Mutex<HashMap<String, Arc<Process>>>,
+    runc: Runc,
+    rootfs_mounted: bool,
+    no_new_keyring: bool,
+}
+
+impl Container {
+    /// `runc create`: the init process exists, stopped before the user's
+    /// program, until [`Container::start`].
+    pub fn create(o: CreateOpts, runc: Runc) -> Result<Container> {
+        let rootfs = o.bundle.join("rootfs");
+        let mounted = mount_rootfs(&o.rootfs, &rootfs)?;
+        let init = Arc::new(Process::new("", o.stdio.clone(), None));
+        let container = Container {
+            id: o.id.clone(),
+            bundle: o.bundle.clone(),
+            init,
+            execs: Mutex::new(HashMap::new()),
+            runc,
+            rootfs_mounted: mounted,
+            no_new_keyring: o.no_new_keyring,
+        };
+        // On failure `container` is dropped here and its Drop cleans up.
+        let pid_file = o.bundle.join("init.pid");
+        let console = o.stdio.terminal.then(ConsoleSocket::new).transpose()?;
+        let console_path = console.as_ref().map(ConsoleSocket::path);
+        let spawn = SpawnOpts {
+            pid_file: &pid_file,
+            console_socket: console_path.as_deref(),
+            no_pivot: o.no_pivot,
+            no_new_keyring: o.no_new_keyring,
+        };
+        match &console {
+            Some(console) => {
+                container
+                    .runc
+                    .create(&o.id, &o.bundle, &spawn, Default::default())?;
+                let master = console.receive_master()?;
+                container
+                    .init
+                    .set_io(ProcessIo::terminal(master, &o.stdio)?);
+            }
+            None => {
+                let (child, io) = ProcessIo::pipes(&o.stdio)?;
+                container.runc.create(&o.id, &o.bundle, &spawn, child)?;
+                container.init.set_io(io);
+            }
+        }
+        container.init.set_pid(read_pid(&pid_file)?);
+        Ok(container)
+    }
+
+    pub fn process(&self, exec_id: &str) -> Result<Arc<Process>> {
+        if exec_id.is_empty() {
+            return Ok(self.init.clone());
+        }
+        self.execs
+            .lock()
+            .unwrap()
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("exec {exec_id} not found in {}", self.id)))
+    }
+
+    pub fn start(&self) -> Result<i32> {
+        if self.init.status() != Status::Created {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is not in the created state",
+                self.id
+            )));
+        }
+        self.runc.start(&self.id)?;
+        self.init.set_status(Status::Running);
+        Ok(self.init.pid())
+    }
+
+    pub fn add_exec(&self, exec_id: &str, stdio: StdioPaths, spec: Vec<u8>) -> Result<()> {
+        if self.init.status() == Status::Stopped {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is stopped",
+                self.id
+            )));
+        }
+        let mut execs = self.execs.lock().unwrap();
+        if execs.contains_key(exec_id) {
+            return Err(Error::AlreadyExists(format!(
+                "exec {exec_id} already exists"
+            )));
+        }
+        execs.insert(
+            exec_id.to_string(),
+            Arc::new(Process::new(exec_id, stdio, Some(spec))),
+        );
+        Ok(())
+    }
+
+    /// `runc exec --detach`; `register` is called with the pid before the
+    /// pid can be missed by the exit dispatcher.
+    pub fn start_exec(&self, exec_id: &str) -> Result<i32> {
+        let p = self.process(exec_id)?;
+        if p.status() != Status::Created {
+            return Err(Error::FailedPrecondition(format!(
+                "exec {exec_id} was already started"
+            )));
+        }
+        let dir = self.bundle.join(format!("exec-{}", sanitize(exec_id)));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create exec dir", e))?;
+        let process_json = dir.join("process.json");
+        std::fs::write(&process_json, p.spec.as_deref().unwrap_or_default())
+            .map_err(|e| Error::io("write exec process.json", e))?;
+        let pid_file = dir.join("pid");
+        let result = self.spawn_exec(&p, &process_json, &pid_file);
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    fn spawn_exec(&self, p: &Process, process_json: &Path, pid_file: &Path) -> Result<i32> {
+        let console = p.stdio.terminal.then(ConsoleSocket::new).transpose()?;
+        let console_path = console.as_ref().map(ConsoleSocket::path);
+        let spawn = SpawnOpts {
+            pid_file,
+            console_socket: console_path.as_deref(),
+            no_pivot: false,
+            no_new_keyring: self.no_new_keyring,
+        };
+        match &console {
+            Some(console) => {
+                self.runc
+                    .exec(&self.id, process_json, &spawn, Default::default())?;
+                p.set_io(ProcessIo::terminal(console.receive_master()?, &p.stdio)?);
+            }
+            None => {
+                let (child, io) = ProcessIo::pipes(&p.stdio)?;
+                self.runc.exec(&self.id, process_json, &spawn, child)?;
+                p.set_io(io);
+            }
+        }
+        let pid = read_pid(pid_file)?;
+        p.set_pid(pid);
+        p.set_status(Status::Running);
+        Ok(pid)
+    }
+
+    pub fn kill(&self, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let p = self.process(exec_id)?;
+        if p.status() == Status::Stopped {
+            return Err(Error::NotFound(format!(
+                "process {} of {} already finished",
+                p.display_id(),
+                self.id
+            )));
+        }
+        if exec_id.is_empty() {
+            return self.runc.kill(&self.id, signal, all).map_err(|e| {
+                // runc says "container not running" when init just exited.
+                if p.status() == Status::Stopped {
+                    Error::NotFound(format!("container {} already finished", self.id))
+                } else {
+                    e
+                }
+            });
+        }
+        let pid = p.pid();
+        if pid <= 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "exec {exec_id} not started"
+            )));
+        }
+        let sig = nix::sys::signal::Signal::try_from(signal as i32)
+            .map_err(|_| Error::InvalidArgument(format!("bad signal {signal}")))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).map_err(|e| match e {
+            nix::errno::Errno::ESRCH => Error::NotFound(format!("exec {exec_id} already finished")),
+            e => Error::io("kill exec", e.into()),
+        })
+    }
+
+    pub fn remove_exec(&self, exec_id: &str) -> Result<Arc<Process>> {
+        let p = self.process(exec_id)?;
+        if p.status() == Status::Running {
+            return Err(Error::FailedPrecondition(format!(
+                "exec {exec_id} is still running"
+            )));
+        }
+        self.execs.lock().unwrap().remove(exec_id);
+        Ok(p)
+    }
+
+    pub fn pause(&self) -> Result<()> {
+        self.runc.pause(&self.id)?;
+        self.init.set_status(Status::Paused);
+        Ok(())
+    }
+
+    pub fn resume(&self) -> Result<()> {
+        self.runc.resume(&self.id)?;
+        self.init.set_status(Status::Running);
+        Ok(())
+    }
+
+    pub fn update(&self, resources_json: &[u8]) -> Result<()> {
+        let path = self.bundle.join("resources.json");
+        std::fs::write(&path, resources_json).map_err(|e| Error::io("write resources", e))?;
+        let r = self.runc.update(&self.id, &path);
+        let _ = std::fs::remove_file(&path);
+        r
+    }
+
+    pub fn pids(&self) -> Result<Vec<i32>> {
+        self.runc.ps(&self.id)
+    }
+
+    pub fn stats(&self) -> Result<serde_json::Value> {
+        self.runc.stats(&self.id)
+    }
+
+    /// `runc delete` and unmount. Safe to call more than once.
+    pub fn destroy(&self) -> Result<()> {
+        let result = match self.runc.delete(&self.id, true) {
+            Err(Error::Runc { message, .. }) if message.contains("does not exist") => Ok(()),
+            other => other,
+        };
+        if self.rootfs_mounted {
+            unmount_rootfs(&self.bundle.join("rootfs"));
+        }
+        result
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        // Only reached with a live runc container when create failed half-way.
+        if self.init.exit().is_none() {
+            let _ = self.runc.delete(&self.id, true);
+        }
+        if self.rootfs_mounted {
+            unmount_rootfs(&self.bundle.join("rootfs"));
+        }
+    }
+}
+
+fn read_pid(path: &Path) -> Result<i32> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("read pid file {}", path.display()), e))?;
+    text.trim()
+        .parse()
+        .map_err(|_| Error::Other(format!("bad pid file {}: {text:?}", path.display())))
+}
+
+/// Exec ids come from clients; keep them from naming other directories.
+fn sanitize(id: &str) -> String {
+    id.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Mounts containerd's rootfs mounts at `target`. Returns whether anything
+/// was mounted (no mounts: the bundle already has its rootfs).
+pub fn mount_rootfs(mounts: &[Mount], target: &Path) -> Result<bool> {
+    if mounts.is_empty() {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(target).map_err(|e| Error::io("create rootfs dir", e))?;
+    for (i, m) in mounts.iter().enumerate() {
+        if let Err(e) = containerd_shim::mount::mount_rootfs(
+            Some(m.fs_type.as_str()).filter(|t| !t.is_empty()),
+            Some(m.source.as_str()),
+            &m.options,
+            target,
+        ) {
+            if i > 0 {
+                unmount_rootfs(target);
+            }
+            return Err(Error::Other(format!(
+                "mount {} ({}) at {}: {e}",
+                m.source,
+                m.fs_type,
+                target.display()
+            )));
+        }
+    }
+    Ok(true)
+}
+
+/// Unmounts everything at `target` (lazy, so a busy mount does not leak).
+pub fn unmount_rootfs(target: &Path) {
+    use nix::mount::{umount2, MntFlags};
+    for _ in 0..16 {
+        match umount2(target, MntFlags::MNT_DETACH) {
+            Ok(()) => continue,
+            Err(_) => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_ids_cannot_escape_the_bundle() {
+        assert_eq!(sanitize("../../etc"), "______etc");
+        assert_eq!(sanitize("exec-1_a"), "exec-1_a");
+    }
+}

@@ -1,0 +1,98 @@
+//! Task events to containerd, in order, off the request path.
+//!
+//! Publishing is a ttrpc call to containerd; doing it inline would make every
+//! RPC wait on containerd and could deadlock when containerd is itself
+//! waiting on us. One thread sends events in the order they were queued, so
+//! TaskExit never overtakes TaskStart.
+
+use std::sync::mpsc::{channel, Sender};
+use std::sync::Mutex;
+
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskPaused,
+    TaskResumed,
+};
+use containerd_shim::protos::protobuf::MessageDyn;
+use containerd_shim::protos::topics;
+use containerd_shim::protos::ttrpc::context::Context;
+use containerd_shim::publisher::RemotePublisher;
+
+pub enum Event {
+    Create(TaskCreate),
+    Start { container_id: String, pid: u32 },
+    Exit(TaskExit),
+    Delete(TaskDelete),
+    ExecAdded(TaskExecAdded),
+    ExecStarted(TaskExecStarted),
+    Paused(String),
+    Resumed(String),
+    Oom(String),
+}
+
+impl Event {
+    fn into_message(self) -> (&'static str, Box<dyn MessageDyn>) {
+        use containerd_shim::protos::events::task::TaskStart;
+        match self {
+            Event::Create(e) => (topics::TASK_CREATE_EVENT_TOPIC, Box::new(e)),
+            Event::Start { container_id, pid } => (
+                topics::TASK_START_EVENT_TOPIC,
+                Box::new(TaskStart {
+                    container_id,
+                    pid,
+                    ..Default::default()
+                }),
+            ),
+            Event::Exit(e) => (topics::TASK_EXIT_EVENT_TOPIC, Box::new(e)),
+            Event::Delete(e) => (topics::TASK_DELETE_EVENT_TOPIC, Box::new(e)),
+            Event::ExecAdded(e) => (topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(e)),
+            Event::ExecStarted(e) => (topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(e)),
+            Event::Paused(id) => (
+                topics::TASK_PAUSED_EVENT_TOPIC,
+                Box::new(TaskPaused {
+                    container_id: id,
+                    ..Default::default()
+                }),
+            ),
+            Event::Resumed(id) => (
+                topics::TASK_RESUMED_EVENT_TOPIC,
+                Box::new(TaskResumed {
+                    container_id: id,
+                    ..Default::default()
+                }),
+            ),
+            Event::Oom(id) => (
+                topics::TASK_OOM_EVENT_TOPIC,
+                Box::new(TaskOOM {
+                    container_id: id,
+                    ..Default::default()
+                }),
+            ),
+        }
+    }
+}
+
+pub struct Events {
+    tx: Mutex<Sender<Event>>,
+}
+
+impl Events {
+    pub fn start(publisher: RemotePublisher, namespace: String) -> Events {
+        let (tx, rx) = channel::<Event>();
+        std::thread::Builder::new()
+            .name("events".into())
+            .spawn(move || {
+                for ev in rx {
+                    let (topic, msg) = ev.into_message();
+                    if let Err(e) = publisher.publish(Context::default(), topic, &namespace, msg) {
+                        log::warn!("publish {topic}: {e}");
+                    }
+                }
+            })
+            .expect("spawn events thread");
+        Events { tx: Mutex::new(tx) }
+    }
+
+    pub fn send(&self, ev: Event) {
+        let _ = self.tx.lock().unwrap().send(ev);
+    }
+}

@@ -1,0 +1,301 @@
+//! The runc driver: runc's command line, one method per subcommand.
+//!
+//! runc writes its own errors to a JSON log file (`--log`, `--log-format
+//! json`), because its stdio is the container's stdio. Errors are read back
+//! from that log so the user sees runc's reason, not just "exit status 1".
+//! Exit statuses come through the [`Reaper`] (see [`crate::reaper`]).
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use criu_sys::{ChildExit, Reaper};
+
+use crate::error::{Error, Result};
+
+/// runc subcommands that do not finish within this are killed.
+const RUNC_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The container side of a process's stdio, handed to runc.
+#[derive(Default)]
+pub struct ChildStdio {
+    pub stdin: Option<OwnedFd>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+}
+
+#[derive(Clone)]
+pub struct Runc {
+    binary: PathBuf,
+    root: PathBuf,
+    log: PathBuf,
+    criu: Option<PathBuf>,
+    reaper: Arc<dyn Reaper>,
+}
+
+/// Options of `runc create` / `runc exec`.
+pub struct SpawnOpts<'a> {
+    pub pid_file: &'a Path,
+    pub console_socket: Option<&'a Path>,
+    pub no_pivot: bool,
+    pub no_new_keyring: bool,
+}
+
+impl Runc {
+    pub fn new(binary: &Path, root: &Path, log: &Path, reaper: Arc<dyn Reaper>) -> Self {
+        Runc {
+            binary: binary.to_path_buf(),
+            root: root.to_path_buf(),
+            log: log.to_path_buf(),
+            criu: None,
+            reaper,
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--root")
+            .arg(&self.root)
+            .arg("--log")
+            .arg(&self.log)
+            .arg("--log-format")
+            .arg("json");
+        if let Some(criu) = &self.criu {
+            cmd.arg("--criu").arg(criu);
+        }
+        cmd
+    }
+
+    pub fn create(&self, id: &str, bundle: &Path, o: &SpawnOpts, stdio: ChildStdio) -> Result<()> {
+        let mut cmd = self.command();
+        cmd.arg("create").arg("--bundle").arg(bundle);
+        spawn_args(&mut cmd, o);
+        cmd.arg(id);
+        self.run("create", cmd, stdio).map(drop)
+    }
+
+    pub fn start(&self, id: &str) -> Result<()> {
+        let mut cmd = self.command();
+        cmd.args(["start", id]);
+        self.run("start", cmd, ChildStdio::default()).map(drop)
+    }
+
+    pub fn exec(
+        &self,
+        id: &str,
+        process_json: &Path,
+        o: &SpawnOpts,
+        stdio: ChildStdio,
+    ) -> Result<()> {
+        let mut cmd = self.command();
+        cmd.arg("exec")
+            .arg("--detach")
+            .arg("--process")
+            .arg(process_json);
+        spawn_args(&mut cmd, o);
+        cmd.arg(id);
+        self.run("exec", cmd, stdio).map(drop)
+    }
+
+    pub fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()> {
+        let mut cmd = self.command();
+        cmd.arg("kill");
+        if all {
+            cmd.arg("--all");
+        }
+        cmd.arg(id).arg(signal.to_string());
+        self.run("kill", cmd, ChildStdio::default()).map(drop)
+    }
+
+    pub fn delete(&self, id: &str, force: bool) -> Result<()> {
+        let mut cmd = self.command();
+        cmd.arg("delete");
+        if force {
+            cmd.arg("--force");
+        }
+        cmd.arg(id);
+        self.run("delete", cmd, ChildStdio::default()).map(drop)
+    }
+
+    pub fn pause(&self, id: &str) -> Result<()> {
+        let mut cmd = self.command();
+        cmd.args(["pause", id]);
+        self.run("pause", cmd, ChildStdio::default()).map(drop)
+    }
+
+    pub fn resume(&self, id: &str) -> Result<()> {
+        let mut cmd = self.command();
+        cmd.args(["resume", id]);
+        self.run("resume", cmd, ChildStdio::default()).map(drop)
+    }
+
+    /// `runc update --resources FILE` with an OCI LinuxResources JSON.
+    pub fn update(&self, id: &str, resources_json: &Path) -> Result<()> {
+        let mut cmd = self.command();
+        cmd.arg("update")
+            .arg("--resources")
+            .arg(resources_json)
+            .arg(id);
+        self.run("update", cmd, ChildStdio::default()).map(drop)
+    }
+
+    /// Pids of every process in the container.
+    pub fn ps(&self, id: &str) -> Result<Vec<i32>> {
+        let mut cmd = self.command();
+        cmd.args(["ps", "--format", "json", id]);
+        let out = self.run("ps", cmd, ChildStdio::default())?;
+        serde_json::from_str::<Option<Vec<i32>>>(out.trim())
+            .map(Option::unwrap_or_default)
+            .map_err(|e| Error::Other(format!("runc ps: unexpected output {out:?}: {e}")))
+    }
+
+    /// `runc events --stats`: one JSON object with the cgroup statistics.
+    pub fn stats(&self, id: &str) -> Result<serde_json::Value> {
+        let mut cmd = self.command();
+        cmd.args(["events", "--stats", id]);
+        let out = self.run("events --stats", cmd, ChildStdio::default())?;
+        serde_json::from_str(out.trim())
+            .map_err(|e| Error::Other(format!("runc events --stats: bad JSON: {e}")))
+    }
+
+    /// Runs one runc command to completion and returns its stdout.
+    fn run(&self, op: &'static str, mut cmd: Command, stdio: ChildStdio) -> Result<String> {
+        let stdout = memfd("runc-stdout")?;
+        cmd.stdin(stdio.stdin.map(Stdio::from).unwrap_or_else(Stdio::null));
+        match stdio.stdout {
+            Some(fd) => cmd.stdout(Stdio::from(fd)),
+            None => cmd.stdout(Stdio::from(
+                stdout.try_clone().map_err(|e| Error::io("dup", e))?,
+            )),
+        };
+        let stderr = memfd("runc-stderr")?;
+        match stdio.stderr {
+            Some(fd) => cmd.stderr(Stdio::from(fd)),
+            None => cmd.stderr(Stdio::from(
+                stderr.try_clone().map_err(|e| Error::io("dup", e))?,
+            )),
+        };
+        let log_start = std::fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
+
+        let mut watch = self.reaper.watch();
+        let child = cmd.spawn().map_err(|e| Error::Runc {
+            op,
+            message: format!("cannot run {}: {e}", self.binary.display()),
+        })?;
+        let pid = child.id() as i32;
+        // Dropping `cmd` closes our copies of the container's stdio ends.
+        drop(cmd);
+        drop(child);
+        let exit = match watch.wait(pid, RUNC_TIMEOUT) {
+            Ok(Some(exit)) => exit,
+            Ok(None) => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = watch.wait(pid, Duration::from_secs(5));
+                return Err(Error::Runc {
+                    op,
+                    message: format!("did not finish within {RUNC_TIMEOUT:?}"),
+                });
+            }
+            Err(e) => return Err(Error::io(format!("wait for runc {op}"), e)),
+        };
+        let out = read_all(stdout);
+        if exit == ChildExit::Code(0) {
+            return Ok(out);
+        }
+        let message = log_error(&self.log, log_start)
+            .or_else(|| Some(read_all(stderr).trim().to_string()).filter(|s| !s.is_empty()))
+            .unwrap_or_else(|| format!("{exit}"));
+        Err(Error::Runc { op, message })
+    }
+}
+
+fn spawn_args(cmd: &mut Command, o: &SpawnOpts) {
+    cmd.arg("--pid-file").arg(o.pid_file);
+    if let Some(sock) = o.console_socket {
+        cmd.arg("--console-socket").arg(sock);
+    }
+    if o.no_pivot {
+        cmd.arg("--no-pivot");
+    }
+    if o.no_new_keyring {
+        cmd.arg("--no-new-keyring");
+    }
+}
+
+/// The last error runc logged after `from` (byte offset of the log file).
+fn log_error(log: &Path, from: u64) -> Option<String> {
+    let mut f = File::open(log).ok()?;
+    f.seek(SeekFrom::Start(from)).ok()?;
+    let mut text = String::new();
+    f.read_to_string(&mut text).ok()?;
+    last_error_in(&text)
+}
+
+fn last_error_in(json_lines: &str) -> Option<String> {
+    json_lines
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| matches!(v["level"].as_str(), Some("error" | "fatal")))
+        .filter_map(|v| v["msg"].as_str().map(str::to_string))
+        .next_back()
+}
+
+pub fn memfd(name: &str) -> Result<File> {
+    let cname = std::ffi::CString::new(name).expect("no NUL");
+    // SAFETY: plain syscall; the fd is owned by the File.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::io("memfd_create", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fresh fd we own.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+fn read_all(mut f: File) -> String {
+    let mut s = String::new();
+    if f.seek(SeekFrom::Start(0)).is_ok() {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_the_last_runc_error() {
+        let log = r#"{"level":"info","msg":"starting","time":"t"}
+{"level":"error","msg":"container_linux.go:1: first","time":"t"}
+{"level":"error","msg":"exec: \"nope\": executable file not found in $PATH","time":"t"}
+not json
+"#;
+        assert_eq!(
+            last_error_in(log).unwrap(),
+            "exec: \"nope\": executable file not found in $PATH"
+        );
+        assert_eq!(last_error_in("{\"level\":\"info\",\"msg\":\"x\"}"), None);
+    }
+
+    #[test]
+    fn runs_a_command_and_reports_failures_with_stderr() {
+        let dir = tempfile::tempdir().unwrap();
+        let runc = Runc::new(
+            Path::new("/bin/sh"),
+            dir.path(),
+            &dir.path().join("log.json"),
+            Arc::new(criu_sys::WaitPid),
+        );
+        // `sh --root ...` fails; what matters is that the failure carries text.
+        let err = runc.start("x").unwrap_err();
+        assert!(matches!(err, Error::Runc { op: "start", .. }), "{err}");
+        assert!(!err.to_string().ends_with(": "), "{err}");
+    }
+}

@@ -1,0 +1,558 @@
+//! The Task service: containerd's task API (v3) over ttrpc, kept thin. Each
+//! RPC unpacks its request, calls [`Container`], publishes the event
+//! containerd expects, and maps errors with [`crate::error`].
+//!
+//! Exits arrive from containerd-shim's reaper on a monitor subscription
+//! taken when the service starts, before any container exists. An exec can
+//! exit before `runc exec` has even told us its pid; such exits wait in
+//! `early` until the pid is registered.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use containerd_shim::api;
+use containerd_shim::monitor::{monitor_subscribe, Subject, Topic};
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit,
+};
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::{Message, MessageField};
+use containerd_shim::protos::shim::oci::Options as RuncProtoOptions;
+use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
+use criu_shim_config::{RuncOptions, ShimConfig};
+
+use crate::container::{Container, CreateOpts, Mount};
+use crate::error::{Error, Result};
+use crate::events::{Event, Events};
+use crate::process::{Exit, Process};
+use crate::reaper::MonitorReaper;
+use crate::runc::Runc;
+use crate::stdio::StdioPaths;
+
+/// Where an exited pid belongs.
+#[derive(Clone)]
+struct Owner {
+    container: String,
+    exec: String,
+}
+
+#[derive(Default)]
+struct Pids {
+    owners: HashMap<i32, Owner>,
+    /// Exits of pids not (yet) registered, with when they arrived.
+    early: HashMap<i32, (i32, Instant)>,
+}
+
+pub struct Service {
+    namespace: String,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+    pids: Mutex<Pids>,
+    events: Events,
+    exit: Arc<ExitSignal>,
+}
+
+impl Service {
+    pub fn new(namespace: &str, events: Events, exit: Arc<ExitSignal>) -> Arc<Service> {
+        let svc = Arc::new(Service {
+            namespace: namespace.to_string(),
+            containers: Mutex::new(HashMap::new()),
+            pids: Mutex::new(Pids::default()),
+            events,
+            exit,
+        });
+        svc.clone().spawn_exit_dispatcher();
+        svc
+    }
+
+    fn spawn_exit_dispatcher(self: Arc<Self>) {
+        let sub = monitor_subscribe(Topic::Pid).expect("subscribe to exits");
+        std::thread::Builder::new()
+            .name("exits".into())
+            .spawn(move || {
+                for ev in sub.rx.iter() {
+                    if let Subject::Pid(pid) = ev.subject {
+                        self.on_exit(pid, ev.exit_code);
+                    }
+                }
+            })
+            .expect("spawn exit dispatcher");
+    }
+
+    fn on_exit(self: &Arc<Self>, pid: i32, code: i32) {
+        let owner = {
+            let mut pids = self.pids.lock().unwrap();
+            match pids.owners.remove(&pid) {
+                Some(o) => o,
+                None => {
+                    // runc and CRIU children land here too; keep a short memory.
+                    let now = Instant::now();
+                    pids.early
+                        .retain(|_, (_, t)| now.duration_since(*t) < Duration::from_secs(30));
+                    pids.early.insert(pid, (code, now));
+                    return;
+                }
+            }
+        };
+        let Ok(c) = self.container(&owner.container) else {
+            return;
+        };
+        let Ok(p) = c.process(&owner.exec) else {
+            return;
+        };
+        // Draining output can take a moment; keep the dispatcher free.
+        let svc = self.clone();
+        std::thread::spawn(move || {
+            if p.set_exited(code as u32) {
+                svc.events.send(Event::Exit(TaskExit {
+                    container_id: owner.container.clone(),
+                    id: if owner.exec.is_empty() {
+                        owner.container.clone()
+                    } else {
+                        owner.exec.clone()
+                    },
+                    pid: pid as u32,
+                    exit_status: code as u32,
+                    exited_at: MessageField::some(timestamp(p.exit().map(|e| e.at))),
+                    ..Default::default()
+                }));
+            }
+        });
+    }
+
+    /// Links `pid` to its process, handling an exit that came first.
+    fn register_pid(self: &Arc<Self>, pid: i32, container: &str, exec: &str) {
+        let early = {
+            let mut pids = self.pids.lock().unwrap();
+            pids.owners.insert(
+                pid,
+                Owner {
+                    container: container.to_string(),
+                    exec: exec.to_string(),
+                },
+            );
+            pids.early.remove(&pid)
+        };
+        if let Some((code, _)) = early {
+            self.on_exit(pid, code);
+        }
+    }
+
+    fn container(&self, id: &str) -> Result<Arc<Container>> {
+        self.containers
+            .lock()
+            .unwrap()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("container {id} not found")))
+    }
+
+    fn do_create(self: &Arc<Self>, req: &api::CreateTaskRequest) -> Result<u32> {
+        if !req.checkpoint.is_empty() {
+            return Err(Error::Unimplemented(
+                "restore from a checkpoint is not implemented yet".into(),
+            ));
+        }
+        if self.containers.lock().unwrap().contains_key(&req.id) {
+            return Err(Error::AlreadyExists(format!(
+                "container {} already exists",
+                req.id
+            )));
+        }
+        let runc_opts = runc_options(req)?;
+        let config = ShimConfig::from_env(&self.namespace, runc_opts.as_ref())?;
+        let bundle = PathBuf::from(&req.bundle);
+        save_shim_state(&bundle, &config);
+        let runc = Runc::new(
+            &config.runc,
+            &config.runc_root,
+            &bundle.join("log.json"),
+            Arc::new(MonitorReaper),
+        );
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let opts = CreateOpts {
+            id: req.id.clone(),
+            bundle: bundle.clone(),
+            rootfs: req
+                .rootfs
+                .iter()
+                .map(|m| Mount {
+                    fs_type: m.type_.clone(),
+                    source: m.source.clone(),
+                    options: m.options.clone(),
+                })
+                .collect(),
+            stdio,
+            no_pivot: config.no_pivot_root,
+            no_new_keyring: config.no_new_keyring,
+        };
+        let container = Arc::new(Container::create(opts, runc)?);
+        let pid = container.init.pid();
+        self.containers
+            .lock()
+            .unwrap()
+            .insert(req.id.clone(), container);
+        self.register_pid(pid, &req.id, "");
+        let svc = Arc::downgrade(self);
+        let id = req.id.clone();
+        crate::oom::watch(pid, move || {
+            if let Some(svc) = svc.upgrade() {
+                log::info!("container {id} hit its memory limit (OOM)");
+                svc.events.send(Event::Oom(id.clone()));
+            }
+        });
+        self.events.send(Event::Create(TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: MessageField::some(containerd_shim::protos::events::task::TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            }),
+            checkpoint: req.checkpoint.clone(),
+            pid: pid as u32,
+            ..Default::default()
+        }));
+        log::info!("created container {} (pid {pid})", req.id);
+        Ok(pid as u32)
+    }
+
+    fn do_delete(&self, id: &str, exec_id: &str) -> Result<(u32, Exit)> {
+        let c = self.container(id)?;
+        if !exec_id.is_empty() {
+            let p = c.remove_exec(exec_id)?;
+            return Ok((p.pid() as u32, exit_or_now(&p)));
+        }
+        c.destroy()?;
+        self.containers.lock().unwrap().remove(id);
+        let exit = exit_or_now(&c.init);
+        let pid = c.init.pid() as u32;
+        self.events.send(Event::Delete(TaskDelete {
+            container_id: id.to_string(),
+            pid,
+            exit_status: exit.status,
+            exited_at: MessageField::some(timestamp(Some(exit.at))),
+            id: id.to_string(),
+            ..Default::default()
+        }));
+        Ok((pid, exit))
+    }
+}
+
+/// A process deleted before it ran has no exit; containerd expects one.
+fn exit_or_now(p: &Process) -> Exit {
+    p.exit().unwrap_or(Exit {
+        status: 0,
+        at: SystemTime::now(),
+    })
+}
+
+fn timestamp(at: Option<SystemTime>) -> Timestamp {
+    let d = at
+        .unwrap_or_else(SystemTime::now)
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+        ..Default::default()
+    }
+}
+
+/// containerd's runc options from the create request (`options` Any).
+fn runc_options(req: &api::CreateTaskRequest) -> Result<Option<RuncOptions>> {
+    let Some(any) = req.options.as_ref() else {
+        return Ok(None);
+    };
+    if any.value.is_empty() {
+        return Ok(None);
+    }
+    let o = RuncProtoOptions::parse_from_bytes(&any.value).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "runtime options ({}) are not containerd's runc options: {e}",
+            any.type_url
+        ))
+    })?;
+    Ok(Some(RuncOptions {
+        binary_name: o.binary_name,
+        root: o.root,
+        systemd_cgroup: o.systemd_cgroup,
+        // containerd 2.x's runc options carry no CRIU path; ours comes from config.
+        criu_path: String::new(),
+        no_pivot_root: o.no_pivot_root,
+        no_new_keyring: o.no_new_keyring,
+    }))
+}
+
+/// What `shim delete` needs to clean up after a crashed shim.
+pub const SHIM_STATE_FILE: &str = "criu-shim.json";
+
+fn save_shim_state(bundle: &std::path::Path, config: &ShimConfig) {
+    let state = serde_json::json!({
+        "runc": config.runc,
+        "runc_root": config.runc_root,
+    });
+    if let Err(e) = std::fs::write(bundle.join(SHIM_STATE_FILE), state.to_string()) {
+        log::warn!("cannot save shim state in {}: {e}", bundle.display());
+    }
+}
+
+fn rpc<T>(r: Result<T>) -> TtrpcResult<T> {
+    r.map_err(Into::into)
+}
+
+/// The ttrpc face of [`Service`].
+#[derive(Clone)]
+pub struct TaskService(pub Arc<Service>);
+
+impl Task for TaskService {
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let pid = rpc(self.0.do_create(&req))?;
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let svc = &self.0;
+        let c = rpc(svc.container(&req.id))?;
+        let pid = if req.exec_id.is_empty() {
+            let pid = rpc(c.start())?;
+            svc.events.send(Event::Start {
+                container_id: req.id.clone(),
+                pid: pid as u32,
+            });
+            pid
+        } else {
+            let pid = rpc(c.start_exec(&req.exec_id))?;
+            svc.register_pid(pid, &req.id, &req.exec_id);
+            svc.events.send(Event::ExecStarted(TaskExecStarted {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                pid: pid as u32,
+                ..Default::default()
+            }));
+            pid
+        };
+        Ok(api::StartResponse {
+            pid: pid as u32,
+            ..Default::default()
+        })
+    }
+
+    fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        let c = rpc(self.0.container(&req.id))?;
+        let p = rpc(c.process(&req.exec_id))?;
+        let exit = p.exit();
+        Ok(api::StateResponse {
+            id: if req.exec_id.is_empty() {
+                req.id.clone()
+            } else {
+                req.exec_id.clone()
+            },
+            bundle: c.bundle.to_string_lossy().into_owned(),
+            pid: p.pid() as u32,
+            status: p.status().to_proto().into(),
+            stdin: p.stdio.stdin.clone(),
+            stdout: p.stdio.stdout.clone(),
+            stderr: p.stdio.stderr.clone(),
+            terminal: p.stdio.terminal,
+            exit_status: exit.map(|e| e.status).unwrap_or(0),
+            exited_at: exit
+                .map(|e| MessageField::some(timestamp(Some(e.at))))
+                .unwrap_or_default(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        })
+    }
+
+    fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        let (pid, exit) = rpc(self.0.do_delete(&req.id, &req.exec_id))?;
+        Ok(api::DeleteResponse {
+            pid,
+            exit_status: exit.status,
+            exited_at: MessageField::some(timestamp(Some(exit.at))),
+            ..Default::default()
+        })
+    }
+
+    fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let c = rpc(self.0.container(&req.id))?;
+        let pids = rpc(c.pids())?;
+        Ok(api::PidsResponse {
+            processes: pids
+                .into_iter()
+                .map(|pid| containerd_shim::protos::api::ProcessInfo {
+                    pid: pid as u32,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        let c = rpc(self.0.container(&req.id))?;
+        rpc(c.pause())?;
+        self.0.events.send(Event::Paused(req.id.clone()));
+        Ok(api::Empty::new())
+    }
+
+    fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        let c = rpc(self.0.container(&req.id))?;
+        rpc(c.resume())?;
+        self.0.events.send(Event::Resumed(req.id.clone()));
+        Ok(api::Empty::new())
+    }
+
+    fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        let c = rpc(self.0.container(&req.id))?;
+        rpc(c.kill(&req.exec_id, req.signal, req.all))?;
+        Ok(api::Empty::new())
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        let c = rpc(self.0.container(&req.id))?;
+        let spec = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.clone())
+            .ok_or_else(|| Error::InvalidArgument("exec without a process spec".into()));
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        rpc(spec.and_then(|s| c.add_exec(&req.exec_id, stdio, s)))?;
+        self.0.events.send(Event::ExecAdded(TaskExecAdded {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        }));
+        Ok(api::Empty::new())
+    }
+
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let c = rpc(self.0.container(&req.id))?;
+        let p = rpc(c.process(&req.exec_id))?;
+        rpc(p.resize(req.width, req.height))?;
+        Ok(api::Empty::new())
+    }
+
+    fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        let c = rpc(self.0.container(&req.id))?;
+        let p = rpc(c.process(&req.exec_id))?;
+        if req.stdin {
+            p.close_stdin();
+        }
+        Ok(api::Empty::new())
+    }
+
+    fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        let c = rpc(self.0.container(&req.id))?;
+        let resources = req
+            .resources
+            .as_ref()
+            .map(|a| a.value.clone())
+            .unwrap_or_default();
+        if resources.is_empty() {
+            return Ok(api::Empty::new());
+        }
+        rpc(c.update(&resources))?;
+        Ok(api::Empty::new())
+    }
+
+    fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        let c = rpc(self.0.container(&req.id))?;
+        let p = rpc(c.process(&req.exec_id))?;
+        let exit = p.wait();
+        Ok(api::WaitResponse {
+            exit_status: exit.status,
+            exited_at: MessageField::some(timestamp(Some(exit.at))),
+            ..Default::default()
+        })
+    }
+
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let c = rpc(self.0.container(&req.id))?;
+        let raw = rpc(c.stats())?;
+        let any = rpc(crate::stats::to_any(&raw))?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(any),
+            ..Default::default()
+        })
+    }
+
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let task_pid = self
+            .0
+            .container(&req.id)
+            .map(|c| c.init.pid() as u32)
+            .unwrap_or(0);
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        })
+    }
+
+    fn shutdown(&self, _ctx: &TtrpcContext, req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        let empty = self.0.containers.lock().unwrap().is_empty();
+        if empty || req.now {
+            log::info!("shutting down");
+            self.0.exit.signal();
+        }
+        Ok(api::Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_unix_time() {
+        let t = timestamp(Some(SystemTime::UNIX_EPOCH + Duration::new(5, 7)));
+        assert_eq!((t.seconds, t.nanos), (5, 7));
+    }
+}

@@ -1,0 +1,101 @@
+//! The shim process's lifecycle as containerd-shim's [`Shim`] trait sees it:
+//! `start` (spawn the long-lived shim, one per pod), `delete` (clean up after
+//! a shim that died), and serving the Task service.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{api, Config, ExitSignal, Flags, Shim, StartOpts};
+use criu_shim_config::ShimConfig;
+
+use crate::events::Events;
+use crate::reaper::MonitorReaper;
+use crate::runc::Runc;
+use crate::service::{Service, TaskService, SHIM_STATE_FILE};
+
+pub struct CriuShim {
+    namespace: String,
+    id: String,
+    exit: Arc<ExitSignal>,
+}
+
+impl Shim for CriuShim {
+    type T = TaskService;
+
+    fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        CriuShim {
+            namespace: args.namespace.clone(),
+            id: args.id.clone(),
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        // containerd starts us with the bundle as working directory.
+        let spec = std::fs::read_to_string("config.json").unwrap_or_default();
+        let spec: serde_json::Value = serde_json::from_str(&spec).unwrap_or_default();
+        let grouping =
+            criu_shim_config::grouping(&opts.id, |k| spec["annotations"][k].as_str()).to_string();
+        let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        Ok(address)
+    }
+
+    fn delete_shim(&mut self) -> containerd_shim::Result<api::DeleteResponse> {
+        let bundle = std::env::current_dir().unwrap_or_default();
+        cleanup_after_crash(&self.namespace, &self.id, &bundle);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Ok(api::DeleteResponse {
+            // As containerd's runc shim: the task was killed.
+            exit_status: 128 + libc::SIGKILL as u32,
+            exited_at: Some(
+                containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp {
+                    seconds: now.as_secs() as i64,
+                    nanos: now.subsec_nanos() as i32,
+                    ..Default::default()
+                },
+            )
+            .into(),
+            ..Default::default()
+        })
+    }
+
+    fn wait(&mut self) {
+        self.exit.wait();
+    }
+
+    fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        let events = Events::start(publisher, self.namespace.clone());
+        TaskService(Service::new(&self.namespace, events, self.exit.clone()))
+    }
+}
+
+/// `shim delete`: the shim died; remove the runc container and the rootfs
+/// mount it left behind.
+fn cleanup_after_crash(namespace: &str, id: &str, bundle: &Path) {
+    let defaults = ShimConfig::defaults(namespace);
+    let saved: serde_json::Value = std::fs::read_to_string(bundle.join(SHIM_STATE_FILE))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
+    let runc_bin = saved["runc"]
+        .as_str()
+        .map(Into::into)
+        .unwrap_or(defaults.runc);
+    let runc_root = saved["runc_root"]
+        .as_str()
+        .map(Into::into)
+        .unwrap_or(defaults.runc_root);
+    let runc = Runc::new(
+        &runc_bin,
+        &runc_root,
+        &bundle.join("log.json"),
+        Arc::new(MonitorReaper),
+    );
+    if let Err(e) = runc.delete(id, true) {
+        log::warn!("delete {id} after shim exit: {e}");
+    }
+    crate::container::unmount_rootfs(&bundle.join("rootfs"));
+}
