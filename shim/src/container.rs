@@ -178,8 +178,9 @@ impl Container {
     pub fn kill(&self, exec_id: &str, signal: u32, all: bool) -> Result<()> {
         let p = self.process(exec_id)?;
         if p.status() == Status::Stopped {
+            // Same words as containerd's runc shim, which clients match on.
             return Err(Error::NotFound(format!(
-                "process {} of {} already finished",
+                "process {} of {}: process already finished: not found",
                 p.display_id(),
                 self.id
             )));
@@ -188,7 +189,7 @@ impl Container {
             return self.runc.kill(&self.id, signal, all).map_err(|e| {
                 // runc says "container not running" when init just exited.
                 if p.status() == Status::Stopped {
-                    Error::NotFound(format!("container {} already finished", self.id))
+                    Error::NotFound(format!("{}: process already finished: not found", self.id))
                 } else {
                     e
                 }
@@ -203,7 +204,9 @@ impl Container {
         let sig = nix::sys::signal::Signal::try_from(signal as i32)
             .map_err(|_| Error::InvalidArgument(format!("bad signal {signal}")))?;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).map_err(|e| match e {
-            nix::errno::Errno::ESRCH => Error::NotFound(format!("exec {exec_id} already finished")),
+            nix::errno::Errno::ESRCH => Error::NotFound(format!(
+                "exec {exec_id}: process already finished: not found"
+            )),
             e => Error::io("kill exec", e.into()),
         })
     }

@@ -144,8 +144,11 @@ impl Process {
     }
 
     pub fn resize(&self, width: u32, height: u32) -> Result<()> {
-        match self.state.lock().unwrap().io.as_ref() {
+        let s = self.state.lock().unwrap();
+        match s.io.as_ref() {
             Some(io) => io.resize(width, height),
+            // A terminal client may resize just after the exit: nothing to do.
+            None if s.status == Status::Stopped => Ok(()),
             None => Err(Error::FailedPrecondition(format!(
                 "process {} has no stdio",
                 self.display_id()

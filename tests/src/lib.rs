@@ -1,1 +1,334 @@
+//! End-to-end harness: throwaway containerd daemons that run criu-shim.
+//!
+//! Every [`Containerd`] has its own root, state dir, socket and config in a
+//! temporary directory, so tests run in parallel and never touch a system
+//! containerd. The daemon finds `containerd-shim-criu-v2` through its PATH,
+//! which starts with a directory holding the shim built from this checkout.
+//! Binaries (containerd, ctr, CRIU) come from hack/setup's prefix.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const IMAGE: &str = "criu-shim.test/testapp:latest";
+pub const RUNTIME: &str = "io.containerd.criu.v2";
+pub const NAMESPACE: &str = "e2e";
+
+pub fn prefix() -> PathBuf {
+    std::env::var_os("CRIU_SHIM_PREFIX")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/opt/criu-shim".into())
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn cargo_build(args: &[&str]) {
+    let status = Command::new(env!("CARGO"))
+        .arg("build")
+        .args(args)
+        .current_dir(workspace())
+        .status()
+        .expect("run cargo");
+    assert!(status.success(), "cargo build {args:?} failed");
+}
+
+/// The shim binary from this checkout (built once per test process).
+pub fn shim_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        cargo_build(&["-p", "criu-shim", "--bin", "containerd-shim-criu-v2"]);
+        let bin = workspace().join("target/debug/containerd-shim-criu-v2");
+        assert!(bin.exists(), "{} not built", bin.display());
+        bin
+    })
+}
+
+/// The test image archive (built once per test process).
+pub fn image_archive() -> &'static Path {
+    static TAR: OnceLock<PathBuf> = OnceLock::new();
+    TAR.get_or_init(|| {
+        let out =
+            std::env::temp_dir().join(format!("criu-shim-test-image-{}.tar", std::process::id()));
+        let status = Command::new(workspace().join("hack/build-test-image"))
+            .arg(&out)
+            .stdout(Stdio::null())
+            .status()
+            .expect("run hack/build-test-image");
+        assert!(status.success(), "hack/build-test-image failed");
+        out
+    })
+}
+
+/// A containerd daemon of our own.
+pub struct Containerd {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Containerd {
+    /// Starts a daemon and imports the test image into it.
+    pub fn start() -> Containerd {
+        assert!(
+            prefix().join("bin/containerd").exists(),
+            "containerd missing: run hack/setup"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("criu-shim-e2e-")
+            .tempdir()
+            .unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::os::unix::fs::symlink(shim_binary(), bin.join("containerd-shim-criu-v2")).unwrap();
+        let d = dir.path().display();
+        std::fs::write(
+            dir.path().join("config.toml"),
+            format!(
+                r#"version = 3
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.nri.v1.nri",
+  "io.containerd.cri.v1.runtime", "io.containerd.cri.v1.images",
+  "io.containerd.podsandbox.controller.v1.podsandbox", "io.containerd.sandbox.controller.v1.shim"]
+[grpc]
+  address = "{d}/containerd.sock"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+[debug]
+  level = "debug"
+"#
+            ),
+        )
+        .unwrap();
+        let mut c = Containerd { dir, child: None };
+        c.launch();
+        let out = c.ctr(&["images", "import", image_archive().to_str().unwrap()]);
+        assert!(out.status.success(), "image import: {}", text(&out));
+        c
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("containerd.log"))
+            .unwrap();
+        let path = format!(
+            "{}:{}:{}",
+            self.dir.path().join("bin").display(),
+            prefix().join("bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let child = Command::new(prefix().join("bin/containerd"))
+            .arg("--config")
+            .arg(self.dir.path().join("config.toml"))
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start containerd");
+        self.child = Some(child);
+        wait_until(Duration::from_secs(20), "containerd to serve", || {
+            self.ctr(&["version"]).status.success()
+        });
+    }
+
+    /// Stops the daemon (SIGTERM), leaving shims and containers running.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the daemon again on the same root, state and socket.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    /// The command line of `ctr` for this daemon (to run under `script`, say).
+    pub fn ctr_command_line(&self, args: &[&str]) -> String {
+        let mut s = format!(
+            "{} --address {} -n {NAMESPACE}",
+            prefix().join("bin/ctr").display(),
+            self.socket().display()
+        );
+        for a in args {
+            s.push(' ');
+            s.push_str(&shell_quote(a));
+        }
+        s
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        Command::new(prefix().join("bin/ctr"))
+            .arg("--address")
+            .arg(self.socket())
+            .arg("-n")
+            .arg(NAMESPACE)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ctr")
+    }
+
+    /// `ctr` that must succeed; returns its stdout.
+    pub fn ctr_ok(&self, args: &[&str]) -> String {
+        let out = self.ctr(args);
+        assert!(out.status.success(), "ctr {args:?} failed: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts the test app detached in container `id` on our runtime.
+    pub fn run_detached(&self, id: &str, cmd: &[&str]) {
+        let mut args = vec!["run", "-d", "--runtime", RUNTIME, IMAGE, id];
+        args.extend_from_slice(cmd);
+        self.ctr_ok(&args);
+    }
+
+    /// Task status as `ctr task ls` prints it (RUNNING, PAUSED, STOPPED, ...).
+    pub fn task_status(&self, id: &str) -> Option<String> {
+        let out = self.ctr_ok(&["task", "ls"]);
+        out.lines().find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.first() == Some(&id)).then(|| cols.get(2).unwrap_or(&"").to_string())
+        })
+    }
+
+    pub fn task_pid(&self, id: &str) -> i32 {
+        let out = self.ctr_ok(&["task", "ls"]);
+        out.lines()
+            .find_map(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                (cols.first() == Some(&id)).then(|| cols[1].parse().unwrap())
+            })
+            .unwrap_or_else(|| panic!("no task {id}"))
+    }
+
+    /// Runs `cmd` in the container; returns (exit code, stdout, stderr).
+    pub fn exec(&self, id: &str, exec_id: &str, cmd: &[&str]) -> (i32, String, String) {
+        let mut args = vec!["task", "exec", "--exec-id", exec_id, id];
+        args.extend_from_slice(cmd);
+        let out = self.ctr(&args);
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Asks the test app in container `id` for its next count (over the
+    /// container's own loopback, through an exec of busybox wget).
+    pub fn count(&self, id: &str) -> u64 {
+        let exec_id = format!("count-{}", unique());
+        let (code, out, err) = self.exec(id, &exec_id, &["wget", "-qO-", "http://127.0.0.1:8080/"]);
+        assert_eq!(code, 0, "wget in {id} failed: {err}");
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("bad count {out:?}"))
+    }
+
+    /// Removes the task and container, whatever state they are in.
+    pub fn remove(&self, id: &str) {
+        let _ = self.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        wait_until(Duration::from_secs(10), "task to stop", || {
+            !matches!(self.task_status(id).as_deref(), Some("RUNNING" | "PAUSED"))
+        });
+        let _ = self.ctr(&["task", "delete", id]);
+        let _ = self.ctr(&["container", "rm", id]);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // Kill what our tests left, then the daemon; shims exit with their tasks.
+        if self.child.is_some() {
+            let out = self.ctr(&["task", "ls", "-q"]);
+            for id in String::from_utf8_lossy(&out.stdout).lines() {
+                self.remove(id.trim());
+            }
+        }
+        self.stop();
+        // Anything still mounted under our root would make the tempdir removal fail.
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg("-l")
+            .arg(self.dir.path().join("state"))
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+pub fn wait_until(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+pub fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::SeqCst)
+}
+
+fn shell_quote(s: &str) -> String {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_./:=".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Mount points whose path contains `needle`.
+pub fn mounts_containing(needle: &str) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
+        .filter(|m| m.contains(needle))
+        .collect()
+}
+
+/// Pids of processes whose command line contains `needle`.
+pub fn pids_matching(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) {
+            out.push(pid);
+        }
+    }
+    out
+}

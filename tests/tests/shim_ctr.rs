@@ -1,0 +1,245 @@
+//! The shim under a real containerd 2.x with real runc, driven by `ctr` as a
+//! user would. Needs root and hack/setup.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use criu_shim_tests::{
+    mounts_containing, pids_matching, text, wait_until, Containerd, IMAGE, NAMESPACE, RUNTIME,
+};
+
+fn runc_state_exists(id: &str) -> bool {
+    Path::new("/run/containerd/runc")
+        .join(NAMESPACE)
+        .join(id)
+        .exists()
+}
+
+fn cgroup_exists(id: &str) -> bool {
+    // containerd's default cgroups path for ctr is /<namespace>/<id>.
+    ["memory", "pids", "cpu,cpuacct", "freezer"]
+        .iter()
+        .any(|c| {
+            Path::new("/sys/fs/cgroup")
+                .join(c)
+                .join(NAMESPACE)
+                .join(id)
+                .exists()
+        })
+}
+
+#[test]
+fn run_exec_output_and_exit_codes() {
+    let cd = Containerd::start();
+    cd.run_detached("app", &[]);
+    assert_eq!(cd.task_status("app").as_deref(), Some("RUNNING"));
+
+    let (code, out, err) = cd.exec("app", "e1", &["sh", "-c", "echo out; echo err >&2; exit 3"]);
+    assert_eq!(code, 3, "exec exit code");
+    assert_eq!(out, "out\n");
+    assert!(err.contains("err"), "stderr: {err:?}");
+
+    // The app answers with its count: state lives in the container.
+    assert_eq!(cd.count("app"), 1);
+    assert_eq!(cd.count("app"), 2);
+
+    // Exit code of the init process.
+    let out = cd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "seven",
+        "sh",
+        "-c",
+        "exit 7",
+    ]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+}
+
+#[test]
+fn stdin_reaches_the_container() {
+    let cd = Containerd::start();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo hello-stdin | {}",
+            cd.ctr_command_line(&["run", "--rm", "--runtime", RUNTIME, IMAGE, "cat1", "cat"])
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello-stdin\n");
+}
+
+#[test]
+fn a_container_that_exits_at_once() {
+    let cd = Containerd::start();
+    for i in 0..3 {
+        let id = format!("quick{i}");
+        let out = cd.ctr(&["run", "--rm", "--runtime", RUNTIME, IMAGE, &id, "true"]);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(!runc_state_exists(&id));
+    }
+}
+
+#[test]
+fn pause_resume_and_stats() {
+    let cd = Containerd::start();
+    cd.run_detached("p", &["/testapp", "-m", "16"]);
+    cd.ctr_ok(&["task", "pause", "p"]);
+    assert_eq!(cd.task_status("p").as_deref(), Some("PAUSED"));
+    let freezer = Path::new("/sys/fs/cgroup/freezer")
+        .join(NAMESPACE)
+        .join("p/freezer.state");
+    assert_eq!(std::fs::read_to_string(&freezer).unwrap().trim(), "FROZEN");
+    cd.ctr_ok(&["task", "resume", "p"]);
+    assert_eq!(cd.task_status("p").as_deref(), Some("RUNNING"));
+    assert_eq!(cd.count("p"), 1, "the app works after resume");
+
+    let metrics = cd.ctr_ok(&["task", "metrics", "p"]);
+    let usage: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("memory.usage_in_bytes"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no memory usage in {metrics}"));
+    assert!(usage > 16 << 20, "the app holds 16 MiB, stats say {usage}");
+    assert!(metrics.contains("cpuacct.usage"), "{metrics}");
+
+    let ps = cd.ctr_ok(&["task", "ps", "p"]);
+    assert!(ps.contains(&cd.task_pid("p").to_string()), "{ps}");
+}
+
+#[test]
+fn kill_with_a_signal_and_with_all() {
+    let cd = Containerd::start();
+    cd.run_detached("k", &[]);
+    cd.ctr_ok(&["task", "kill", "-s", "SIGTERM", "k"]);
+    wait_until(Duration::from_secs(10), "SIGTERM to stop the app", || {
+        cd.task_status("k").as_deref() == Some("STOPPED")
+    });
+    // Killing a finished task is NotFound, as with containerd's runc shim.
+    let again = cd.ctr(&["task", "kill", "k"]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("not found"),
+        "{}",
+        text(&again)
+    );
+
+    // --all reaches every process of the container.
+    cd.run_detached("ka", &["sh", "-c", "sleep 1000 & sleep 1000 & wait"]);
+    wait_until(Duration::from_secs(10), "children to start", || {
+        cd.ctr_ok(&["task", "ps", "ka"]).lines().count() >= 4
+    });
+    let pids: Vec<i32> = cd
+        .ctr_ok(&["task", "ps", "ka"])
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    cd.ctr_ok(&["task", "kill", "--all", "-s", "SIGKILL", "ka"]);
+    wait_until(Duration::from_secs(10), "all processes to die", || {
+        pids.iter()
+            .all(|p| !Path::new(&format!("/proc/{p}")).exists())
+    });
+    assert_eq!(cd.task_status("ka").as_deref(), Some("STOPPED"));
+}
+
+#[test]
+fn delete_leaves_no_mounts_cgroups_or_runc_state() {
+    let cd = Containerd::start();
+    cd.run_detached("d", &[]);
+    let root = cd.dir.path().to_string_lossy().into_owned();
+    assert!(
+        !mounts_containing(&format!("{root}/state")).is_empty(),
+        "rootfs not mounted?"
+    );
+    assert!(runc_state_exists("d") && cgroup_exists("d"));
+    cd.ctr_ok(&["task", "kill", "-s", "SIGKILL", "d"]);
+    wait_until(Duration::from_secs(10), "task to stop", || {
+        cd.task_status("d").as_deref() == Some("STOPPED")
+    });
+    cd.ctr_ok(&["task", "delete", "d"]);
+    cd.ctr_ok(&["container", "rm", "d"]);
+    assert!(
+        mounts_containing(&format!("{root}/state")).is_empty(),
+        "mounts left behind"
+    );
+    assert!(!runc_state_exists("d"), "runc state left behind");
+    assert!(!cgroup_exists("d"), "cgroup left behind");
+    wait_until(Duration::from_secs(10), "the shim to exit", || {
+        pids_matching(&format!(
+            "containerd-shim-criu-v2 -namespace {NAMESPACE} -id d "
+        ))
+        .is_empty()
+    });
+}
+
+#[test]
+fn a_terminal_container() {
+    let cd = Containerd::start();
+    // ctr -t needs a terminal of its own: `script` gives it one.
+    let line = cd.ctr_command_line(&[
+        "run",
+        "--rm",
+        "-t",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "tty1",
+        "sh",
+        "-c",
+        "tty; exit 5",
+    ]);
+    let out = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("/dev/pts/"), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+}
+
+#[test]
+fn the_shim_keeps_its_containers_across_a_containerd_restart() {
+    let mut cd = Containerd::start();
+    cd.run_detached("r", &[]);
+    assert_eq!(cd.count("r"), 1);
+    let pid = cd.task_pid("r");
+    cd.restart();
+    assert_eq!(cd.task_status("r").as_deref(), Some("RUNNING"));
+    assert_eq!(cd.task_pid("r"), pid);
+    assert_eq!(cd.count("r"), 2, "same process, same memory");
+    cd.ctr_ok(&["task", "kill", "-s", "SIGKILL", "r"]);
+    wait_until(Duration::from_secs(10), "task to stop", || {
+        cd.task_status("r").as_deref() == Some("STOPPED")
+    });
+}
+
+#[test]
+fn a_killed_shim_is_cleaned_up_by_shim_delete() {
+    let cd = Containerd::start();
+    cd.run_detached("x", &[]);
+    let task = cd.task_pid("x");
+    let shims = pids_matching(&format!("-namespace {NAMESPACE} -id x "));
+    assert_eq!(shims.len(), 1, "one shim for x: {shims:?}");
+    unsafe { libc::kill(shims[0], libc::SIGKILL) };
+    // containerd notices, runs `containerd-shim-criu-v2 delete`, which
+    // removes the runc container (killing it) and unmounts the rootfs.
+    wait_until(
+        Duration::from_secs(20),
+        "cleanup after the shim's death",
+        || !runc_state_exists("x") && !Path::new(&format!("/proc/{task}")).exists(),
+    );
+    let root = cd.dir.path().to_string_lossy().into_owned();
+    wait_until(Duration::from_secs(10), "rootfs unmount", || {
+        mounts_containing(&format!("{root}/state")).is_empty()
+    });
+    let _ = cd.ctr(&["task", "delete", "x"]);
+    cd.ctr_ok(&["container", "rm", "x"]);
+}
