@@ -214,6 +214,34 @@ impl Criu {
         })
     }
 
+    /// Any request, as a relay forwards it. `opts`, when given, replaces the
+    /// request's options (and carries the descriptors they name). The reply
+    /// comes back as CRIU sent it when it succeeded; failures are typed
+    /// errors as usual.
+    pub fn request(
+        &self,
+        mut req: CriuReq,
+        opts: Option<&Options>,
+        notify: Option<&mut dyn Notify>,
+    ) -> Result<CriuResp> {
+        let kind = match req.type_() {
+            CriuReqType::DUMP => Request::Dump,
+            CriuReqType::PRE_DUMP | CriuReqType::SINGLE_PRE_DUMP => Request::PreDump,
+            CriuReqType::RESTORE => Request::Restore,
+            CriuReqType::CHECK => Request::Check,
+            CriuReqType::FEATURE_CHECK => Request::FeatureCheck,
+            CriuReqType::PAGE_SERVER | CriuReqType::PAGE_SERVER_CHLD => Request::PageServer,
+            _ => Request::Version,
+        };
+        if let Some(o) = opts {
+            self.ensure_version(o)?;
+            req.opts = Some(o.to_rpc()).into();
+        }
+        // One request per CRIU process, as for every other call.
+        req.clear_keep_open();
+        self.call(kind, req, opts, notify)
+    }
+
     fn ensure_images_dir(&self, request: Request, opts: &Options) -> Result<()> {
         if opts.has_images_dir() {
             Ok(())

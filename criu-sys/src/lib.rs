@@ -27,6 +27,7 @@ pub mod notify;
 pub mod options;
 pub mod reaper;
 pub mod rpc;
+pub mod service;
 mod transport;
 pub mod version;
 
@@ -35,6 +36,7 @@ pub use error::{CriuFailure, Error, Request, Result};
 pub use notify::{Action, Notification, Notify};
 pub use options::{open_dir, CgroupMode, JoinNs, LogLevel, NetworkLock, Options};
 pub use reaper::{ChildExit, ExitWatch, Reaper, WaitPid};
+pub use service::ServiceSocket;
 pub use version::{Version, VersionInfo};
 
 /// The oldest CRIU this binding is tested with and supports.

@@ -320,6 +320,31 @@ impl Options {
         self.require("display_stats", Version::new(4, 0, 0))
     }
 
+    /// Options as a client sent them (a relay standing in for CRIU). The
+    /// descriptors they name must be valid in this process; mark the ones
+    /// CRIU must inherit with [`Options::inherit_raw_fd`].
+    pub fn from_rpc(raw: rpc::CriuOpts) -> Self {
+        Options {
+            raw,
+            ..Default::default()
+        }
+    }
+
+    /// Keeps `fd` open across the request and lets CRIU inherit it at the
+    /// same number (for `inherit_fd` entries of [`Options::from_rpc`]).
+    pub fn own_inherited_fd(mut self, fd: OwnedFd) -> Self {
+        self.inherited.push(fd.as_raw_fd());
+        self.owned.push(fd);
+        self
+    }
+
+    /// Keeps `fd` open for the request without CRIU inheriting it (images
+    /// and work dirs, which CRIU reaches through /proc/<our pid>/fd).
+    pub fn own_fd(mut self, fd: OwnedFd) -> Self {
+        self.owned.push(fd);
+        self
+    }
+
     /// The generated message, for fields without a setter of their own.
     pub fn raw_mut(&mut self) -> &mut rpc::CriuOpts {
         &mut self.raw

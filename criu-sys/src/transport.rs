@@ -26,8 +26,8 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::socket::{
-    recv, recvmsg, send, socketpair, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag,
-    SockType,
+    recv, recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned,
+    MsgFlags, SockFlag, SockType,
 };
 use nix::unistd::Pid;
 use protobuf::Message;
@@ -120,72 +120,19 @@ impl Session {
     }
 
     pub(crate) fn send(&self, req: &CriuReq) -> Result<()> {
-        let bytes = req
-            .write_to_bytes()
-            .map_err(|e| Error::Protocol(format!("encode request: {e}")))?;
-        let sock = self.sock()?;
-        loop {
-            match send(sock, &bytes, MsgFlags::MSG_NOSIGNAL) {
-                Ok(_) => return Ok(()),
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(Error::io("send request to CRIU", e.into())),
-            }
-        }
+        send_message(self.sock()?, req, None)
     }
 
-    /// Receives one message. `Ok(None)` when `deadline` passed first;
-    /// `Err(Eof)` is reported as `Ok(Some(Received::Eof))`.
+    /// Receives one message. `Ok(None)` when `deadline` passed first.
     pub(crate) fn recv(&self, deadline: Option<Instant>) -> Result<Option<Received>> {
         let sock = self.sock()?;
         if !self.wait_readable(deadline)? {
             return Ok(None);
         }
-        let len = loop {
-            match recv(sock, &mut [], MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC) {
-                Ok(n) => break n,
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(Error::io("peek at CRIU's reply", e.into())),
-            }
-        };
-        if len == 0 {
-            // A zero-length read on SEQPACKET is the peer closing.
-            return Ok(Some(Received::Eof));
-        }
-        let mut buf = vec![0u8; len];
-        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
-        let (n, fds) = loop {
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            match recvmsg::<()>(sock, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
-                Ok(msg) => {
-                    let mut fds = Vec::new();
-                    for c in msg
-                        .cmsgs()
-                        .map_err(|e| Error::io("read control message", e.into()))?
-                    {
-                        if let ControlMessageOwned::ScmRights(rights) = c {
-                            // SAFETY: the kernel just installed these fds for us.
-                            fds.extend(
-                                rights
-                                    .into_iter()
-                                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                            );
-                        }
-                    }
-                    break (msg.bytes, fds);
-                }
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(Error::io("receive CRIU's reply", e.into())),
-            }
-        };
-        if n == 0 {
-            return Ok(Some(Received::Eof));
-        }
-        let resp = CriuResp::parse_from_bytes(&buf[..n])
-            .map_err(|e| Error::Protocol(format!("decode reply ({n} bytes): {e}")))?;
-        Ok(Some(Received::Message(
-            Box::new(resp),
-            fds.into_iter().next(),
-        )))
+        Ok(Some(match recv_message::<CriuResp>(sock)? {
+            Some((resp, fds)) => Received::Message(Box::new(resp), fds.into_iter().next()),
+            None => Received::Eof,
+        }))
     }
 
     fn wait_readable(&self, deadline: Option<Instant>) -> Result<bool> {
@@ -272,6 +219,76 @@ impl Drop for Session {
             self.finish();
         }
     }
+}
+
+/// Sends one protobuf message as one SEQPACKET datagram, with an optional
+/// descriptor (SCM_RIGHTS).
+pub(crate) fn send_message<M: Message>(sock: RawFd, msg: &M, fd: Option<RawFd>) -> Result<()> {
+    let bytes = msg
+        .write_to_bytes()
+        .map_err(|e| Error::Protocol(format!("encode message: {e}")))?;
+    let iov = [std::io::IoSlice::new(&bytes)];
+    let fds: Vec<RawFd> = fd.into_iter().collect();
+    let cmsgs: Vec<ControlMessage> = if fds.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(&fds)]
+    };
+    loop {
+        match sendmsg::<()>(sock, &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(_) => return Ok(()),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(Error::io("send message", e.into())),
+        }
+    }
+}
+
+/// Receives one protobuf message and any descriptors sent with it;
+/// `Ok(None)` when the peer closed the connection.
+pub(crate) fn recv_message<M: Message>(sock: RawFd) -> Result<Option<(M, Vec<OwnedFd>)>> {
+    let len = loop {
+        match recv(sock, &mut [], MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC) {
+            Ok(n) => break n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(Error::io("peek at message", e.into())),
+        }
+    };
+    if len == 0 {
+        // A zero-length read on SEQPACKET is the peer closing.
+        return Ok(None);
+    }
+    let mut buf = vec![0u8; len];
+    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+    let (n, fds) = loop {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        match recvmsg::<()>(sock, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                for c in msg
+                    .cmsgs()
+                    .map_err(|e| Error::io("read control message", e.into()))?
+                {
+                    if let ControlMessageOwned::ScmRights(rights) = c {
+                        // SAFETY: the kernel just installed these fds for us.
+                        fds.extend(
+                            rights
+                                .into_iter()
+                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                        );
+                    }
+                }
+                break (msg.bytes, fds);
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(Error::io("receive message", e.into())),
+        }
+    };
+    if n == 0 {
+        return Ok(None);
+    }
+    let msg = M::parse_from_bytes(&buf[..n])
+        .map_err(|e| Error::Protocol(format!("decode message ({n} bytes): {e}")))?;
+    Ok(Some((msg, fds)))
 }
 
 pub(crate) enum Received {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::process::{Process, Status};
-use crate::runc::{Runc, SpawnOpts};
+use crate::runc::{CriuArgs, Runc, SpawnOpts};
 use crate::stdio::{ConsoleSocket, ProcessIo, StdioPaths};
 
 /// A rootfs mount containerd asks us to make at `<bundle>/rootfs`.
@@ -26,6 +26,15 @@ pub struct CreateOpts {
     pub stdio: StdioPaths,
     pub no_pivot: bool,
     pub no_new_keyring: bool,
+    /// Restore from these CRIU images instead of starting fresh.
+    pub restore: Option<CriuArgs>,
+}
+
+/// What a checkpoint measured (from the CRIU front).
+#[derive(Debug, Clone, Default)]
+pub struct DumpStats {
+    pub criu_ms: Option<f64>,
+    pub frozen_ms: Option<f64>,
 }
 
 pub struct Container {
@@ -36,6 +45,8 @@ pub struct Container {
     runc: Runc,
     rootfs_mounted: bool,
     no_new_keyring: bool,
+    /// Restored with its tasks stopped: Start resumes them.
+    restored: bool,
 }
 
 impl Container {
@@ -53,6 +64,7 @@ impl Container {
             runc,
             rootfs_mounted: mounted,
             no_new_keyring: o.no_new_keyring,
+            restored: o.restore.is_some(),
         };
         // On failure `container` is dropped here and its Drop cleans up.
         let pid_file = o.bundle.join("init.pid");
@@ -64,11 +76,15 @@ impl Container {
             no_pivot: o.no_pivot,
             no_new_keyring: o.no_new_keyring,
         };
+        // A restore makes the same runc container from images instead.
+        let runc = &container.runc;
+        let make = |stdio| match &o.restore {
+            Some(args) => runc.restore(&o.id, &o.bundle, args, &spawn, stdio),
+            None => runc.create(&o.id, &o.bundle, &spawn, stdio),
+        };
         match &console {
             Some(console) => {
-                container
-                    .runc
-                    .create(&o.id, &o.bundle, &spawn, Default::default())?;
+                make(Default::default())?;
                 let master = console.receive_master()?;
                 container
                     .init
@@ -76,7 +92,7 @@ impl Container {
             }
             None => {
                 let (child, io) = ProcessIo::pipes(&o.stdio)?;
-                container.runc.create(&o.id, &o.bundle, &spawn, child)?;
+                make(child)?;
                 container.init.set_io(io);
             }
         }
@@ -103,9 +119,38 @@ impl Container {
                 self.id
             )));
         }
-        self.runc.start(&self.id)?;
+        if self.restored {
+            // CRIU left the restored tasks stopped; let them run.
+            self.runc.kill(&self.id, libc::SIGCONT as u32, true)?;
+        } else {
+            self.runc.start(&self.id)?;
+        }
         self.init.set_status(Status::Running);
         Ok(self.init.pid())
+    }
+
+    /// `runc checkpoint` through the CRIU front. With `leave_running` the
+    /// container goes on; without, its processes exit once dumped.
+    pub fn checkpoint(&self, args: &CriuArgs) -> Result<DumpStats> {
+        if !matches!(self.init.status(), Status::Running | Status::Paused) {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is not running",
+                self.id
+            )));
+        }
+        std::fs::create_dir_all(&args.image_path)
+            .and_then(|_| std::fs::create_dir_all(&args.work_path))
+            .map_err(|e| Error::io("create checkpoint directories", e))?;
+        self.runc.checkpoint(&self.id, args)?;
+        let stats: serde_json::Value =
+            std::fs::read_to_string(args.work_path.join(crate::criu_front::FRONT_STATS_FILE))
+                .ok()
+                .and_then(|s| serde_json::from_str(&s).ok())
+                .unwrap_or_default();
+        Ok(DumpStats {
+            criu_ms: stats["criu_ms"].as_f64(),
+            frozen_ms: stats["frozen_ms"].as_f64(),
+        })
     }
 
     pub fn add_exec(&self, exec_id: &str, stdio: StdioPaths, spec: Vec<u8>) -> Result<()> {

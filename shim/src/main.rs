@@ -3,8 +3,10 @@
 //! long-lived server; all three go through the containerd-shim crate.
 
 mod container;
+mod criu_front;
 mod error;
 mod events;
+mod netfix;
 mod oom;
 mod process;
 mod reaper;
@@ -15,5 +17,10 @@ mod stats;
 mod stdio;
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    // runc runs its CRIU as `<criu> swrk <fd>`; we are that CRIU for runc.
+    if args.get(1).map(String::as_str) == Some("swrk") {
+        criu_front::main(&args);
+    }
     containerd_shim::run::<shim::CriuShim>(criu_shim_config::RUNTIME_ID, None);
 }

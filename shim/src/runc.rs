@@ -34,7 +34,49 @@ pub struct Runc {
     root: PathBuf,
     log: PathBuf,
     criu: Option<PathBuf>,
+    criu_env: Vec<(String, String)>,
+    criu_timeout: Duration,
     reaper: Arc<dyn Reaper>,
+}
+
+/// `runc checkpoint` / `runc restore` options (containerd's CheckpointOptions).
+#[derive(Debug, Clone, Default)]
+pub struct CriuArgs {
+    pub image_path: PathBuf,
+    pub work_path: PathBuf,
+    pub leave_running: bool,
+    pub tcp_established: bool,
+    pub ext_unix_sk: bool,
+    pub shell_job: bool,
+    pub file_locks: bool,
+    pub empty_ns: Vec<String>,
+    pub cgroups_mode: Option<String>,
+}
+
+impl CriuArgs {
+    fn apply(&self, cmd: &mut Command, restore: bool) {
+        cmd.arg("--image-path").arg(&self.image_path);
+        cmd.arg("--work-path").arg(&self.work_path);
+        if self.leave_running && !restore {
+            cmd.arg("--leave-running");
+        }
+        for (on, flag) in [
+            (self.tcp_established, "--tcp-established"),
+            (self.ext_unix_sk, "--ext-unix-sk"),
+            (self.shell_job, "--shell-job"),
+            (self.file_locks, "--file-locks"),
+        ] {
+            if on {
+                cmd.arg(flag);
+            }
+        }
+        for ns in &self.empty_ns {
+            cmd.arg("--empty-ns").arg(ns);
+        }
+        if let Some(mode) = &self.cgroups_mode {
+            cmd.arg("--manage-cgroups-mode").arg(mode);
+        }
+    }
 }
 
 /// Options of `runc create` / `runc exec`.
@@ -52,8 +94,48 @@ impl Runc {
             root: root.to_path_buf(),
             log: log.to_path_buf(),
             criu: None,
+            criu_env: Vec::new(),
+            criu_timeout: RUNC_TIMEOUT,
             reaper,
         }
+    }
+
+    /// Points runc at a CRIU (`runc --criu`) run with these extra variables.
+    /// `timeout` bounds checkpoint and restore (CRIU's own deadline is
+    /// shorter, so CRIU's error normally wins).
+    pub fn with_criu(mut self, criu: &Path, env: Vec<(String, String)>, timeout: Duration) -> Self {
+        self.criu = Some(criu.to_path_buf());
+        self.criu_env = env;
+        self.criu_timeout = timeout;
+        self
+    }
+
+    pub fn checkpoint(&self, id: &str, args: &CriuArgs) -> Result<()> {
+        let mut cmd = self.command();
+        cmd.arg("checkpoint");
+        args.apply(&mut cmd, false);
+        cmd.arg(id);
+        self.run("checkpoint", cmd, ChildStdio::default()).map(drop)
+    }
+
+    /// `runc restore --detach`: the container comes back from `args.image_path`.
+    pub fn restore(
+        &self,
+        id: &str,
+        bundle: &Path,
+        args: &CriuArgs,
+        o: &SpawnOpts,
+        stdio: ChildStdio,
+    ) -> Result<()> {
+        let mut cmd = self.command();
+        cmd.arg("restore")
+            .arg("--detach")
+            .arg("--bundle")
+            .arg(bundle);
+        args.apply(&mut cmd, true);
+        spawn_args(&mut cmd, o);
+        cmd.arg(id);
+        self.run("restore", cmd, stdio).map(drop)
     }
 
     fn command(&self) -> Command {
@@ -66,6 +148,7 @@ impl Runc {
             .arg("json");
         if let Some(criu) = &self.criu {
             cmd.arg("--criu").arg(criu);
+            cmd.envs(self.criu_env.iter().map(|(k, v)| (k, v)));
         }
         cmd
     }
@@ -190,7 +273,11 @@ impl Runc {
         // Dropping `cmd` closes our copies of the container's stdio ends.
         drop(cmd);
         drop(child);
-        let exit = match watch.wait(pid, RUNC_TIMEOUT) {
+        let limit = match op {
+            "checkpoint" | "restore" => self.criu_timeout,
+            _ => RUNC_TIMEOUT,
+        };
+        let exit = match watch.wait(pid, limit) {
             Ok(Some(exit)) => exit,
             Ok(None) => {
                 let _ = nix::sys::signal::kill(
@@ -200,7 +287,7 @@ impl Runc {
                 let _ = watch.wait(pid, Duration::from_secs(5));
                 return Err(Error::Runc {
                     op,
-                    message: format!("did not finish within {RUNC_TIMEOUT:?}"),
+                    message: format!("did not finish within {limit:?}"),
                 });
             }
             Err(e) => return Err(Error::io(format!("wait for runc {op}"), e)),

@@ -19,16 +19,17 @@ use containerd_shim::protos::events::task::{
 };
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{Message, MessageField};
-use containerd_shim::protos::shim::oci::Options as RuncProtoOptions;
+use containerd_shim::protos::shim::oci::{CheckpointOptions, Options as RuncProtoOptions};
 use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
 use criu_shim_config::{RuncOptions, ShimConfig};
 
 use crate::container::{Container, CreateOpts, Mount};
+use crate::criu_front::env as front_env;
 use crate::error::{Error, Result};
 use crate::events::{Event, Events};
 use crate::process::{Exit, Process};
 use crate::reaper::MonitorReaper;
-use crate::runc::Runc;
+use crate::runc::{CriuArgs, Runc};
 use crate::stdio::StdioPaths;
 
 /// Where an exited pid belongs.
@@ -149,11 +150,6 @@ impl Service {
     }
 
     fn do_create(self: &Arc<Self>, req: &api::CreateTaskRequest) -> Result<u32> {
-        if !req.checkpoint.is_empty() {
-            return Err(Error::Unimplemented(
-                "restore from a checkpoint is not implemented yet".into(),
-            ));
-        }
         if self.containers.lock().unwrap().contains_key(&req.id) {
             return Err(Error::AlreadyExists(format!(
                 "container {} already exists",
@@ -164,12 +160,12 @@ impl Service {
         let config = ShimConfig::from_env(&self.namespace, runc_opts.as_ref())?;
         let bundle = PathBuf::from(&req.bundle);
         save_shim_state(&bundle, &config);
-        let runc = Runc::new(
-            &config.runc,
-            &config.runc_root,
-            &bundle.join("log.json"),
-            Arc::new(MonitorReaper),
-        );
+        let runc = runc_for(&config, &bundle);
+        let restore = restore_source(req, &bundle)?.map(|images| CriuArgs {
+            image_path: images,
+            work_path: bundle.join("restore-work"),
+            ..Default::default()
+        });
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -191,6 +187,7 @@ impl Service {
             stdio,
             no_pivot: config.no_pivot_root,
             no_new_keyring: config.no_new_keyring,
+            restore,
         };
         let container = Arc::new(Container::create(opts, runc)?);
         let pid = container.init.pid();
@@ -246,6 +243,98 @@ impl Service {
         }));
         Ok((pid, exit))
     }
+}
+
+/// runc for one container, pointed at our CRIU front (this binary).
+fn runc_for(config: &ShimConfig, bundle: &std::path::Path) -> Runc {
+    let front = std::env::current_exe().unwrap_or_else(|_| "containerd-shim-criu-v2".into());
+    let env = vec![
+        (
+            front_env::REAL_CRIU.to_string(),
+            config.criu.to_string_lossy().into_owned(),
+        ),
+        (
+            front_env::TIMEOUT.to_string(),
+            config.criu_timeout_secs.to_string(),
+        ),
+        (front_env::LEAVE_STOPPED.to_string(), "1".to_string()),
+        (front_env::TCP_ESTABLISHED.to_string(), "1".to_string()),
+    ];
+    Runc::new(
+        &config.runc,
+        &config.runc_root,
+        &bundle.join("log.json"),
+        Arc::new(MonitorReaper),
+    )
+    .with_criu(
+        &front,
+        env,
+        Duration::from_secs(config.criu_timeout_secs + 60),
+    )
+}
+
+/// The CRIU images to restore from, if this Create is a restore:
+/// containerd's checkpoint (CreateTaskRequest.checkpoint) or our annotation.
+fn restore_source(
+    req: &api::CreateTaskRequest,
+    bundle: &std::path::Path,
+) -> Result<Option<PathBuf>> {
+    if !req.checkpoint.is_empty() {
+        return Ok(Some(PathBuf::from(&req.checkpoint)));
+    }
+    let spec: serde_json::Value = std::fs::read_to_string(bundle.join("config.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
+    match spec["annotations"][criu_shim_config::ANNOTATION_RESTORE_FROM].as_str() {
+        None | Some("") => Ok(None),
+        Some(from) => {
+            let path = PathBuf::from(from);
+            if !path.join("inventory.img").is_file() {
+                return Err(Error::InvalidArgument(format!(
+                    "{}={from}: no CRIU images there (inventory.img missing); \
+                     point it at a checkpoint's image directory",
+                    criu_shim_config::ANNOTATION_RESTORE_FROM
+                )));
+            }
+            Ok(Some(path))
+        }
+    }
+}
+
+/// containerd's CheckpointOptions, as runc arguments.
+fn checkpoint_args(req: &api::CheckpointTaskRequest, bundle: &std::path::Path) -> Result<CriuArgs> {
+    let o = match req.options.as_ref().filter(|a| !a.value.is_empty()) {
+        Some(any) => CheckpointOptions::parse_from_bytes(&any.value).map_err(|e| {
+            Error::InvalidArgument(format!("checkpoint options ({}): {e}", any.type_url))
+        })?,
+        None => CheckpointOptions::default(),
+    };
+    let image_path = if !req.path.is_empty() {
+        PathBuf::from(&req.path)
+    } else if !o.image_path.is_empty() {
+        PathBuf::from(&o.image_path)
+    } else {
+        return Err(Error::InvalidArgument(
+            "checkpoint without an image path".into(),
+        ));
+    };
+    let work_path = if o.work_path.is_empty() {
+        bundle.join("checkpoint-work")
+    } else {
+        PathBuf::from(&o.work_path)
+    };
+    Ok(CriuArgs {
+        image_path,
+        work_path,
+        leave_running: !o.exit,
+        tcp_established: o.open_tcp,
+        ext_unix_sk: o.external_unix_sockets,
+        shell_job: o.terminal,
+        file_locks: o.file_locks,
+        empty_ns: o.empty_namespaces.clone(),
+        cgroups_mode: Some(o.cgroups_mode.clone()).filter(|m| !m.is_empty()),
+    })
 }
 
 /// A process deleted before it ran has no exit; containerd expects one.
@@ -490,6 +579,26 @@ impl Task for TaskService {
             return Ok(api::Empty::new());
         }
         rpc(c.update(&resources))?;
+        Ok(api::Empty::new())
+    }
+
+    fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CheckpointTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let c = rpc(self.0.container(&req.id))?;
+        let args = rpc(checkpoint_args(&req, &c.bundle))?;
+        let started = Instant::now();
+        let stats = rpc(c.checkpoint(&args))?;
+        log::info!(
+            "checkpointed {} to {} in {:?} (CRIU {:.0} ms, frozen {:.0} ms)",
+            req.id,
+            args.image_path.display(),
+            started.elapsed(),
+            stats.criu_ms.unwrap_or(0.0),
+            stats.frozen_ms.unwrap_or(0.0)
+        );
         Ok(api::Empty::new())
     }
 
