@@ -28,6 +28,10 @@ pub struct CreateOpts {
     pub no_new_keyring: bool,
     /// Restore from these CRIU images instead of starting fresh.
     pub restore: Option<CriuArgs>,
+    /// A staged checkpoint whose writable-layer changes are applied to the
+    /// rootfs before the restore.
+    pub rootfs_changes: Option<PathBuf>,
+    pub config: criu_shim_config::ShimConfig,
 }
 
 /// What a checkpoint measured (from the CRIU front).
@@ -47,6 +51,9 @@ pub struct Container {
     no_new_keyring: bool,
     /// Restored with its tasks stopped: Start resumes them.
     restored: bool,
+    /// Where the container's writes land (overlay upperdir), for checkpoints.
+    pub upperdir: Option<PathBuf>,
+    pub config: criu_shim_config::ShimConfig,
 }
 
 impl Container {
@@ -65,7 +72,15 @@ impl Container {
             rootfs_mounted: mounted,
             no_new_keyring: o.no_new_keyring,
             restored: o.restore.is_some(),
+            upperdir: o
+                .rootfs
+                .iter()
+                .find_map(|m| crate::migrate::stage::upperdir(&m.options)),
+            config: o.config.clone(),
         };
+        if let Some(staged) = &o.rootfs_changes {
+            crate::migrate::rootfs::apply(staged, &rootfs)?;
+        }
         // On failure `container` is dropped here and its Drop cleans up.
         let pid_file = o.bundle.join("init.pid");
         let console = o.stdio.terminal.then(ConsoleSocket::new).transpose()?;
@@ -131,7 +146,7 @@ impl Container {
 
     /// `runc checkpoint` through the CRIU front. With `leave_running` the
     /// container goes on; without, its processes exit once dumped.
-    pub fn checkpoint(&self, args: &CriuArgs) -> Result<DumpStats> {
+    pub fn checkpoint(&self, args: &CriuArgs, env: &[(&str, &str)]) -> Result<DumpStats> {
         if !matches!(self.init.status(), Status::Running | Status::Paused) {
             return Err(Error::FailedPrecondition(format!(
                 "container {} is not running",
@@ -141,7 +156,10 @@ impl Container {
         std::fs::create_dir_all(&args.image_path)
             .and_then(|_| std::fs::create_dir_all(&args.work_path))
             .map_err(|e| Error::io("create checkpoint directories", e))?;
-        self.runc.checkpoint(&self.id, args)?;
+        if let Err(e) = self.runc.checkpoint(&self.id, args, env) {
+            self.recover_after_failed_dump();
+            return Err(e);
+        }
         let stats: serde_json::Value =
             std::fs::read_to_string(args.work_path.join(crate::criu_front::FRONT_STATS_FILE))
                 .ok()
@@ -151,6 +169,30 @@ impl Container {
             criu_ms: stats["criu_ms"].as_f64(),
             frozen_ms: stats["frozen_ms"].as_f64(),
         })
+    }
+
+    /// A dump that failed half-way (CRIU killed at its deadline, say) may
+    /// leave the freezer cgroup frozen or the tasks stopped: undo both,
+    /// unless the user had paused the container.
+    pub fn recover_after_failed_dump(&self) {
+        if self.init.status() == Status::Paused {
+            return;
+        }
+        if let Err(e) = self.runc.resume(&self.id) {
+            log::debug!("thaw after failed dump: {e}");
+        }
+        self.resume_stopped();
+    }
+
+    pub fn runc_kill_all(&self, signal: u32) -> Result<()> {
+        self.runc.kill(&self.id, signal, true)
+    }
+
+    /// SIGCONT to every process (after a dump that left them stopped).
+    pub fn resume_stopped(&self) {
+        if let Err(e) = self.runc.kill(&self.id, libc::SIGCONT as u32, true) {
+            log::warn!("resume {} after dump: {e}", self.id);
+        }
     }
 
     pub fn add_exec(&self, exec_id: &str, stdio: StdioPaths, spec: Vec<u8>) -> Result<()> {

@@ -30,6 +30,10 @@ pub mod env {
     pub const LEAVE_STOPPED: &str = "CRIU_SHIM_FRONT_LEAVE_STOPPED";
     /// "1": restore established TCP connections.
     pub const TCP_ESTABLISHED: &str = "CRIU_SHIM_FRONT_TCP_ESTABLISHED";
+    /// "1": a dump leaves the tasks stopped, neither running nor killed
+    /// (the shim kills them once the archive is published, or resumes them
+    /// if publishing fails).
+    pub const DUMP_LEAVE_STOPPED: &str = "CRIU_SHIM_FRONT_DUMP_LEAVE_STOPPED";
 }
 
 /// Written into the work dir after a dump: what the front measured.
@@ -125,6 +129,10 @@ fn relay_with_options(
     }
     if restore && flag(env::TCP_ESTABLISHED) {
         opts = opts.tcp_established(true);
+    }
+    if !restore && flag(env::DUMP_LEAVE_STOPPED) {
+        opts.raw_mut().set_leave_running(false);
+        opts = opts.leave_stopped(true);
     }
     let mut relay = Relay {
         sock,

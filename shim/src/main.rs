@@ -2,10 +2,12 @@
 //! `io.containerd.criu.v2`. containerd runs it as `start`, `delete`, or the
 //! long-lived server; all three go through the containerd-shim crate.
 
+mod cli;
 mod container;
 mod criu_front;
 mod error;
 mod events;
+mod migrate;
 mod netfix;
 mod oom;
 mod process;
@@ -21,6 +23,9 @@ fn main() {
     // runc runs its CRIU as `<criu> swrk <fd>`; we are that CRIU for runc.
     if args.get(1).map(String::as_str) == Some("swrk") {
         criu_front::main(&args);
+    }
+    if args.len() > 1 && cli::COMMANDS.contains(&args[1].as_str()) {
+        cli::main(&args);
     }
     containerd_shim::run::<shim::CriuShim>(criu_shim_config::RUNTIME_ID, None);
 }

@@ -110,8 +110,10 @@ impl Runc {
         self
     }
 
-    pub fn checkpoint(&self, id: &str, args: &CriuArgs) -> Result<()> {
+    /// `env` adds front settings for this checkpoint only.
+    pub fn checkpoint(&self, id: &str, args: &CriuArgs, env: &[(&str, &str)]) -> Result<()> {
         let mut cmd = self.command();
+        cmd.envs(env.iter().copied());
         cmd.arg("checkpoint");
         args.apply(&mut cmd, false);
         cmd.arg(id);

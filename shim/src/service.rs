@@ -27,6 +27,7 @@ use crate::container::{Container, CreateOpts, Mount};
 use crate::criu_front::env as front_env;
 use crate::error::{Error, Result};
 use crate::events::{Event, Events};
+use crate::migrate::{self, archive::Compression};
 use crate::process::{Exit, Process};
 use crate::reaper::MonitorReaper;
 use crate::runc::{CriuArgs, Runc};
@@ -161,11 +162,44 @@ impl Service {
         let bundle = PathBuf::from(&req.bundle);
         save_shim_state(&bundle, &config);
         let runc = runc_for(&config, &bundle);
-        let restore = restore_source(req, &bundle)?.map(|images| CriuArgs {
-            image_path: images,
-            work_path: bundle.join("restore-work"),
-            ..Default::default()
-        });
+        // Keeps a fetched archive's staging alive until the restore is done.
+        let mut fetched = None;
+        let (restore, rootfs_changes) = match restore_source(req, &bundle)? {
+            None => (None, None),
+            Some(RestoreFrom::Images(images)) => (
+                Some(CriuArgs {
+                    image_path: images,
+                    work_path: bundle.join("restore-work"),
+                    ..Default::default()
+                }),
+                None,
+            ),
+            Some(RestoreFrom::Archive(reference)) => {
+                let started = Instant::now();
+                let f = migrate::fetch_archive(
+                    &config.share_dir,
+                    &reference,
+                    &config.staging_dir,
+                    &req.id,
+                )?;
+                log::info!(
+                    "fetched and verified {} for {} in {:?} (checkpoint of {}, CRIU {})",
+                    f.archive.display(),
+                    req.id,
+                    started.elapsed(),
+                    f.manifest.container_id,
+                    f.manifest.criu_version
+                );
+                let args = CriuArgs {
+                    image_path: f.images(),
+                    work_path: f.staging.path().join("work"),
+                    ..Default::default()
+                };
+                let changes = f.staging.path().to_path_buf();
+                fetched = Some(f);
+                (Some(args), Some(changes))
+            }
+        };
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -188,8 +222,11 @@ impl Service {
             no_pivot: config.no_pivot_root,
             no_new_keyring: config.no_new_keyring,
             restore,
+            rootfs_changes,
+            config: config.clone(),
         };
         let container = Arc::new(Container::create(opts, runc)?);
+        drop(fetched);
         let pid = container.init.pid();
         self.containers
             .lock()
@@ -221,6 +258,124 @@ impl Service {
         }));
         log::info!("created container {} (pid {pid})", req.id);
         Ok(pid as u32)
+    }
+
+    /// Checkpoint RPC: from containerd (runc's CheckpointOptions, images to
+    /// `req.path`) or from our CLI ([`CheckpointRequest`], images staged
+    /// locally). Either publishes to the share when a destination is given
+    /// (CLI `--to`, or the container's checkpoint-to annotation).
+    fn do_checkpoint(&self, req: &api::CheckpointTaskRequest) -> Result<Option<migrate::Report>> {
+        let c = self.container(&req.id)?;
+        let spec = read_spec(&c.bundle);
+        let annotated = spec["annotations"][criu_shim_config::ANNOTATION_CHECKPOINT_TO]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
+        let ours = req
+            .options
+            .as_ref()
+            .filter(|a| a.type_url == CHECKPOINT_REQUEST_TYPE);
+        let mut _dump_staging = None;
+        let (mut args, publish_to, exit_after, level) = match ours {
+            Some(any) => {
+                let r: CheckpointRequest = serde_json::from_slice(&any.value)
+                    .map_err(|e| Error::InvalidArgument(format!("checkpoint request: {e}")))?;
+                let to = r.to.clone().or(annotated).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "no destination: give --to NAME or set the {} annotation",
+                        criu_shim_config::ANNOTATION_CHECKPOINT_TO
+                    ))
+                })?;
+                let staging = migrate::stage::Staging::new(
+                    &c.config.staging_dir,
+                    &format!("dump-{}", req.id),
+                )?;
+                let args = CriuArgs {
+                    image_path: staging.images(),
+                    work_path: staging.path().join("work"),
+                    tcp_established: r.tcp_established,
+                    file_locks: r.file_locks,
+                    ext_unix_sk: r.ext_unix_sk,
+                    ..Default::default()
+                };
+                _dump_staging = Some(staging);
+                (args, Some(to), !r.leave_running, r.compression_level)
+            }
+            None => {
+                let args = checkpoint_args(req, &c.bundle)?;
+                let exit_after = annotated.is_some() && !args.leave_running;
+                (args, annotated, exit_after, None)
+            }
+        };
+        let env: Vec<(&str, &str)> = if exit_after {
+            // Dump, keep the tasks stopped, and only kill them once the
+            // archive is safely on the share.
+            args.leave_running = true;
+            vec![(front_env::DUMP_LEAVE_STOPPED, "1")]
+        } else {
+            Vec::new()
+        };
+        let started = Instant::now();
+        let dump = c.checkpoint(&args, &env)?;
+        log::info!(
+            "checkpointed {} in {:?} (CRIU {:.0} ms, frozen {:.0} ms)",
+            req.id,
+            started.elapsed(),
+            dump.criu_ms.unwrap_or(0.0),
+            dump.frozen_ms.unwrap_or(0.0)
+        );
+        let Some(to) = publish_to else {
+            return Ok(None);
+        };
+        let target = migrate::Target {
+            share: c.config.share_dir.clone(),
+            name: to,
+            compression: match level {
+                Some(0) => Compression::None,
+                Some(l) => Compression::Zstd {
+                    level: l,
+                    workers: 2,
+                },
+                None => Compression::Zstd {
+                    level: 1,
+                    workers: 2,
+                },
+            },
+            staging_root: c.config.staging_dir.clone(),
+        };
+        let criu_version = criu_sys::Criu::new(&c.config.criu)
+            .version()
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        let dumped = migrate::Dumped {
+            container_id: &req.id,
+            bundle: &c.bundle,
+            rootfs_upper: c.upperdir.clone(),
+            images: &args.image_path,
+            work: &args.work_path,
+            tcp_established: args.tcp_established,
+            frozen_ms: dump.frozen_ms,
+            criu_ms: dump.criu_ms,
+            criu_version,
+        };
+        match migrate::publish_checkpoint(&dumped, &target) {
+            Ok(report) => {
+                log::info!("{}: {}", req.id, report.summary());
+                if exit_after {
+                    c.runc_kill_all(libc::SIGKILL as u32)?;
+                }
+                if !req.path.is_empty() {
+                    write_report(std::path::Path::new(&req.path), &report);
+                }
+                Ok(Some(report))
+            }
+            Err(e) => {
+                if exit_after {
+                    c.resume_stopped();
+                }
+                Err(e)
+            }
+        }
     }
 
     fn do_delete(&self, id: &str, exec_id: &str) -> Result<(u32, Exit)> {
@@ -273,33 +428,45 @@ fn runc_for(config: &ShimConfig, bundle: &std::path::Path) -> Runc {
     )
 }
 
-/// The CRIU images to restore from, if this Create is a restore:
-/// containerd's checkpoint (CreateTaskRequest.checkpoint) or our annotation.
+enum RestoreFrom {
+    /// A directory of CRIU images on this node.
+    Images(PathBuf),
+    /// An archive (or a key naming the newest one) on the share.
+    Archive(String),
+}
+
+/// What to restore from, if this Create is a restore: containerd's
+/// checkpoint (CreateTaskRequest.checkpoint) or our annotation.
 fn restore_source(
     req: &api::CreateTaskRequest,
     bundle: &std::path::Path,
-) -> Result<Option<PathBuf>> {
+) -> Result<Option<RestoreFrom>> {
     if !req.checkpoint.is_empty() {
-        return Ok(Some(PathBuf::from(&req.checkpoint)));
+        return Ok(Some(RestoreFrom::Images(PathBuf::from(&req.checkpoint))));
     }
-    let spec: serde_json::Value = std::fs::read_to_string(bundle.join("config.json"))
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default();
+    let spec = read_spec(bundle);
     match spec["annotations"][criu_shim_config::ANNOTATION_RESTORE_FROM].as_str() {
         None | Some("") => Ok(None),
-        Some(from) => {
+        Some(from) if from.starts_with('/') => {
             let path = PathBuf::from(from);
             if !path.join("inventory.img").is_file() {
                 return Err(Error::InvalidArgument(format!(
                     "{}={from}: no CRIU images there (inventory.img missing); \
-                     point it at a checkpoint's image directory",
+                     name an archive on the share, or a checkpoint's image directory",
                     criu_shim_config::ANNOTATION_RESTORE_FROM
                 )));
             }
-            Ok(Some(path))
+            Ok(Some(RestoreFrom::Images(path)))
         }
+        Some(reference) => Ok(Some(RestoreFrom::Archive(reference.to_string()))),
     }
+}
+
+fn read_spec(bundle: &std::path::Path) -> serde_json::Value {
+    std::fs::read_to_string(bundle.join("config.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default()
 }
 
 /// containerd's CheckpointOptions, as runc arguments.
@@ -335,6 +502,40 @@ fn checkpoint_args(req: &api::CheckpointTaskRequest, bundle: &std::path::Path) -
         empty_ns: o.empty_namespaces.clone(),
         cgroups_mode: Some(o.cgroups_mode.clone()).filter(|m| !m.is_empty()),
     })
+}
+
+/// The `type_url` of our CLI's checkpoint options.
+pub const CHECKPOINT_REQUEST_TYPE: &str = "criu-shim.io/CheckpointRequest";
+
+/// What our CLI asks of a checkpoint (JSON in the options `Any`).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct CheckpointRequest {
+    /// Archive name or key on the share (default: the checkpoint-to annotation).
+    pub to: Option<String>,
+    pub leave_running: bool,
+    pub tcp_established: bool,
+    pub file_locks: bool,
+    pub ext_unix_sk: bool,
+    /// zstd level; 0 = no compression.
+    pub compression_level: Option<i32>,
+}
+
+/// The report the CLI reads back (`<path>/report.json`).
+pub const REPORT_FILE: &str = "report.json";
+
+fn write_report(dir: &std::path::Path, r: &migrate::Report) {
+    let json = serde_json::json!({
+        "archive": r.archive,
+        "archive_bytes": r.archive_bytes,
+        "images_bytes": r.images_bytes,
+        "publish_seconds": r.publish_time.as_secs_f64(),
+        "frozen_ms": r.manifest.stats.frozen_ms,
+        "criu_ms": r.manifest.stats.criu_ms,
+        "summary": r.summary(),
+    });
+    if let Err(e) = std::fs::write(dir.join(REPORT_FILE), json.to_string()) {
+        log::warn!("cannot write checkpoint report: {e}");
+    }
 }
 
 /// A process deleted before it ran has no exit; containerd expects one.
@@ -587,18 +788,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::CheckpointTaskRequest,
     ) -> TtrpcResult<api::Empty> {
-        let c = rpc(self.0.container(&req.id))?;
-        let args = rpc(checkpoint_args(&req, &c.bundle))?;
-        let started = Instant::now();
-        let stats = rpc(c.checkpoint(&args))?;
-        log::info!(
-            "checkpointed {} to {} in {:?} (CRIU {:.0} ms, frozen {:.0} ms)",
-            req.id,
-            args.image_path.display(),
-            started.elapsed(),
-            stats.criu_ms.unwrap_or(0.0),
-            stats.frozen_ms.unwrap_or(0.0)
-        );
+        rpc(self.0.do_checkpoint(&req))?;
         Ok(api::Empty::new())
     }
 

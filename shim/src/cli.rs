@@ -1,0 +1,372 @@
+//! The operators' CLI: subcommands of the shim binary.
+//!
+//!   containerd-shim-criu-v2 checkpoint [--namespace NS] [--state DIR] [--to NAME]
+//!                                      [--leave-running] [--tcp-established] [--level N] ID
+//!   containerd-shim-criu-v2 inspect [--share DIR] ARCHIVE
+//!   containerd-shim-criu-v2 list    [--share DIR] [KEY]
+//!   containerd-shim-criu-v2 gc      [--share DIR] --keep N [KEY]
+//!
+//! `checkpoint` talks to the container's shim directly over its ttrpc socket
+//! (found in the task's bundle), so the images go straight from CRIU to the
+//! share, without a copy through containerd's content store.
+//!
+//! Exit codes: 0 success, 1 the operation failed, 2 bad usage.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::protos::shim::shim_ttrpc::TaskClient;
+use containerd_shim::protos::ttrpc;
+
+use crate::migrate::{self, fetch, manifest::Manifest, unpack, verify};
+use crate::service::{CheckpointRequest, CHECKPOINT_REQUEST_TYPE, REPORT_FILE};
+
+pub const COMMANDS: [&str; 4] = ["checkpoint", "inspect", "list", "gc"];
+
+const USAGE: &str = "usage:
+  containerd-shim-criu-v2 checkpoint [--namespace NS] [--state DIR] [--to NAME] [--leave-running] [--tcp-established] [--level N] ID
+  containerd-shim-criu-v2 inspect [--share DIR] ARCHIVE
+  containerd-shim-criu-v2 list [--share DIR] [KEY]
+  containerd-shim-criu-v2 gc [--share DIR] --keep N [KEY]";
+
+struct Args {
+    flags: Vec<(String, Option<String>)>,
+    positional: Vec<String>,
+}
+
+impl Args {
+    /// `--name value` pairs for `valued` flags, bare `--name` otherwise.
+    fn parse(raw: &[String], valued: &[&str]) -> Result<Args, String> {
+        let mut flags = Vec::new();
+        let mut positional = Vec::new();
+        let mut it = raw.iter();
+        while let Some(a) = it.next() {
+            if let Some(name) = a.strip_prefix("--") {
+                if valued.contains(&name) {
+                    let v = it.next().ok_or(format!("--{name} needs a value"))?;
+                    flags.push((name.to_string(), Some(v.clone())));
+                } else {
+                    flags.push((name.to_string(), None));
+                }
+            } else {
+                positional.push(a.clone());
+            }
+        }
+        Ok(Args { flags, positional })
+    }
+
+    fn value(&self, name: &str) -> Option<&str> {
+        self.flags
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.as_deref())
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.flags.iter().any(|(n, _)| n == name)
+    }
+}
+
+pub fn main(args: &[String]) -> ! {
+    let cmd = args[1].as_str();
+    let rest = &args[2..];
+    let result = match cmd {
+        "checkpoint" => checkpoint(rest),
+        "inspect" => inspect(rest),
+        "list" => list(rest),
+        "gc" => gc(rest),
+        _ => Err(Failure::Usage(String::new())),
+    };
+    match result {
+        Ok(()) => std::process::exit(0),
+        Err(Failure::Usage(msg)) => {
+            if !msg.is_empty() {
+                eprintln!("{msg}");
+            }
+            eprintln!("{USAGE}");
+            std::process::exit(2)
+        }
+        Err(Failure::Failed(msg)) => {
+            eprintln!("{cmd}: {msg}");
+            std::process::exit(1)
+        }
+    }
+}
+
+enum Failure {
+    Usage(String),
+    Failed(String),
+}
+
+fn usage(msg: impl Into<String>) -> Failure {
+    Failure::Usage(msg.into())
+}
+
+fn failed(msg: impl std::fmt::Display) -> Failure {
+    Failure::Failed(msg.to_string())
+}
+
+fn share_dir(a: &Args) -> PathBuf {
+    a.value("share")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os(criu_shim_config::env::SHARE_DIR).map(PathBuf::from))
+        .unwrap_or_else(|| criu_shim_config::ShimConfig::defaults("default").share_dir)
+}
+
+fn checkpoint(raw: &[String]) -> Result<(), Failure> {
+    let a = Args::parse(raw, &["namespace", "state", "to", "level"]).map_err(usage)?;
+    let [id] = a.positional.as_slice() else {
+        return Err(usage("checkpoint takes one container id"));
+    };
+    let ns = a.value("namespace").unwrap_or("default");
+    let state = a.value("state").unwrap_or("/run/containerd");
+    let bundle = Path::new(state)
+        .join("io.containerd.runtime.v2.task")
+        .join(ns)
+        .join(id);
+    let address = shim_address(&bundle).map_err(|e| {
+        failed(format!(
+            "no running task {id} in namespace {ns} ({}: {e}); check --namespace and --state",
+            bundle.display()
+        ))
+    })?;
+    let level = match a.value("level") {
+        Some(v) => Some(
+            v.parse::<i32>()
+                .map_err(|_| usage("--level takes a number"))?,
+        ),
+        None => None,
+    };
+    let request = CheckpointRequest {
+        to: a.value("to").map(str::to_string),
+        leave_running: a.has("leave-running"),
+        tcp_established: a.has("tcp-established"),
+        compression_level: level,
+        ..Default::default()
+    };
+    let report_dir = tempfile::tempdir().map_err(failed)?;
+    let req = containerd_shim::protos::api::CheckpointTaskRequest {
+        id: id.clone(),
+        path: report_dir.path().to_string_lossy().into_owned(),
+        options: MessageField::some(Any {
+            type_url: CHECKPOINT_REQUEST_TYPE.into(),
+            value: serde_json::to_vec(&request).expect("serializes"),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let client = ttrpc::Client::connect(address.trim())
+        .map_err(|e| failed(format!("connect to the shim at {}: {e}", address.trim())))?;
+    let tasks = TaskClient::new(client);
+    let started = Instant::now();
+    let progress = Progress::start(format!("checkpointing {id}"));
+    let result = tasks.checkpoint(ttrpc::context::with_timeout(0), &req);
+    drop(progress);
+    if let Err(e) = result {
+        return Err(failed(rpc_message(e)));
+    }
+    let report: serde_json::Value = std::fs::read_to_string(report_dir.path().join(REPORT_FILE))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default();
+    match report["summary"].as_str() {
+        Some(s) => println!("{id}: {s}"),
+        None => println!(
+            "{id}: checkpointed in {:.2} s",
+            started.elapsed().as_secs_f64()
+        ),
+    }
+    Ok(())
+}
+
+/// The shim's ttrpc address: containerd 2.x keeps it in bootstrap.json,
+/// older versions in a file named `address`.
+fn shim_address(bundle: &Path) -> std::io::Result<String> {
+    if let Ok(text) = std::fs::read_to_string(bundle.join("bootstrap.json")) {
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        if let Some(a) = v["address"].as_str() {
+            return Ok(a.to_string());
+        }
+    }
+    std::fs::read_to_string(bundle.join("address")).map(|s| s.trim().to_string())
+}
+
+fn rpc_message(e: ttrpc::Error) -> String {
+    match e {
+        ttrpc::Error::RpcStatus(s) => s.message().to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn resolve_archive(share: &Path, name: &str) -> Result<PathBuf, Failure> {
+    let p = Path::new(name);
+    if p.is_absolute() || p.exists() {
+        return Ok(p.to_path_buf());
+    }
+    fetch::resolve(share, name).map_err(failed)
+}
+
+fn inspect(raw: &[String]) -> Result<(), Failure> {
+    let a = Args::parse(raw, &["share"]).map_err(usage)?;
+    let [name] = a.positional.as_slice() else {
+        return Err(usage("inspect takes one archive"));
+    };
+    let path = resolve_archive(&share_dir(&a), name)?;
+    let (file, size) = fetch::open(&path).map_err(failed)?;
+    let scratch = tempfile::tempdir().map_err(failed)?;
+    let what = path.display().to_string();
+    let progress = Progress::start(format!("verifying {what}"));
+    let unpacked = unpack::unpack(file, scratch.path(), unpack::Limits::default(), &what);
+    drop(progress);
+    let m = unpacked
+        .and_then(|u| verify::verify(&u, &what))
+        .map_err(failed)?;
+    print_manifest(&path, size, &m);
+    println!(
+        "verification: OK ({} members, all SHA-256 digests match)",
+        m.members.len()
+    );
+    Ok(())
+}
+
+fn print_manifest(path: &Path, size: u64, m: &Manifest) {
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    println!("archive:      {}", path.display());
+    println!(
+        "size:         {:.1} MiB ({} compression)",
+        mib(size),
+        m.compression
+    );
+    println!("container:    {}", m.container_id);
+    println!("created:      {} (unix)", m.created);
+    println!(
+        "criu:         {}   kernel: {}   shim: {}",
+        m.criu_version, m.kernel, m.shim_version
+    );
+    println!(
+        "content:      {:.1} MiB, pages {:.1} MiB",
+        mib(m.total_size()),
+        mib(m.stats.pages_bytes)
+    );
+    println!(
+        "tcp:          {}",
+        if m.tcp_established {
+            "established connections kept"
+        } else {
+            "not kept"
+        }
+    );
+    if let Some(f) = m.stats.frozen_ms {
+        println!(
+            "frozen:       {f:.0} ms (CRIU {:.0} ms)",
+            m.stats.criu_ms.unwrap_or(0.0)
+        );
+    }
+}
+
+fn list(raw: &[String]) -> Result<(), Failure> {
+    let a = Args::parse(raw, &["share"]).map_err(usage)?;
+    let share = share_dir(&a);
+    migrate::publish::check_share(&share).map_err(failed)?;
+    let keys = keys(&share, a.positional.first().map(String::as_str))?;
+    for key in keys {
+        for p in fetch::list(&share.join(&key)) {
+            let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            let rel = p.strip_prefix(&share).unwrap_or(&p);
+            println!(
+                "{:>10.1} MiB  {}",
+                size as f64 / (1024.0 * 1024.0),
+                rel.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The keys (directories) to look at: one given, or every one on the share.
+fn keys(share: &Path, key: Option<&str>) -> Result<Vec<String>, Failure> {
+    if let Some(k) = key {
+        migrate::publish::check_name(k).map_err(failed)?;
+        return Ok(vec![k.to_string()]);
+    }
+    let mut keys: Vec<String> = std::fs::read_dir(share)
+        .map_err(failed)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    keys.sort();
+    Ok(keys)
+}
+
+fn gc(raw: &[String]) -> Result<(), Failure> {
+    let a = Args::parse(raw, &["share", "keep"]).map_err(usage)?;
+    let keep: usize = a
+        .value("keep")
+        .ok_or_else(|| usage("gc needs --keep N"))?
+        .parse()
+        .map_err(|_| usage("--keep takes a number"))?;
+    let share = share_dir(&a);
+    migrate::publish::check_share(&share).map_err(failed)?;
+    let mut removed = 0;
+    for key in keys(&share, a.positional.first().map(String::as_str))? {
+        let dir = share.join(&key);
+        let archives = fetch::list(&dir);
+        let old = archives.len().saturating_sub(keep);
+        for p in &archives[..old] {
+            std::fs::remove_file(p).map_err(|e| failed(format!("remove {}: {e}", p.display())))?;
+            println!("removed {}", p.strip_prefix(&share).unwrap_or(p).display());
+            removed += 1;
+        }
+        // Leftovers of publishers that died mid-write, after an hour.
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let stale = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(3600))
+                .unwrap_or(false);
+            if n.starts_with('.') && n.contains(".partial-") && stale {
+                let _ = std::fs::remove_file(e.path());
+                println!("removed stale {}/{n}", key);
+                removed += 1;
+            }
+        }
+    }
+    println!("{removed} removed");
+    Ok(())
+}
+
+/// "working... 12 s" on stderr every few seconds for long operations.
+struct Progress {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Progress {
+    fn start(what: String) -> Progress {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut next = Duration::from_secs(2);
+            while !flag.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(100));
+                if started.elapsed() >= next && !flag.load(Ordering::SeqCst) {
+                    eprintln!("{what}... {} s", started.elapsed().as_secs());
+                    next += Duration::from_secs(2);
+                }
+            }
+        });
+        Progress { stop }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,200 @@
+//! Writing an archive: a tar stream of the staged files, compressed with
+//! zstd on every core by default, each member hashed (SHA-256) as it goes
+//! out, and the manifest appended last.
+//!
+//! Everything streams: pages go from the staging directory through tar and
+//! zstd straight into the (temporary) file on the share, so a checkpoint
+//! never needs room for a second copy.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::manifest::{Manifest, Member};
+use super::members;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Zstd { level: i32, workers: u32 },
+}
+
+impl Compression {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Zstd { .. } => "zstd",
+        }
+    }
+}
+
+/// One file to put in the archive under `name`.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// The archive's files: every image in `images` (as `checkpoint/NAME`) and
+/// the named extras that exist.
+pub fn sources(images: &Path, extras: &[(&str, PathBuf)]) -> Result<Vec<Source>> {
+    let mut out = Vec::new();
+    let mut names: Vec<_> = std::fs::read_dir(images)
+        .map_err(|e| Error::io(format!("read images {}", images.display()), e))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for n in names {
+        out.push(Source {
+            name: format!("{}/{n}", members::IMAGES_DIR),
+            path: images.join(&n),
+        });
+    }
+    for (name, path) in extras {
+        if path.is_file() {
+            out.push(Source {
+                name: name.to_string(),
+                path: path.clone(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Streams `sources` and then the manifest into `out`. Returns the final
+/// manifest (with every member's digest) and the number of bytes written.
+pub fn write<W: Write>(
+    out: W,
+    sources: &[Source],
+    mut manifest: Manifest,
+    compression: Compression,
+) -> Result<(Manifest, u64)> {
+    let counted = Counting { inner: out, n: 0 };
+    match compression {
+        Compression::None => {
+            let (m, c) = write_tar(counted, sources, manifest)?;
+            Ok((m, c.n))
+        }
+        Compression::Zstd { level, workers } => {
+            manifest.compression = compression.name().into();
+            let mut enc = zstd::stream::write::Encoder::new(counted, level)
+                .map_err(|e| Error::io("start zstd", e))?;
+            enc.include_checksum(true)
+                .map_err(|e| Error::io("zstd checksum", e))?;
+            if workers > 1 {
+                enc.multithread(workers)
+                    .map_err(|e| Error::io("zstd workers", e))?;
+            }
+            let (m, enc) = write_tar(enc, sources, manifest)?;
+            let c = enc
+                .finish()
+                .map_err(|e| Error::io("finish zstd stream", e))?;
+            Ok((m, c.n))
+        }
+    }
+}
+
+fn write_tar<W: Write>(
+    out: W,
+    sources: &[Source],
+    mut manifest: Manifest,
+) -> Result<(Manifest, W)> {
+    let mut tar = tar::Builder::new(out);
+    manifest.members.clear();
+    for s in sources {
+        let file =
+            File::open(&s.path).map_err(|e| Error::io(format!("open {}", s.path.display()), e))?;
+        let size = file
+            .metadata()
+            .map_err(|e| Error::io(format!("stat {}", s.path.display()), e))?
+            .len();
+        let mut reader = Hashing {
+            inner: file.take(size),
+            hash: Sha256::new(),
+            n: 0,
+        };
+        let mut header = header(size, manifest.created);
+        tar.append_data(&mut header, &s.name, &mut reader)
+            .map_err(|e| write_error(&s.name, e))?;
+        if reader.n != size {
+            return Err(Error::Other(format!(
+                "{} changed size while being archived",
+                s.path.display()
+            )));
+        }
+        manifest.members.push(Member {
+            path: s.name.clone(),
+            size,
+            sha256: hex(&reader.hash.finalize()),
+        });
+    }
+    let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+    let mut header = header(json.len() as u64, manifest.created);
+    tar.append_data(&mut header, members::MANIFEST, json.as_slice())
+        .map_err(|e| write_error(members::MANIFEST, e))?;
+    let out = tar
+        .into_inner()
+        .map_err(|e| write_error("end of archive", e))?;
+    Ok((manifest, out))
+}
+
+fn header(size: u64, mtime: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(size);
+    h.set_mode(0o600);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(mtime);
+    h
+}
+
+/// ENOSPC gets its own words: "the share is full" is what the user must fix.
+fn write_error(what: &str, e: std::io::Error) -> Error {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        return Error::Other(format!(
+            "no space left writing {what}: the share (or staging disk) is full; free space and retry"
+        ));
+    }
+    Error::io(format!("write {what} into the archive"), e)
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+struct Hashing<R> {
+    inner: R,
+    hash: Sha256,
+    n: u64,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        self.n += n as u64;
+        Ok(n)
+    }
+}
+
+struct Counting<W> {
+    inner: W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}

@@ -1,0 +1,100 @@
+//! Finding and opening an archive on the share.
+//!
+//! A restore names either an exact archive (`job/20260101T...Z.criu.tar.zst`)
+//! or a key (`job`), meaning the newest complete archive under it. Hidden
+//! files (`.NAME.partial-PID`, archives still being written) are never
+//! candidates.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use super::publish::{check_name, check_share, SUFFIXES};
+use crate::error::{Error, Result};
+
+pub fn is_archive_name(name: &str) -> bool {
+    SUFFIXES.iter().any(|s| name.ends_with(s))
+}
+
+/// The archive `reference` denotes on `share`.
+pub fn resolve(share: &Path, reference: &str) -> Result<PathBuf> {
+    check_share(share)?;
+    let rel = check_name(reference)?;
+    let path = share.join(rel);
+    if is_archive_name(reference) {
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(Error::NotFound(format!(
+                "archive {reference} not found on the share {}",
+                share.display()
+            )))
+        };
+    }
+    newest_in(&path).ok_or_else(|| {
+        Error::NotFound(format!(
+            "no archive under {reference}/ on the share {} (is the checkpoint published, \
+             and the share mounted on this node?)",
+            share.display()
+        ))
+    })
+}
+
+/// Complete archives directly under `dir`, oldest first.
+pub fn list(dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            !n.starts_with('.') && is_archive_name(&n)
+        })
+        .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+        .map(|e| e.path())
+        .collect();
+    out.sort();
+    out
+}
+
+fn newest_in(dir: &Path) -> Option<PathBuf> {
+    list(dir).pop()
+}
+
+pub fn open(path: &Path) -> Result<(File, u64)> {
+    let f =
+        File::open(path).map_err(|e| Error::io(format!("open archive {}", path.display()), e))?;
+    let size = f
+        .metadata()
+        .map_err(|e| Error::io(format!("stat archive {}", path.display()), e))?
+        .len();
+    Ok((f, size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_means_the_newest_complete_archive() {
+        let share = tempfile::tempdir().unwrap();
+        let job = share.path().join("job");
+        std::fs::create_dir_all(&job).unwrap();
+        for n in [
+            "20260101T000000.000Z.criu.tar.zst",
+            "20260102T000000.000Z.criu.tar.zst",
+            ".20260103T000000.000Z.criu.tar.zst.partial-7",
+            "notes.txt",
+        ] {
+            std::fs::write(job.join(n), b"x").unwrap();
+        }
+        assert_eq!(
+            resolve(share.path(), "job").unwrap(),
+            job.join("20260102T000000.000Z.criu.tar.zst")
+        );
+        let err = resolve(share.path(), "other").unwrap_err();
+        assert!(matches!(err, Error::NotFound(_)), "{err}");
+        let err = resolve(share.path(), "job/missing.criu.tar.zst").unwrap_err();
+        assert!(err.to_string().contains("not found"), "{err}");
+        assert!(resolve(share.path(), "../etc").is_err());
+    }
+}

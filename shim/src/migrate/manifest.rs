@@ -1,0 +1,61 @@
+//! The manifest: what an archive holds, who made it, and the SHA-256 of
+//! every member. It is the archive's last member, written once every
+//! digest is known.
+
+use serde::{Deserialize, Serialize};
+
+/// Identifies our archives (and not just any tar).
+pub const FORMAT: &str = "criu-shim.checkpoint";
+/// Bumped on incompatible changes; readers refuse newer versions.
+pub const VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// How long the container's tasks were frozen (ms), if measured.
+    pub frozen_ms: Option<f64>,
+    /// How long CRIU's dump took (ms).
+    pub criu_ms: Option<f64>,
+    /// Bytes of CRIU page images.
+    pub pages_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub container_id: String,
+    /// Seconds since the epoch.
+    pub created: u64,
+    pub criu_version: String,
+    pub kernel: String,
+    pub shim_version: String,
+    pub compression: String,
+    /// The dump kept established TCP connections.
+    pub tcp_established: bool,
+    pub stats: Stats,
+    pub members: Vec<Member>,
+}
+
+impl Manifest {
+    pub fn member(&self, path: &str) -> Option<&Member> {
+        self.members.iter().find(|m| m.path == path)
+    }
+
+    pub fn total_size(&self) -> u64 {
+        self.members.iter().map(|m| m.size).sum()
+    }
+}
+
+/// The running kernel's release, for the manifest.
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
+}

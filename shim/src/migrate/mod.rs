@@ -1,0 +1,216 @@
+//! Moving a container's state between nodes through a shared file system.
+//!
+//! Checkpoint: CRIU dumps (through runc and our CRIU front) into a local
+//! staging directory -> [`stage`] adds the container's spec and writable-layer
+//! changes -> [`archive`] streams everything as one tar (zstd by default)
+//! with a manifest of SHA-256 digests -> [`publish`] writes it to the share
+//! under a temporary name and renames it into place, so a reader never sees
+//! half an archive.
+//!
+//! Restore: [`fetch`] opens the archive on the share -> [`unpack`] extracts
+//! it into staging, refusing anything that could write outside -> [`verify`]
+//! checks every member against the manifest before anything is used ->
+//! [`rootfs`] applies the writable-layer changes to the new container's
+//! rootfs, and runc restores from the staged images.
+//!
+//! The archive format is documented in `docs/archive-format.md`.
+
+pub mod archive;
+pub mod fetch;
+pub mod manifest;
+pub mod publish;
+pub mod rootfs;
+pub mod stage;
+pub mod unpack;
+pub mod verify;
+
+/// Members of an archive (checkpointctl's names, so its tools can read ours).
+pub mod members {
+    pub const IMAGES_DIR: &str = "checkpoint";
+    pub const SPEC: &str = "spec.dump";
+    pub const CONFIG: &str = "config.dump";
+    pub const ROOTFS_DIFF: &str = "rootfs-diff.tar";
+    pub const DELETED: &str = "deleted.files";
+    pub const STATS: &str = "stats-dump";
+    pub const DUMP_LOG: &str = "dump.log";
+    pub const MANIFEST: &str = "manifest.json";
+}
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use archive::Compression;
+use manifest::Manifest;
+use stage::Staging;
+
+/// Where and how a checkpoint is published.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub share: PathBuf,
+    /// A key (`job`: a new timestamped archive under `job/`) or an exact
+    /// archive name (`job/x.criu.tar.zst`).
+    pub name: String,
+    pub compression: Compression,
+    pub staging_root: PathBuf,
+}
+
+/// What one published checkpoint measured.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub archive: PathBuf,
+    pub archive_bytes: u64,
+    pub images_bytes: u64,
+    pub publish_time: Duration,
+    pub manifest: Manifest,
+}
+
+impl Report {
+    /// One line for logs and the CLI.
+    pub fn summary(&self) -> String {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let secs = self.publish_time.as_secs_f64().max(1e-6);
+        format!(
+            "published {} ({:.1} MiB from {:.1} MiB of images) in {:.2} s ({:.0} MiB/s); frozen {:.0} ms, CRIU {:.0} ms",
+            self.archive.display(),
+            mib(self.archive_bytes),
+            mib(self.images_bytes),
+            secs,
+            mib(self.images_bytes) / secs,
+            self.manifest.stats.frozen_ms.unwrap_or(0.0),
+            self.manifest.stats.criu_ms.unwrap_or(0.0),
+        )
+    }
+}
+
+/// What the dump left, and about which container.
+pub struct Dumped<'a> {
+    pub container_id: &'a str,
+    pub bundle: &'a Path,
+    pub rootfs_upper: Option<PathBuf>,
+    pub images: &'a Path,
+    pub work: &'a Path,
+    pub tcp_established: bool,
+    pub frozen_ms: Option<f64>,
+    pub criu_ms: Option<f64>,
+    pub criu_version: String,
+}
+
+/// stage -> archive -> publish, after CRIU has dumped into `d.images`.
+pub fn publish_checkpoint(d: &Dumped, t: &Target) -> Result<Report> {
+    let started = Instant::now();
+    let staging = Staging::new(&t.staging_root, &format!("publish-{}", d.container_id))?;
+    let dir = staging.path();
+    std::fs::copy(d.bundle.join("config.json"), dir.join(members::SPEC))
+        .map_err(|e| Error::io("stage the container spec", e))?;
+    let config = serde_json::json!({
+        "id": d.container_id,
+        "runtime": criu_shim_config::RUNTIME_ID,
+        "createdTime": unix_now(),
+    });
+    std::fs::write(dir.join(members::CONFIG), config.to_string())
+        .map_err(|e| Error::io("stage config.dump", e))?;
+    if let Some(upper) = &d.rootfs_upper {
+        stage::write_rootfs_diff(upper, dir)?;
+    }
+    let stats = [d.work.join(members::STATS), d.images.join(members::STATS)]
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| d.work.join(members::STATS));
+    let extras = [
+        (members::SPEC, dir.join(members::SPEC)),
+        (members::CONFIG, dir.join(members::CONFIG)),
+        (members::ROOTFS_DIFF, dir.join(members::ROOTFS_DIFF)),
+        (members::DELETED, dir.join(members::DELETED)),
+        (members::STATS, stats),
+        (members::DUMP_LOG, d.work.join("dump.log")),
+    ];
+    let sources = archive::sources(d.images, &extras)?;
+    let pages_bytes = sources
+        .iter()
+        .filter(|s| s.name.starts_with("checkpoint/pages-"))
+        .filter_map(|s| std::fs::metadata(&s.path).ok())
+        .map(|m| m.len())
+        .sum();
+    let images_bytes = sources
+        .iter()
+        .filter_map(|s| std::fs::metadata(&s.path).ok())
+        .map(|m| m.len())
+        .sum();
+    let base = Manifest {
+        format: manifest::FORMAT.into(),
+        version: manifest::VERSION,
+        container_id: d.container_id.to_string(),
+        created: unix_now(),
+        criu_version: d.criu_version.clone(),
+        kernel: manifest::kernel_release(),
+        shim_version: env!("CARGO_PKG_VERSION").into(),
+        compression: t.compression.name().into(),
+        tcp_established: d.tcp_established,
+        stats: manifest::Stats {
+            frozen_ms: d.frozen_ms,
+            criu_ms: d.criu_ms,
+            pages_bytes,
+        },
+        members: Vec::new(),
+    };
+    let name = if fetch::is_archive_name(&t.name) {
+        t.name.clone()
+    } else {
+        publish::new_name(&t.name, t.compression != Compression::None)
+    };
+    let mut result = None;
+    let published = publish::publish(&t.share, &name, |w| {
+        result = Some(archive::write(w, &sources, base, t.compression)?);
+        Ok(())
+    })?;
+    let (manifest, _) = result.expect("written");
+    drop(staging);
+    Ok(Report {
+        archive: published.path,
+        archive_bytes: published.size,
+        images_bytes,
+        publish_time: started.elapsed(),
+        manifest,
+    })
+}
+
+/// An archive fetched, unpacked and verified into staging.
+pub struct Fetched {
+    pub staging: Staging,
+    pub manifest: Manifest,
+    pub archive: PathBuf,
+}
+
+impl Fetched {
+    pub fn images(&self) -> PathBuf {
+        self.staging.images()
+    }
+}
+
+/// fetch -> unpack -> verify. On error nothing is left in staging.
+pub fn fetch_archive(
+    share: &Path,
+    reference: &str,
+    staging_root: &Path,
+    id: &str,
+) -> Result<Fetched> {
+    let path = fetch::resolve(share, reference)?;
+    let (file, _size) = fetch::open(&path)?;
+    let staging = Staging::new(staging_root, &format!("restore-{id}"))?;
+    let what = path.display().to_string();
+    let unpacked = unpack::unpack(file, staging.path(), unpack::Limits::default(), &what)?;
+    let manifest = verify::verify(&unpacked, &what)?;
+    Ok(Fetched {
+        staging,
+        manifest,
+        archive: path,
+    })
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}

@@ -1,0 +1,330 @@
+//! Applying a checkpoint's writable-layer changes to the new container's
+//! rootfs: first the deletions (`deleted.files`), then the added and changed
+//! files (`rootfs-diff.tar`).
+//!
+//! The rootfs is the new container's and may hold symlinks pointing
+//! anywhere on the host; the diff comes from another node. So no path is
+//! ever resolved by the kernel from the rootfs's root: every component is
+//! opened with O_NOFOLLOW|O_DIRECTORY relative to the previous one, which
+//! makes escaping through `..` or a symlink impossible. Only directories,
+//! regular files and symlinks (created, never followed) are accepted.
+
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path};
+
+use nix::errno::Errno;
+use nix::fcntl::{openat, OFlag};
+use nix::sys::stat::Mode;
+
+use super::members;
+use crate::error::{Error, Result};
+
+/// Applies `deleted.files` and `rootfs-diff.tar` from `staged` to `rootfs`.
+pub fn apply(staged: &Path, rootfs: &Path) -> Result<()> {
+    let root = open_dir(rootfs)?;
+    if let Ok(list) = std::fs::read(staged.join(members::DELETED)) {
+        let deleted: Vec<String> = serde_json::from_slice(&list)
+            .map_err(|e| Error::InvalidArgument(format!("deleted.files unreadable: {e}")))?;
+        for path in deleted {
+            delete(&root, &path)?;
+        }
+    }
+    if let Ok(f) = File::open(staged.join(members::ROOTFS_DIFF)) {
+        extract_diff(&root, f)?;
+    }
+    Ok(())
+}
+
+fn open_dir(path: &Path) -> Result<OwnedFd> {
+    nix::fcntl::open(
+        path,
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::io(format!("open rootfs {}", path.display()), e.into()))
+}
+
+/// Splits a container path into its components, refusing anything but
+/// plain names.
+fn components(path: &str) -> Result<Vec<&OsStr>> {
+    let mut out = Vec::new();
+    for c in Path::new(path).components() {
+        match c {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(n) => out.push(n),
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "rootfs change {path:?} refused: path traversal"
+                )))
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "rootfs change {path:?} refused: empty path"
+        )));
+    }
+    Ok(out)
+}
+
+/// Opens the directory holding the last component, walking without ever
+/// following a symlink; creates missing directories when `create`.
+fn parent_of(
+    root: &OwnedFd,
+    comps: &[&OsStr],
+    create: bool,
+    path: &str,
+) -> Result<Option<OwnedFd>> {
+    let mut dir = root
+        .try_clone()
+        .map_err(|e| Error::io("dup rootfs fd", e))?;
+    for c in &comps[..comps.len() - 1] {
+        let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+        let next = match openat(dir.as_fd(), *c, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) if create => {
+                nix::sys::stat::mkdirat(dir.as_fd(), *c, Mode::from_bits_truncate(0o755))
+                    .map_err(|e| Error::io(format!("mkdir for {path}"), e.into()))?;
+                openat(dir.as_fd(), *c, flags, Mode::empty())
+                    .map_err(|e| Error::io(format!("open dir for {path}"), e.into()))?
+            }
+            Err(Errno::ENOENT) => return Ok(None),
+            Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                return Err(Error::InvalidArgument(format!(
+                    "rootfs change {path:?} refused: it crosses a symlink or a file"
+                )))
+            }
+            Err(e) => return Err(Error::io(format!("open dir for {path}"), e.into())),
+        };
+        dir = next;
+    }
+    Ok(Some(dir))
+}
+
+fn cname(n: &OsStr) -> CString {
+    CString::new(n.as_bytes()).expect("path components have no NUL")
+}
+
+/// Removes `path` (file, symlink or whole directory) inside the rootfs.
+fn delete(root: &OwnedFd, path: &str) -> Result<()> {
+    let comps = components(path)?;
+    let Some(dir) = parent_of(root, &comps, false, path)? else {
+        return Ok(());
+    };
+    remove_at(&dir, comps[comps.len() - 1])
+}
+
+fn remove_at(dir: &OwnedFd, name: &OsStr) -> Result<()> {
+    let c = cname(name);
+    // SAFETY: unlinkat on a name relative to a directory fd we own.
+    if unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    match Errno::last() {
+        Errno::ENOENT => Ok(()),
+        Errno::EISDIR | Errno::EPERM => {
+            let sub = openat(
+                dir.as_fd(),
+                name,
+                OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| Error::io("open dir to delete", e.into()))?;
+            let entries: Vec<std::ffi::OsString> =
+                std::fs::read_dir(format!("/proc/self/fd/{}", sub.as_raw_fd()))
+                    .map_err(|e| Error::io("list dir to delete", e))?
+                    .filter_map(|e| e.ok().map(|e| e.file_name()))
+                    .collect();
+            for e in entries {
+                remove_at(&sub, &e)?;
+            }
+            // SAFETY: as above, with AT_REMOVEDIR.
+            if unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) } != 0 {
+                return Err(Error::io("remove dir", std::io::Error::last_os_error()));
+            }
+            Ok(())
+        }
+        e => Err(Error::io("delete from rootfs", e.into())),
+    }
+}
+
+fn extract_diff(root: &OwnedFd, input: impl Read) -> Result<()> {
+    let mut ar = tar::Archive::new(input);
+    let entries = ar
+        .entries()
+        .map_err(|e| Error::InvalidArgument(format!("rootfs-diff.tar unreadable: {e}")))?;
+    for entry in entries {
+        let mut entry = entry
+            .map_err(|e| Error::InvalidArgument(format!("rootfs-diff.tar unreadable: {e}")))?;
+        let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let comps = components(&path)?;
+        let name = comps[comps.len() - 1];
+        let dir = parent_of(root, &comps, true, &path)?.expect("created");
+        let h = entry.header().clone();
+        let mode = h.mode().unwrap_or(0o644) & 0o7777;
+        let (uid, gid) = (h.uid().unwrap_or(0) as u32, h.gid().unwrap_or(0) as u32);
+        match h.entry_type() {
+            tar::EntryType::Directory => {
+                match nix::sys::stat::mkdirat(dir.as_fd(), name, Mode::from_bits_truncate(mode)) {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(e) => return Err(Error::io(format!("mkdir {path}"), e.into())),
+                }
+                chown_at(&dir, name, uid, gid, &path)?;
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                // Replace whatever is there (a symlink is replaced, never followed).
+                let _ = nix::unistd::unlinkat(&dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir);
+                let fd = openat(
+                    dir.as_fd(),
+                    name,
+                    OFlag::O_WRONLY
+                        | OFlag::O_CREAT
+                        | OFlag::O_EXCL
+                        | OFlag::O_NOFOLLOW
+                        | OFlag::O_CLOEXEC,
+                    Mode::from_bits_truncate(mode),
+                )
+                .map_err(|e| Error::io(format!("create {path}"), e.into()))?;
+                // SAFETY: fresh fd we own.
+                let mut f = unsafe { File::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) };
+                std::io::copy(&mut entry, &mut f)
+                    .map_err(|e| Error::io(format!("write {path}"), e))?;
+                nix::unistd::fchown(&f, Some(uid.into()), Some(gid.into()))
+                    .map_err(|e| Error::io(format!("chown {path}"), e.into()))?;
+                nix::sys::stat::fchmod(&f, Mode::from_bits_truncate(mode))
+                    .map_err(|e| Error::io(format!("chmod {path}"), e.into()))?;
+            }
+            tar::EntryType::Symlink => {
+                let target = h.link_name_bytes().ok_or_else(|| {
+                    Error::InvalidArgument(format!("symlink {path} has no target"))
+                })?;
+                let _ = nix::unistd::unlinkat(&dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir);
+                nix::unistd::symlinkat(OsStr::from_bytes(&target), &dir, name)
+                    .map_err(|e| Error::io(format!("symlink {path}"), e.into()))?;
+                chown_at(&dir, name, uid, gid, &path)?;
+            }
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "rootfs change {path:?} refused: {other:?} entries are not allowed"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn chown_at(dir: &OwnedFd, name: &OsStr, uid: u32, gid: u32, path: &str) -> Result<()> {
+    nix::unistd::fchownat(
+        dir,
+        name,
+        Some(uid.into()),
+        Some(gid.into()),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| Error::io(format!("chown {path}"), e.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn diff_tar(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        build(&mut b);
+        b.into_inner().unwrap()
+    }
+
+    fn file_entry(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]) {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        // set_path refuses '..'; write the raw name like a hostile tool would.
+        let name = path.as_bytes();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+
+    #[test]
+    fn applies_files_symlinks_and_deletions() {
+        let rootfs = tempfile::tempdir().unwrap();
+        let staged = tempfile::tempdir().unwrap();
+        std::fs::write(rootfs.path().join("old"), b"x").unwrap();
+        std::fs::create_dir_all(rootfs.path().join("olddir/sub")).unwrap();
+        std::fs::write(rootfs.path().join("olddir/sub/f"), b"x").unwrap();
+        std::fs::write(
+            staged.path().join(members::DELETED),
+            br#"["/old","/olddir","/never"]"#,
+        )
+        .unwrap();
+        let tar = diff_tar(|b| {
+            file_entry(b, "data/state", b"42");
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            b.append_link(&mut h, "data/link", "/etc/passwd").unwrap();
+        });
+        std::fs::write(staged.path().join(members::ROOTFS_DIFF), tar).unwrap();
+        apply(staged.path(), rootfs.path()).unwrap();
+        assert_eq!(
+            std::fs::read(rootfs.path().join("data/state")).unwrap(),
+            b"42"
+        );
+        assert_eq!(
+            std::fs::read_link(rootfs.path().join("data/link")).unwrap(),
+            Path::new("/etc/passwd")
+        );
+        assert!(!rootfs.path().join("old").exists());
+        assert!(!rootfs.path().join("olddir").exists());
+    }
+
+    #[test]
+    fn refuses_traversal_and_writing_through_symlinks() {
+        let outside = tempfile::tempdir().unwrap();
+        let rootfs = tempfile::tempdir().unwrap();
+        let staged = tempfile::tempdir().unwrap();
+        // A symlink in the rootfs pointing out of it.
+        std::os::unix::fs::symlink(outside.path(), rootfs.path().join("escape")).unwrap();
+        for hostile in ["../evil", "escape/evil"] {
+            let tar = diff_tar(|b| file_entry(b, hostile, b"pwned"));
+            std::fs::write(staged.path().join(members::ROOTFS_DIFF), tar).unwrap();
+            let err = apply(staged.path(), rootfs.path()).unwrap_err();
+            assert!(err.to_string().contains("refused"), "{hostile}: {err}");
+        }
+        assert_eq!(
+            std::fs::read_dir(outside.path()).unwrap().count(),
+            0,
+            "wrote outside"
+        );
+        // Deleting through the symlink is refused too.
+        std::fs::write(outside.path().join("keep"), b"1").unwrap();
+        std::fs::remove_file(staged.path().join(members::ROOTFS_DIFF)).unwrap();
+        std::fs::write(staged.path().join(members::DELETED), br#"["/escape/keep"]"#).unwrap();
+        assert!(apply(staged.path(), rootfs.path()).is_err());
+        assert!(outside.path().join("keep").exists());
+    }
+
+    #[test]
+    fn refuses_devices() {
+        let rootfs = tempfile::tempdir().unwrap();
+        let staged = tempfile::tempdir().unwrap();
+        let tar = diff_tar(|b| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Char);
+            h.set_size(0);
+            h.set_path("dev/mem").unwrap();
+            h.set_device_major(1).unwrap();
+            h.set_device_minor(1).unwrap();
+            h.set_cksum();
+            b.append(&h, std::io::empty()).unwrap();
+        });
+        std::fs::write(staged.path().join(members::ROOTFS_DIFF), tar).unwrap();
+        let err = apply(staged.path(), rootfs.path()).unwrap_err();
+        assert!(err.to_string().contains("not allowed"), "{err}");
+    }
+}

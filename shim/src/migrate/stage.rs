@@ -1,0 +1,184 @@
+//! Staging: a private directory on local disk per checkpoint or restore,
+//! removed when dropped (success or failure), and what goes into it beside
+//! CRIU's images: the spec and the container's writable-layer changes.
+
+use std::fs::File;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use super::members;
+use crate::error::{Error, Result};
+
+pub struct Staging {
+    dir: PathBuf,
+}
+
+impl Staging {
+    /// A fresh directory `<root>/<prefix>-XXXXXX` (0700).
+    pub fn new(root: &Path, prefix: &str) -> Result<Staging> {
+        std::fs::create_dir_all(root)
+            .map_err(|e| Error::io(format!("create staging root {}", root.display()), e))?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{prefix}-"))
+            .tempdir_in(root)
+            .map_err(|e| Error::io(format!("create staging dir in {}", root.display()), e))?
+            .keep();
+        Ok(Staging { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn images(&self) -> PathBuf {
+        self.dir.join(members::IMAGES_DIR)
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                log::warn!("cannot remove staging {}: {e}", self.dir.display());
+            }
+        }
+    }
+}
+
+/// The overlay upper directory of a rootfs mount, where a container's
+/// writes land.
+pub fn upperdir(options: &[String]) -> Option<PathBuf> {
+    options
+        .iter()
+        .find_map(|o| o.strip_prefix("upperdir="))
+        .map(PathBuf::from)
+}
+
+/// Writes `rootfs-diff.tar` (everything the container added or changed)
+/// and `deleted.files` (what it removed: overlay whiteouts, and opaque
+/// directories whose lower contents it hid) into `dir`.
+pub fn write_rootfs_diff(upper: &Path, dir: &Path) -> Result<()> {
+    let tar_file = File::create(dir.join(members::ROOTFS_DIFF))
+        .map_err(|e| Error::io("create rootfs-diff.tar", e))?;
+    let mut tar = tar::Builder::new(std::io::BufWriter::new(tar_file));
+    tar.follow_symlinks(false);
+    let mut deleted = Vec::new();
+    walk(upper, upper, &mut tar, &mut deleted)?;
+    tar.into_inner()
+        .and_then(|mut w| std::io::Write::flush(&mut w))
+        .map_err(|e| Error::io("write rootfs-diff.tar", e))?;
+    let list = serde_json::to_vec(&deleted).expect("strings serialize");
+    std::fs::write(dir.join(members::DELETED), list)
+        .map_err(|e| Error::io("write deleted.files", e))
+}
+
+fn walk(
+    root: &Path,
+    dir: &Path,
+    tar: &mut tar::Builder<std::io::BufWriter<File>>,
+    deleted: &mut Vec<String>,
+) -> Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(format!("read {}", dir.display()), e))?
+        .collect::<std::io::Result<_>>()
+        .map_err(|e| Error::io(format!("read {}", dir.display()), e))?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        let rel = path.strip_prefix(root).expect("under root");
+        let meta = std::fs::symlink_metadata(&path)
+            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+        let ft = meta.file_type();
+        if ft.is_char_device() && meta.rdev() == 0 {
+            // An overlay whiteout: the file was deleted.
+            deleted.push(format!("/{}", rel.display()));
+            continue;
+        }
+        if ft.is_dir() && is_opaque(&path) {
+            deleted.push(format!("/{}", rel.display()));
+        }
+        if ft.is_dir() || ft.is_file() || ft.is_symlink() {
+            tar.append_path_with_name(&path, rel)
+                .map_err(|e| Error::io(format!("archive {}", path.display()), e))?;
+        } else {
+            log::warn!("rootfs diff: skipping special file {}", path.display());
+        }
+        if ft.is_dir() {
+            walk(root, &path, tar, deleted)?;
+        }
+    }
+    Ok(())
+}
+
+fn is_opaque(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut v = [0u8; 4];
+    for name in [c"trusted.overlay.opaque", c"user.overlay.opaque"] {
+        // SAFETY: reads at most 4 bytes into `v`.
+        let n =
+            unsafe { libc::lgetxattr(c.as_ptr(), name.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        if n == 1 && v[0] == b'y' {
+            return true;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_upperdir() {
+        let o = vec![
+            "index=off".to_string(),
+            "lowerdir=/a:/b".to_string(),
+            "upperdir=/snap/12/fs".to_string(),
+            "workdir=/snap/12/work".to_string(),
+        ];
+        assert_eq!(upperdir(&o), Some(PathBuf::from("/snap/12/fs")));
+        assert_eq!(upperdir(&[]), None);
+    }
+
+    #[test]
+    fn diff_holds_changes_and_whiteouts_become_deletions() {
+        let upper = tempfile::tempdir().unwrap();
+        let out = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(upper.path().join("data")).unwrap();
+        std::fs::write(upper.path().join("data/state"), b"42").unwrap();
+        std::os::unix::fs::symlink("state", upper.path().join("data/link")).unwrap();
+        nix::sys::stat::mknod(
+            &upper.path().join("gone"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits(0o600).unwrap(),
+            0,
+        )
+        .unwrap();
+        write_rootfs_diff(upper.path(), out.path()).unwrap();
+        let deleted: Vec<String> =
+            serde_json::from_slice(&std::fs::read(out.path().join(members::DELETED)).unwrap())
+                .unwrap();
+        assert_eq!(deleted, vec!["/gone".to_string()]);
+        let mut ar = tar::Archive::new(File::open(out.path().join(members::ROOTFS_DIFF)).unwrap());
+        let names: Vec<String> = ar
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        assert_eq!(names, vec!["data", "data/link", "data/state"]);
+    }
+
+    #[test]
+    fn staging_is_removed_on_drop() {
+        let root = tempfile::tempdir().unwrap();
+        let p = {
+            let s = Staging::new(root.path(), "ckpt").unwrap();
+            std::fs::write(s.path().join("x"), b"1").unwrap();
+            s.path().to_path_buf()
+        };
+        assert!(!p.exists());
+    }
+}
