@@ -156,15 +156,20 @@ impl Container {
         std::fs::create_dir_all(&args.image_path)
             .and_then(|_| std::fs::create_dir_all(&args.work_path))
             .map_err(|e| Error::io("create checkpoint directories", e))?;
-        if let Err(e) = self.runc.checkpoint(&self.id, args, env) {
-            self.recover_after_failed_dump();
-            return Err(e);
-        }
+        let result = self.runc.checkpoint(&self.id, args, env);
         let stats: serde_json::Value =
             std::fs::read_to_string(args.work_path.join(crate::criu_front::FRONT_STATS_FILE))
                 .ok()
                 .and_then(|s| serde_json::from_str(&s).ok())
                 .unwrap_or_default();
+        if let Err(e) = result {
+            self.recover_after_failed_dump();
+            // CRIU's own words beat runc's summary of them.
+            return Err(match stats["error"].as_str() {
+                Some(criu) => Error::Other(format!("checkpoint of {} failed: {criu}", self.id)),
+                None => e,
+            });
+        }
         Ok(DumpStats {
             criu_ms: stats["criu_ms"].as_f64(),
             frozen_ms: stats["frozen_ms"].as_f64(),

@@ -141,9 +141,8 @@ fn relay_with_options(
     };
     let started = Instant::now();
     let result = criu.request(req, Some(&opts), Some(&mut relay));
-    if !restore {
-        write_stats(&work_dir, started.elapsed(), relay.frozen_for);
-    }
+    let error = result.as_ref().err().map(|e| e.to_string());
+    write_stats(&work_dir, started.elapsed(), relay.frozen_for, error);
     Ok(result?)
 }
 
@@ -273,11 +272,19 @@ impl criu_sys::Notify for Relay<'_> {
     }
 }
 
-fn write_stats(work_dir: &Option<std::path::PathBuf>, took: Duration, frozen: Option<Duration>) {
+/// Leaves what the front measured, and CRIU's own reason for a failure
+/// (runc's summary of it is "criu failed: type X errno N"), for the shim.
+fn write_stats(
+    work_dir: &Option<std::path::PathBuf>,
+    took: Duration,
+    frozen: Option<Duration>,
+    error: Option<String>,
+) {
     let Some(dir) = work_dir else { return };
     let json = serde_json::json!({
         "criu_ms": took.as_secs_f64() * 1000.0,
         "frozen_ms": frozen.map(|d| d.as_secs_f64() * 1000.0),
+        "error": error,
     });
     let _ = std::fs::write(dir.join(FRONT_STATS_FILE), json.to_string());
 }

@@ -293,6 +293,8 @@ impl Service {
                 let args = CriuArgs {
                     image_path: staging.images(),
                     work_path: staging.path().join("work"),
+                    // runc must not destroy the container: exit is ours to do.
+                    leave_running: true,
                     tcp_established: r.tcp_established,
                     file_locks: r.file_locks,
                     ext_unix_sk: r.ext_unix_sk,

@@ -68,12 +68,36 @@ pub fn image_archive() -> &'static Path {
 /// A containerd daemon of our own.
 pub struct Containerd {
     pub dir: tempfile::TempDir,
+    /// containerd namespace of this daemon's containers. Two "nodes" on one
+    /// machine get different ones, so their runc state and cgroups (keyed by
+    /// namespace) do not collide as they never would on real nodes.
+    pub ns: String,
     child: Option<Child>,
+    env: Vec<(String, String)>,
 }
 
 impl Containerd {
     /// Starts a daemon and imports the test image into it.
     pub fn start() -> Containerd {
+        Self::start_with(NAMESPACE.to_string(), Vec::new())
+    }
+
+    /// A "node": a daemon whose shims publish to and restore from `share`,
+    /// staging under its own directory. `env` adds shim settings.
+    pub fn node(share: &Path, env: &[(&str, &str)]) -> Containerd {
+        let mut all = vec![(
+            "CRIU_SHIM_SHARE_DIR".to_string(),
+            share.display().to_string(),
+        )];
+        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Self::start_with(format!("node{}-{}", std::process::id(), unique()), all)
+    }
+
+    pub fn staging(&self) -> PathBuf {
+        self.dir.path().join("staging")
+    }
+
+    fn start_with(ns: String, mut env: Vec<(String, String)>) -> Containerd {
         assert!(
             prefix().join("bin/containerd").exists(),
             "containerd missing: run hack/setup"
@@ -105,7 +129,16 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.nri.v1.nri",
             ),
         )
         .unwrap();
-        let mut c = Containerd { dir, child: None };
+        env.push((
+            "CRIU_SHIM_STAGING_DIR".to_string(),
+            dir.path().join("staging").display().to_string(),
+        ));
+        let mut c = Containerd {
+            dir,
+            ns,
+            child: None,
+            env,
+        };
         c.launch();
         let out = c.ctr(&["images", "import", image_archive().to_str().unwrap()]);
         assert!(out.status.success(), "image import: {}", text(&out));
@@ -128,6 +161,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.nri.v1.nri",
             .arg("--config")
             .arg(self.dir.path().join("config.toml"))
             .env("PATH", path)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -160,9 +194,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.nri.v1.nri",
     /// The command line of `ctr` for this daemon (to run under `script`, say).
     pub fn ctr_command_line(&self, args: &[&str]) -> String {
         let mut s = format!(
-            "{} --address {} -n {NAMESPACE}",
+            "{} --address {} -n {}",
             prefix().join("bin/ctr").display(),
-            self.socket().display()
+            self.socket().display(),
+            self.ns
         );
         for a in args {
             s.push(' ');
@@ -176,7 +211,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.nri.v1.nri",
             .arg("--address")
             .arg(self.socket())
             .arg("-n")
-            .arg(NAMESPACE)
+            .arg(&self.ns)
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -229,14 +264,27 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.nri.v1.nri",
     }
 
     /// Asks the test app in container `id` for its next count (over the
-    /// container's own loopback, through an exec of busybox wget).
+    /// container's own loopback, through an exec of busybox wget). A refused
+    /// connection (the app still filling its memory) is retried: it was not
+    /// counted.
     pub fn count(&self, id: &str) -> u64 {
-        let exec_id = format!("count-{}", unique());
-        let (code, out, err) = self.exec(id, &exec_id, &["wget", "-qO-", "http://127.0.0.1:8080/"]);
-        assert_eq!(code, 0, "wget in {id} failed: {err}");
-        out.trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("bad count {out:?}"))
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let exec_id = format!("count-{}", unique());
+            let (code, out, err) =
+                self.exec(id, &exec_id, &["wget", "-qO-", "http://127.0.0.1:8080/"]);
+            if code == 0 {
+                return out
+                    .trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad count {out:?}"));
+            }
+            assert!(
+                err.contains("Connection refused") && Instant::now() < deadline,
+                "wget in {id} failed: {err}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Removes the task and container, whatever state they are in.
@@ -247,6 +295,33 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.nri.v1.nri",
         });
         let _ = self.ctr(&["task", "delete", id]);
         let _ = self.ctr(&["container", "rm", id]);
+    }
+
+    /// `containerd-shim-criu-v2 checkpoint ... ID` (our CLI) against this daemon.
+    pub fn cli_checkpoint(&self, id: &str, extra: &[&str]) -> Output {
+        Command::new(shim_binary())
+            .args(["checkpoint", "--namespace", &self.ns, "--state"])
+            .arg(self.dir.path().join("state"))
+            .args(extra)
+            .arg(id)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the CLI")
+    }
+
+    /// Creates and starts `id` restored from `reference` (our annotation).
+    pub fn run_restored(&self, id: &str, reference: &str) -> Output {
+        let ann = format!("criu-shim.io/restore-from={reference}");
+        self.ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            "--annotation",
+            &ann,
+            IMAGE,
+            id,
+        ])
     }
 
     pub fn log(&self) -> String {

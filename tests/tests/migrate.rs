@@ -1,0 +1,344 @@
+//! Checkpoint on one node, restore on another, through a shared directory:
+//! two real containerd 2.x daemons ("node A", "node B") with criu-shim, runc
+//! and CRIU. Needs root and hack/setup.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use criu_shim_tests::{mounts_containing, text, wait_until, Containerd, IMAGE, RUNTIME};
+
+fn share() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("criu-shim-share-")
+        .tempdir()
+        .unwrap()
+}
+
+fn archives(share: &Path, key: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(share.join(key))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn empty_dir(p: &Path) -> bool {
+    std::fs::read_dir(p)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(true)
+}
+
+/// Node B must be exactly as before a failed restore of `id`.
+fn assert_clean(node: &Containerd, id: &str) {
+    assert!(node.task_status(id).is_none(), "a task {id} is left");
+    assert!(
+        !Path::new("/run/containerd/runc")
+            .join(&node.ns)
+            .join(id)
+            .exists(),
+        "runc state of {id} left"
+    );
+    let bundle = node
+        .dir
+        .path()
+        .join("state/io.containerd.runtime.v2.task")
+        .join(&node.ns)
+        .join(id);
+    assert!(
+        mounts_containing(&bundle.display().to_string()).is_empty(),
+        "mounts of {id} left"
+    );
+    assert!(
+        empty_dir(&node.staging()),
+        "staging files left: {:?}",
+        std::fs::read_dir(node.staging())
+            .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+    );
+    assert!(
+        !Path::new("/sys/fs/cgroup/memory")
+            .join(&node.ns)
+            .join(id)
+            .exists(),
+        "cgroup of {id} left"
+    );
+}
+
+#[test]
+fn the_counter_migrates_a_to_b_and_back_with_its_rootfs_changes() {
+    let share = share();
+    let a = Containerd::node(share.path(), &[]);
+    let b = Containerd::node(share.path(), &[]);
+    a.run_detached("app", &["/testapp", "-m", "64"]);
+    for i in 1..=5 {
+        assert_eq!(a.count("app"), i);
+    }
+    let (code, _, err) = a.exec(
+        "app",
+        "w",
+        &["sh", "-c", "echo kept > /data/file && rm /bin/vi"],
+    );
+    assert_eq!(code, 0, "{err}");
+
+    let out = a.cli_checkpoint("app", &["--to", "job"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("published"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        a.task_status("app").as_deref(),
+        Some("STOPPED"),
+        "exit mode stops the source"
+    );
+    assert_eq!(archives(share.path(), "job").len(), 1);
+    assert!(empty_dir(&a.staging()), "node A staging not cleaned");
+
+    let out = b.run_restored("app", "job");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(b.task_status("app").as_deref(), Some("RUNNING"));
+    assert_eq!(b.count("app"), 6, "the count continues on node B");
+    let (code, out, err) = b.exec("app", "r1", &["cat", "/data/file"]);
+    assert_eq!((code, out.as_str()), (0, "kept\n"), "{err}");
+    let (code, _, _) = b.exec("app", "r2", &["ls", "/bin/vi"]);
+    assert_ne!(code, 0, "a file deleted before the checkpoint came back");
+    assert!(empty_dir(&b.staging()), "node B staging not cleaned");
+
+    // And back: B -> A, under a new container id on A.
+    let out = b.cli_checkpoint("app", &["--to", "job"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        archives(share.path(), "job").len(),
+        2,
+        "a second, newer archive"
+    );
+    a.remove("app");
+    let out = a.run_restored("app-back", "job");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(a.count("app-back"), 7, "6 was served on B");
+    let (code, out, _) = a.exec("app-back", "r3", &["cat", "/data/file"]);
+    assert_eq!((code, out.as_str()), (0, "kept\n"));
+}
+
+#[test]
+fn a_leave_running_checkpoint_keeps_the_source_serving() {
+    let share = share();
+    let a = Containerd::node(share.path(), &[]);
+    let b = Containerd::node(share.path(), &[]);
+    a.run_detached("lr", &[]);
+    assert_eq!(a.count("lr"), 1);
+    let out = a.cli_checkpoint("lr", &["--to", "lr", "--leave-running"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(a.task_status("lr").as_deref(), Some("RUNNING"));
+    assert_eq!(a.count("lr"), 2, "the source serves on");
+    let out = b.run_restored("lr", "lr");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(b.count("lr"), 2, "the copy continues from the checkpoint");
+}
+
+#[test]
+fn ctr_checkpoint_of_an_annotated_container_publishes_to_the_share() {
+    let share = share();
+    let a = Containerd::node(share.path(), &[]);
+    a.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        "criu-shim.io/checkpoint-to=viactr",
+        IMAGE,
+        "ann",
+    ]);
+    assert_eq!(a.count("ann"), 1);
+    let images = a.dir.path().join("ctr-images");
+    a.ctr_ok(&[
+        "task",
+        "checkpoint",
+        "--image-path",
+        images.to_str().unwrap(),
+        "ann",
+    ]);
+    assert_eq!(
+        archives(share.path(), "viactr").len(),
+        1,
+        "no archive from the CRI/ctr path"
+    );
+    assert_eq!(a.task_status("ann").as_deref(), Some("RUNNING"));
+    assert_eq!(a.count("ann"), 2);
+}
+
+/// A published archive to mutilate.
+fn published_archive(share: &Path) -> PathBuf {
+    let a = Containerd::node(share, &[]);
+    a.run_detached("src", &[]);
+    assert_eq!(a.count("src"), 1);
+    let out = a.cli_checkpoint("src", &["--to", "good"]);
+    assert!(out.status.success(), "{}", text(&out));
+    archives(share, "good").pop().unwrap()
+}
+
+fn tar_zst(members: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, kind, data, link) in members {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(*kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        let raw = name.as_bytes();
+        h.as_old_mut().name[..raw.len()].copy_from_slice(raw);
+        if let Some(l) = link {
+            h.set_link_name(l).unwrap();
+        }
+        h.set_cksum();
+        b.append(&h, *data).unwrap();
+    }
+    zstd::encode_all(b.into_inner().unwrap().as_slice(), 1).unwrap()
+}
+
+#[test]
+fn bad_archives_fail_create_with_a_clear_error_and_leave_node_b_clean() {
+    let share = share();
+    let good = published_archive(share.path());
+    let bytes = std::fs::read(&good).unwrap();
+    let b = Containerd::node(share.path(), &[]);
+    let put = |name: &str, data: &[u8]| {
+        let dir = share.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("x.criu.tar.zst"), data).unwrap();
+    };
+
+    let mut corrupt = bytes.clone();
+    let mid = corrupt.len() / 2;
+    corrupt[mid] ^= 0xff;
+    put("corrupt", &corrupt);
+    put("truncated", &bytes[..bytes.len() / 2]);
+
+    // A consistent-looking archive whose manifest lies about one digest.
+    let mut plain = Vec::new();
+    zstd::stream::read::Decoder::new(bytes.as_slice())
+        .unwrap()
+        .read_to_end(&mut plain)
+        .unwrap();
+    let mut members = Vec::new();
+    let mut ar = tar::Archive::new(plain.as_slice());
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().display().to_string();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        if name == "manifest.json" {
+            let mut m: serde_json::Value = serde_json::from_slice(&data).unwrap();
+            m["members"][0]["sha256"] = serde_json::json!("00".repeat(32));
+            data = serde_json::to_vec(&m).unwrap();
+        }
+        members.push((name, data));
+    }
+    let lying: Vec<(&str, tar::EntryType, &[u8], Option<&str>)> = members
+        .iter()
+        .map(|(n, d)| (n.as_str(), tar::EntryType::Regular, d.as_slice(), None))
+        .collect();
+    put("badsum", &tar_zst(&lying));
+    put(
+        "traversal",
+        &tar_zst(&[(
+            "../../../../tmp/criu-shim-pwned",
+            tar::EntryType::Regular,
+            b"x",
+            None,
+        )]),
+    );
+    put(
+        "symlink",
+        &tar_zst(&[(
+            "checkpoint/core-1.img",
+            tar::EntryType::Symlink,
+            b"",
+            Some("/etc/shadow"),
+        )]),
+    );
+    put(
+        "device",
+        &tar_zst(&[("checkpoint/mem", tar::EntryType::Char, b"", None)]),
+    );
+
+    for (i, (key, expect)) in [
+        ("corrupt", "corrupt"),
+        ("truncated", "corrupt or truncated"),
+        ("badsum", "checksum mismatch"),
+        ("traversal", "refused"),
+        ("symlink", "refused"),
+        ("device", "refused"),
+        ("missing", "no archive"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = format!("bad{i}");
+        let out = b.run_restored(&id, key);
+        assert!(!out.status.success(), "{key}: restore succeeded?!");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(expect),
+            "{key}: error should say {expect:?}: {err}"
+        );
+        let _ = b.ctr(&["container", "rm", &id]);
+        assert_clean(&b, &id);
+    }
+    assert!(!Path::new("/tmp/criu-shim-pwned").exists());
+}
+
+#[test]
+fn criu_killed_mid_dump_leaves_the_source_running_and_no_archive() {
+    let share = share();
+    let dir = tempfile::tempdir().unwrap();
+    // A CRIU that gets SIGKILLed 100 ms into the dump (its second start:
+    // the first answers runc's version check).
+    let wrapper = dir.path().join("criu");
+    let real = criu_shim_tests::prefix().join("bin/criu");
+    std::fs::File::create(&wrapper)
+        .unwrap()
+        .write_all(
+            format!(
+                "#!/bin/sh\nD={d}\nn=$(cat $D/count 2>/dev/null || echo 0); n=$((n+1)); echo $n > $D/count\n\
+                 if [ \"$n\" -ge 2 ] && [ \"$1\" = swrk ]; then (sleep 0.1; kill -9 $$) & fi\nexec {real} \"$@\"\n",
+                d = dir.path().display(),
+                real = real.display()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let a = Containerd::node(
+        share.path(),
+        &[("CRIU_SHIM_CRIU", wrapper.to_str().unwrap())],
+    );
+    a.run_detached("victim", &["/testapp", "-m", "512"]);
+    assert_eq!(a.count("victim"), 1);
+    let out = a.cli_checkpoint("victim", &["--to", "victim"]);
+    assert!(
+        !out.status.success(),
+        "the dump should have failed: {}",
+        text(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("CRIU"), "the error should name CRIU: {err}");
+    wait_until(Duration::from_secs(10), "the source to run again", || {
+        a.task_status("victim").as_deref() == Some("RUNNING")
+    });
+    assert_eq!(
+        a.count("victim"),
+        2,
+        "the source keeps its state and serves"
+    );
+    assert!(
+        archives(share.path(), "victim").is_empty(),
+        "an archive (partial or not) was left"
+    );
+    assert!(empty_dir(&a.staging()), "staging left behind");
+}
