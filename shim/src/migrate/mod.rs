@@ -214,3 +214,112 @@ fn unix_now() -> u64 {
         .unwrap_or_default()
         .as_secs()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake dump: a bundle with a spec, CRIU-like images, a work dir.
+    fn fake_dump(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+        let bundle = dir.join("bundle");
+        let images = dir.join("images");
+        let work = dir.join("work");
+        for d in [&bundle, &images, &work] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(bundle.join("config.json"), br#"{"ociVersion":"1.0.2"}"#).unwrap();
+        std::fs::write(images.join("inventory.img"), b"inventory").unwrap();
+        std::fs::write(images.join("pages-1.img"), vec![7u8; 3 << 20]).unwrap();
+        std::fs::write(work.join("dump.log"), b"(00.1) dump ok").unwrap();
+        (bundle, images, work)
+    }
+
+    fn publish_one(dir: &Path, share: &Path, compression: Compression) -> Report {
+        let (bundle, images, work) = fake_dump(dir);
+        let d = Dumped {
+            container_id: "c1",
+            bundle: &bundle,
+            rootfs_upper: None,
+            images: &images,
+            work: &work,
+            tcp_established: false,
+            frozen_ms: Some(12.0),
+            criu_ms: Some(34.0),
+            criu_version: "4.2.1".into(),
+        };
+        let t = Target {
+            share: share.to_path_buf(),
+            name: "job".into(),
+            compression,
+            staging_root: dir.join("staging"),
+        };
+        publish_checkpoint(&d, &t).unwrap()
+    }
+
+    #[test]
+    fn an_archive_round_trips_and_staging_is_cleaned() {
+        for compression in [
+            Compression::Zstd {
+                level: 1,
+                workers: 2,
+            },
+            Compression::None,
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let share = tempfile::tempdir().unwrap();
+            let report = publish_one(dir.path(), share.path(), compression);
+            assert!(report.archive.starts_with(share.path().join("job")));
+            assert!(std::fs::read_dir(dir.path().join("staging"))
+                .unwrap()
+                .next()
+                .is_none());
+            let f = fetch_archive(share.path(), "job", &dir.path().join("rst"), "c2").unwrap();
+            assert_eq!(f.manifest.container_id, "c1");
+            assert_eq!(f.manifest.stats.pages_bytes, 3 << 20);
+            assert_eq!(
+                std::fs::read(f.images().join("pages-1.img")).unwrap(),
+                vec![7u8; 3 << 20]
+            );
+            assert!(f.staging.path().join(members::SPEC).is_file());
+            let staged = f.staging.path().to_path_buf();
+            drop(f);
+            assert!(!staged.exists(), "restore staging not removed");
+        }
+    }
+
+    #[test]
+    fn corrupt_and_truncated_archives_are_refused_without_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let share = tempfile::tempdir().unwrap();
+        let report = publish_one(
+            dir.path(),
+            share.path(),
+            Compression::Zstd {
+                level: 1,
+                workers: 1,
+            },
+        );
+        let bytes = std::fs::read(&report.archive).unwrap();
+        let mut flipped = bytes.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0x55;
+        let cases: [(&str, Vec<u8>); 3] = [
+            ("flipped", flipped),
+            ("truncated", bytes[..bytes.len() * 2 / 3].to_vec()),
+            ("empty", Vec::new()),
+        ];
+        for (name, data) in cases {
+            std::fs::create_dir_all(share.path().join(name)).unwrap();
+            std::fs::write(share.path().join(name).join("x.criu.tar.zst"), data).unwrap();
+            let staging = dir.path().join(format!("rst-{name}"));
+            let err = fetch_archive(share.path(), name, &staging, "c")
+                .err()
+                .unwrap_or_else(|| panic!("{name} accepted"));
+            assert!(matches!(err, Error::InvalidArgument(_)), "{name}: {err}");
+            assert!(
+                std::fs::read_dir(&staging).unwrap().next().is_none(),
+                "{name}: staging left"
+            );
+        }
+    }
+}

@@ -176,29 +176,63 @@ fn write_member(entry: &mut impl Read, path: &Path, what: &str) -> Result<(u64, 
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
-    loop {
-        let k = entry
-            .read(&mut buf)
-            .map_err(|e| corrupt(what, &e.to_string()))?;
-        if k == 0 {
-            break;
-        }
-        hash.update(&buf[..k]);
-        f.write_all(&buf[..k]).map_err(|e| {
-            if e.raw_os_error() == Some(libc::ENOSPC) {
-                Error::Other(format!(
-                    "no space left on the staging disk unpacking {what}: free space or set CRIU_SHIM_STAGING_DIR"
-                ))
-            } else {
-                Error::io(format!("write {}", path.display()), e)
-            }
-        })?;
-        n += k as u64;
+    // Two stages on two cores: this thread decompresses and reads the tar,
+    // a helper hashes and writes. Buffers go round between them.
+    const CHUNK: usize = 1 << 20;
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(4);
+    let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(6);
+    for _ in 0..6 {
+        empty_tx.send(vec![0u8; CHUNK]).expect("fresh channel");
     }
-    Ok((n, hex(&hash.finalize())))
+    std::thread::scope(|s| {
+        let writer = s.spawn(move || -> Result<(u64, String)> {
+            let mut hash = Sha256::new();
+            let mut n = 0u64;
+            for (buf, k) in full_rx {
+                hash.update(&buf[..k]);
+                f.write_all(&buf[..k]).map_err(|e| {
+                    if e.raw_os_error() == Some(libc::ENOSPC) {
+                        Error::Other(format!(
+                            "no space left on the staging disk unpacking {what}: free space or set CRIU_SHIM_STAGING_DIR"
+                        ))
+                    } else {
+                        Error::io(format!("write {}", path.display()), e)
+                    }
+                })?;
+                n += k as u64;
+                // The reader may have stopped already; a lost buffer is fine.
+                let _ = empty_tx.send(buf);
+            }
+            Ok((n, hex(&hash.finalize())))
+        });
+        let read_result = (|| -> Result<()> {
+            for mut buf in empty_rx.iter() {
+                let k = read_full(entry, &mut buf).map_err(|e| corrupt(what, &e.to_string()))?;
+                if k == 0 || full_tx.send((buf, k)).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        drop(full_tx);
+        let written = writer.join().expect("writer thread panicked");
+        read_result?;
+        written
+    })
+}
+
+/// Reads until `buf` is full or the input ends; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 #[cfg(test)]
