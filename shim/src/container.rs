@@ -186,6 +186,7 @@ impl Container {
         if let Err(e) = self.runc.resume(&self.id) {
             log::debug!("thaw after failed dump: {e}");
         }
+        crate::netfix::unlock_criu_network(self.init.pid(), &crate::reaper::MonitorReaper);
         self.resume_stopped();
     }
 

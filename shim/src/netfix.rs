@@ -44,3 +44,45 @@ fn set_up(ifname: &str) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Removes the network lock a killed CRIU left behind in the network
+/// namespace of `pid` (CRIU drops every packet there while it dumps; when
+/// CRIU dies half-way nobody unlocks, and the container is cut off).
+/// CRIU's iptables lock is a chain `CRIU` jumped to from INPUT and OUTPUT;
+/// undoing it where it does not exist fails harmlessly.
+pub fn unlock_criu_network(pid: i32, reaper: &dyn criu_sys::Reaper) {
+    const UNLOCK: &str =
+        "*filter\n:CRIU - [0:0]\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\n-X CRIU\nCOMMIT\n";
+    let Ok(ns) = std::fs::File::open(format!("/proc/{pid}/ns/net")) else {
+        return;
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            if nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
+                return;
+            }
+            for tool in ["iptables-restore", "ip6tables-restore"] {
+                let mut watch = reaper.watch();
+                let child = std::process::Command::new(tool)
+                    .args(["-w", "--noflush"])
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn();
+                let Ok(mut child) = child else { continue };
+                if let Some(mut stdin) = child.stdin.take() {
+                    let _ = std::io::Write::write_all(&mut stdin, UNLOCK.as_bytes());
+                }
+                let id = child.id() as i32;
+                drop(child);
+                if let Ok(Some(exit)) = watch.wait(id, std::time::Duration::from_secs(10)) {
+                    if exit.success() {
+                        log::warn!(
+                            "removed a network lock CRIU left in pid {pid}'s namespace ({tool})"
+                        );
+                    }
+                }
+            }
+        });
+    });
+}

@@ -43,6 +43,7 @@ impl ProcessIo {
     /// Pipes for a non-terminal process: returns the container's ends (for
     /// runc) and starts copying the shim's ends.
     pub fn pipes(paths: &StdioPaths) -> Result<(ChildStdio, ProcessIo)> {
+        check_targets(paths)?;
         let (in_r, in_w) = pipe()?;
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
@@ -180,26 +181,56 @@ fn copy_stdin(path: &str, target: Arc<Mutex<Option<File>>>) -> JoinHandle<()> {
     })
 }
 
-/// Copies the process's output into a FIFO (or drains it when there is none).
-fn copy_out(mut from: File, fifo_path: &str) -> JoinHandle<()> {
-    let path = fifo_path.to_string();
+/// Where containerd wants a stream: a FIFO path, a `file://` log URI, or nothing.
+fn open_output(target: &str) -> std::io::Result<Option<File>> {
+    if target.is_empty() {
+        return Ok(None);
+    }
+    if let Some(path) = target.strip_prefix("file://") {
+        // `ctr run --log-uri file:///x.log`: both streams append to the file.
+        if let Some(dir) = std::path::Path::new(path).parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        return OpenOptions::new()
+            .create(true)
+            .append(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map(Some);
+    }
+    // A FIFO, opened O_RDWR: opening never blocks on a missing reader, and
+    // output is not lost with EPIPE while containerd (re)attaches.
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(target)
+        .map(Some)
+}
+
+/// Log URIs whose scheme the shim cannot serve, refused at create with the fix.
+pub fn check_targets(paths: &StdioPaths) -> Result<()> {
+    for t in [&paths.stdout, &paths.stderr] {
+        if let Some((scheme, _)) = t.split_once("://") {
+            if scheme != "file" && scheme != "fifo" {
+                return Err(Error::Unimplemented(format!(
+                    "log URI scheme {scheme}:// is not supported by criu-shim; use file:// or no log URI"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Copies the process's output to where containerd wants it (or drains it).
+fn copy_out(mut from: File, target: &str) -> JoinHandle<()> {
+    let target = target.strip_prefix("fifo://").unwrap_or(target).to_string();
     std::thread::spawn(move || {
-        // O_RDWR: opening never blocks on a missing reader, and output is
-        // not lost with EPIPE while containerd (re)attaches.
-        let mut to = if path.is_empty() {
-            None
-        } else {
-            match OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_CLOEXEC)
-                .open(&path)
-            {
-                Ok(f) => Some(f),
-                Err(e) => {
-                    log::warn!("open output {path}: {e}");
-                    None
-                }
+        let mut to = match open_output(&target) {
+            Ok(f) => f,
+            Err(e) => {
+                log::warn!("open output {target}: {e}");
+                None
             }
         };
         let mut buf = vec![0u8; 32 * 1024];

@@ -382,6 +382,43 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
+/// The Update RPC (ctr has no command for it; the kubelet's
+/// UpdateContainerResources calls it): sets the memory limit of `id`,
+/// talking to its shim directly.
+pub fn update_memory_limit(cd: &Containerd, id: &str, bytes: u64) {
+    use containerd_shim_protos::protobuf::well_known_types::any::Any;
+    let bundle = cd
+        .dir
+        .path()
+        .join("state/io.containerd.runtime.v2.task")
+        .join(&cd.ns)
+        .join(id);
+    let boot = std::fs::read_to_string(bundle.join("bootstrap.json")).expect("bootstrap.json");
+    let address = boot
+        .split("\"address\":\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("address in bootstrap.json");
+    let client = containerd_shim_protos::ttrpc::Client::connect(address).expect("connect to shim");
+    let tasks = containerd_shim_protos::shim_sync::TaskClient::new(client);
+    let req = containerd_shim_protos::api::UpdateTaskRequest {
+        id: id.to_string(),
+        resources: Some(Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+            value: format!("{{\"memory\":{{\"limit\":{bytes}}}}}").into_bytes(),
+            ..Default::default()
+        })
+        .into(),
+        ..Default::default()
+    };
+    tasks
+        .update(
+            containerd_shim_protos::ttrpc::context::with_timeout(0),
+            &req,
+        )
+        .expect("Update RPC");
+}
+
 /// Mount points whose path contains `needle`.
 pub fn mounts_containing(needle: &str) -> Vec<String> {
     std::fs::read_to_string("/proc/self/mountinfo")

@@ -122,6 +122,83 @@ fn the_counter_migrates_a_to_b_and_back_with_its_rootfs_changes() {
 }
 
 #[test]
+fn a_restored_container_is_first_class_and_keeps_logging() {
+    let share = share();
+    let a = Containerd::node(share.path(), &[]);
+    let b = Containerd::node(share.path(), &[]);
+    let log_a = a.dir.path().join("app.log");
+    let log_b = b.dir.path().join("app.log");
+    let uri_a = format!("file://{}", log_a.display());
+    let uri_b = format!("file://{}", log_b.display());
+    a.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--log-uri",
+        &uri_a,
+        IMAGE,
+        "fc",
+    ]);
+    assert_eq!(a.count("fc"), 1);
+    let out = a.cli_checkpoint("fc", &["--to", "fc"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(std::fs::read_to_string(&log_a)
+        .unwrap()
+        .contains("served 1"));
+
+    let ann = "criu-shim.io/restore-from=fc";
+    b.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--log-uri",
+        &uri_b,
+        "--annotation",
+        ann,
+        IMAGE,
+        "fc",
+    ]);
+    assert_eq!(b.count("fc"), 2);
+    wait_until(
+        Duration::from_secs(5),
+        "the restored app's output in its new log",
+        || {
+            std::fs::read_to_string(&log_b)
+                .unwrap_or_default()
+                .contains("served 2")
+        },
+    );
+
+    // Pause and resume.
+    b.ctr_ok(&["task", "pause", "fc"]);
+    assert_eq!(b.task_status("fc").as_deref(), Some("PAUSED"));
+    b.ctr_ok(&["task", "resume", "fc"]);
+    assert_eq!(b.count("fc"), 3);
+    // Stats and update.
+    let metrics = b.ctr_ok(&["task", "metrics", "fc"]);
+    assert!(metrics.contains("memory.usage_in_bytes"), "{metrics}");
+    criu_shim_tests::update_memory_limit(&b, "fc", 268435456);
+    let limit = std::fs::read_to_string(
+        Path::new("/sys/fs/cgroup/memory")
+            .join(&b.ns)
+            .join("fc/memory.limit_in_bytes"),
+    )
+    .unwrap();
+    assert_eq!(
+        limit.trim(),
+        "268435456",
+        "update reached the restored container's cgroup"
+    );
+    // Kill: the exit is seen.
+    b.ctr_ok(&["task", "kill", "-s", "SIGTERM", "fc"]);
+    wait_until(Duration::from_secs(10), "the restored task to exit", || {
+        b.task_status("fc").as_deref() == Some("STOPPED")
+    });
+}
+
+#[test]
 fn a_leave_running_checkpoint_keeps_the_source_serving() {
     let share = share();
     let a = Containerd::node(share.path(), &[]);
@@ -293,7 +370,8 @@ fn bad_archives_fail_create_with_a_clear_error_and_leave_node_b_clean() {
 fn criu_killed_mid_dump_leaves_the_source_running_and_no_archive() {
     let share = share();
     let dir = tempfile::tempdir().unwrap();
-    // A CRIU that gets SIGKILLed 100 ms into the dump (its second start:
+    // A CRIU that gets SIGKILLed 400 ms into the dump, after it locked the
+    // container's network and while it copies memory (its second start:
     // the first answers runc's version check).
     let wrapper = dir.path().join("criu");
     let real = criu_shim_tests::prefix().join("bin/criu");
@@ -302,7 +380,7 @@ fn criu_killed_mid_dump_leaves_the_source_running_and_no_archive() {
         .write_all(
             format!(
                 "#!/bin/sh\nD={d}\nn=$(cat $D/count 2>/dev/null || echo 0); n=$((n+1)); echo $n > $D/count\n\
-                 if [ \"$n\" -ge 2 ] && [ \"$1\" = swrk ]; then (sleep 0.1; kill -9 $$) & fi\nexec {real} \"$@\"\n",
+                 if [ \"$n\" -ge 2 ] && [ \"$1\" = swrk ]; then (sleep 0.4; kill -9 $$) & fi\nexec {real} \"$@\"\n",
                 d = dir.path().display(),
                 real = real.display()
             )
@@ -335,6 +413,10 @@ fn criu_killed_mid_dump_leaves_the_source_running_and_no_archive() {
         a.count("victim"),
         2,
         "the source keeps its state and serves"
+    );
+    assert!(
+        a.log().contains("removed a network lock CRIU left"),
+        "the kill should have landed after CRIU locked the network"
     );
     assert!(
         archives(share.path(), "victim").is_empty(),

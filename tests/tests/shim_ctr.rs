@@ -179,6 +179,68 @@ fn delete_leaves_no_mounts_cgroups_or_runc_state() {
     });
 }
 
+/// `ctr events` while a container is created, started, exec'd into, paused,
+/// resumed, killed by the OOM killer and deleted.
+#[test]
+fn task_events_reach_containerd_in_order() {
+    let cd = Containerd::start();
+    let events = Command::new(criu_shim_tests::prefix().join("bin/ctr"))
+        .arg("--address")
+        .arg(cd.socket())
+        .arg("events")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // 32 MiB limit, 64 MiB wanted (after a second): the kernel OOM-kills the app.
+    cd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--memory-limit",
+        "33554432",
+        IMAGE,
+        "ev",
+        "sh",
+        "-c",
+        "sleep 1; exec /testapp -m 64",
+    ]);
+    let (code, _, _) = cd.exec("ev", "e1", &["true"]);
+    assert_eq!(code, 0);
+    cd.ctr_ok(&["task", "pause", "ev"]);
+    cd.ctr_ok(&["task", "resume", "ev"]);
+    wait_until(Duration::from_secs(20), "the OOM kill", || {
+        cd.task_status("ev").as_deref() == Some("STOPPED")
+    });
+    cd.ctr_ok(&["task", "delete", "ev"]);
+    std::thread::sleep(Duration::from_millis(500));
+    unsafe { libc::kill(events.id() as i32, libc::SIGKILL) };
+    let out = events.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let topics: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("/tasks/")))
+        .collect();
+    let mut it = topics.iter();
+    for want in [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exec-added",
+        "/tasks/exec-started",
+        "/tasks/paused",
+        "/tasks/resumed",
+        "/tasks/oom",
+        "/tasks/exit",
+        "/tasks/delete",
+    ] {
+        assert!(
+            it.any(|t| *t == want),
+            "{want} missing or out of order in {topics:?}"
+        );
+    }
+}
+
 #[test]
 fn a_terminal_container() {
     let cd = Containerd::start();

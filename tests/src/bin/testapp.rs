@@ -56,6 +56,8 @@ fn main() {
             .step_by(4096)
             .fold(0u8, |a, b| a.wrapping_add(*b));
         let body = format!("{count}\n");
+        // A log line per answer: restored containers must keep logging.
+        let _ = writeln!(std::io::stdout(), "served {count}");
         let _ = write!(
             stream,
             "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nX-Check: {check}\r\nConnection: close\r\n\r\n{body}",
