@@ -298,7 +298,10 @@ impl Runc {
         if exit == ChildExit::Code(0) {
             return Ok(out);
         }
+        let prefix = format!("runc {op} failed: ");
         let message = log_error(&self.log, log_start)
+            // runc's log repeats our own "runc create failed:" prefix.
+            .map(|m| m.strip_prefix(&prefix).map(str::to_string).unwrap_or(m))
             .or_else(|| Some(read_all(stderr).trim().to_string()).filter(|s| !s.is_empty()))
             .unwrap_or_else(|| format!("{exit}"));
         Err(Error::Runc { op, message })

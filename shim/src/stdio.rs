@@ -360,16 +360,17 @@ mod tests {
             stderr: String::new(),
             terminal: false,
         };
+        // containerd opens its end of the output FIFO before Create; so do we
+        // (O_RDWR: opening does not wait for the writer).
+        let mut fifo_out = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&out)
+            .unwrap();
         let (child, mut io) = ProcessIo::pipes(&paths).unwrap();
         // Play the container: echo stdin to stdout.
         let mut c_in = File::from(child.stdin.unwrap());
         let mut c_out = File::from(child.stdout.unwrap());
-        let reader = std::thread::spawn(move || {
-            let mut f = File::open(&out).unwrap();
-            let mut s = String::new();
-            f.read_to_string(&mut s).ok();
-            s
-        });
         let mut w = OpenOptions::new().write(true).open(&inp).unwrap();
         w.write_all(b"hello\n").unwrap();
         drop(w);
@@ -381,7 +382,8 @@ mod tests {
         drop(child.stderr);
         io.finish(Duration::from_secs(5));
         drop(io);
-        // The copier closed the FIFO when the process's stdout ended.
-        assert_eq!(reader.join().unwrap(), "hello\n");
+        let mut seen = [0u8; 6];
+        fifo_out.read_exact(&mut seen).unwrap();
+        assert_eq!(&seen, b"hello\n");
     }
 }

@@ -6,12 +6,15 @@
 //! which starts with a directory holding the shim built from this checkout.
 //! Binaries (containerd, ctr, CRIU) come from hack/setup's prefix.
 
+pub mod cri;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub const IMAGE: &str = "criu-shim.test/testapp:latest";
+pub const PAUSE_IMAGE: &str = "criu-shim.test/pause:latest";
 pub const RUNTIME: &str = "io.containerd.criu.v2";
 pub const NAMESPACE: &str = "e2e";
 
@@ -93,6 +96,25 @@ impl Containerd {
         Self::start_with(format!("node{}-{}", std::process::id(), unique()), all)
     }
 
+    /// A node with containerd's CRI plugin on, the way the kubelet uses it:
+    /// runtime handler `criu` on our shim (pod annotations `criu-shim.io/*`
+    /// passed into container specs), the local pause image, CNI from
+    /// Debian's plugins with the config in this node's directory.
+    pub fn cri_node(share: &Path) -> Containerd {
+        let env = vec![
+            (
+                "CRIU_SHIM_SHARE_DIR".to_string(),
+                share.display().to_string(),
+            ),
+            ("CRI_NODE".to_string(), "1".to_string()),
+        ];
+        Self::start_with("k8s.io".to_string(), env)
+    }
+
+    pub fn cri(&self) -> cri::Cri {
+        cri::Cri::connect(&self.socket()).expect("CRI connection")
+    }
+
     pub fn staging(&self) -> PathBuf {
         self.dir.path().join("staging")
     }
@@ -110,15 +132,43 @@ impl Containerd {
         std::fs::create_dir_all(&bin).unwrap();
         std::os::unix::fs::symlink(shim_binary(), bin.join("containerd-shim-criu-v2")).unwrap();
         let d = dir.path().display();
+        let with_cri = env.iter().any(|(k, _)| k == "CRI_NODE");
+        let plugins = if with_cri {
+            std::fs::create_dir_all(dir.path().join("cni")).unwrap();
+            format!(
+                r#"disabled_plugins = ["io.containerd.nri.v1.nri"]
+[plugins.'io.containerd.cri.v1.images'.pinned_images]
+  sandbox = '{PAUSE_IMAGE}'
+[plugins.'io.containerd.cri.v1.runtime']
+  # Root here may not lower OOM scores (see ENVIRONMENT.md).
+  restrict_oom_score_adj = true
+  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.criu]
+    runtime_type = '{RUNTIME}'
+    pod_annotations = ['criu-shim.io/*']
+    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.criu.options]
+      SystemdCgroup = false
+  [plugins.'io.containerd.cri.v1.runtime'.cni]
+    bin_dirs = ['/usr/lib/cni']
+    conf_dir = '{d}/cni'
+[plugins.'io.containerd.grpc.v1.cri']
+  stream_server_address = '127.0.0.1'
+  stream_server_port = '0'
+"#
+            )
+        } else {
+            r#"disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.nri.v1.nri",
+  "io.containerd.cri.v1.runtime", "io.containerd.cri.v1.images",
+  "io.containerd.podsandbox.controller.v1.podsandbox", "io.containerd.sandbox.controller.v1.shim"]
+"#
+            .to_string()
+        };
         std::fs::write(
             dir.path().join("config.toml"),
             format!(
                 r#"version = 3
 root = "{d}/root"
 state = "{d}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.nri.v1.nri",
-  "io.containerd.cri.v1.runtime", "io.containerd.cri.v1.images",
-  "io.containerd.podsandbox.controller.v1.podsandbox", "io.containerd.sandbox.controller.v1.shim"]
+{plugins}
 [grpc]
   address = "{d}/containerd.sock"
 [ttrpc]
@@ -141,6 +191,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.nri.v1.nri",
         };
         c.launch();
         let out = c.ctr(&["images", "import", image_archive().to_str().unwrap()]);
+
         assert!(out.status.success(), "image import: {}", text(&out));
         c
     }

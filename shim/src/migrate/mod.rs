@@ -300,12 +300,21 @@ mod tests {
             },
         );
         let bytes = std::fs::read(&report.archive).unwrap();
-        let mut flipped = bytes.clone();
-        let mid = flipped.len() / 2;
-        flipped[mid] ^= 0x55;
-        let cases: [(&str, Vec<u8>); 3] = [
-            ("flipped", flipped),
-            ("truncated", bytes[..bytes.len() * 2 / 3].to_vec()),
+        let flip = |at: usize| {
+            let mut b = bytes.clone();
+            b[at] ^= 0x55;
+            b
+        };
+        let n = bytes.len();
+        // A flipped byte anywhere: in data, in tar padding after the end
+        // marker (only the zstd frame checksum covers it), in the checksum.
+        let cases: [(&str, Vec<u8>); 7] = [
+            ("flip-quarter", flip(n / 4)),
+            ("flip-half", flip(n / 2)),
+            ("flip-3-quarters", flip(n * 3 / 4)),
+            ("flip-near-end", flip(n - 6)),
+            ("flip-last", flip(n - 1)),
+            ("truncated", bytes[..n * 2 / 3].to_vec()),
             ("empty", Vec::new()),
         ];
         for (name, data) in cases {

@@ -131,6 +131,20 @@ fn extract<R: Read>(
         }
         out.members.insert(name, (n, sha));
     }
+    // The tar reader stops at the end-of-archive marker. Read the rest too:
+    // only then does zstd check its frame checksum, and nothing but tar's
+    // zero padding may follow the marker.
+    let mut rest = ar.into_inner();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match rest.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) if buf[..n].iter().all(|b| *b == 0) => continue,
+            Ok(_) => return Err(corrupt(what, "data after the end of the archive")),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(corrupt(what, &e.to_string())),
+        }
+    }
     Ok(out)
 }
 
