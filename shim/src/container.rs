@@ -186,7 +186,6 @@ impl Container {
         if let Err(e) = self.runc.resume(&self.id) {
             log::debug!("thaw after failed dump: {e}");
         }
-        crate::netfix::unlock_criu_network(self.init.pid(), &crate::reaper::MonitorReaper);
         self.resume_stopped();
     }
 
@@ -194,8 +193,11 @@ impl Container {
         self.runc.kill(&self.id, signal, true)
     }
 
-    /// SIGCONT to every process (after a dump that left them stopped).
+    /// SIGCONT to every process, after a dump that left them stopped. CRIU
+    /// keeps the network locked for tasks it leaves stopped (or when it
+    /// died mid-dump): the lock goes first.
     pub fn resume_stopped(&self) {
+        crate::netfix::unlock_criu_network(self.init.pid(), &crate::reaper::MonitorReaper);
         if let Err(e) = self.runc.kill(&self.id, libc::SIGCONT as u32, true) {
             log::warn!("resume {} after dump: {e}", self.id);
         }

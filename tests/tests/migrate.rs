@@ -424,3 +424,43 @@ fn criu_killed_mid_dump_leaves_the_source_running_and_no_archive() {
     );
     assert!(empty_dir(&a.staging()), "staging left behind");
 }
+
+#[test]
+fn a_full_share_fails_the_checkpoint_and_the_source_keeps_running() {
+    // A 2 MiB share and 16 MiB of random (incompressible) memory to publish.
+    let share = share();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(share.path())
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a small tmpfs as the share");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(share.path());
+
+    let a = Containerd::node(share.path(), &[]);
+    a.run_detached("full", &["/testapp", "-m", "16", "--random"]);
+    assert_eq!(a.count("full"), 1);
+    let out = a.cli_checkpoint("full", &["--to", "full"]);
+    assert!(
+        !out.status.success(),
+        "publishing 16 MiB to a 2 MiB share succeeded?"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no space left"),
+        "the error should say the share is full: {err}"
+    );
+    assert_eq!(a.task_status("full").as_deref(), Some("RUNNING"));
+    assert_eq!(a.count("full"), 2, "the source keeps its state and serves");
+    assert!(
+        empty_dir(&share.path().join("full")),
+        "a partial archive was left on the share"
+    );
+    assert!(empty_dir(&a.staging()), "staging left behind");
+}
