@@ -464,7 +464,7 @@ fn restore_source(
     }
 }
 
-fn read_spec(bundle: &std::path::Path) -> serde_json::Value {
+pub fn read_spec(bundle: &std::path::Path) -> serde_json::Value {
     std::fs::read_to_string(bundle.join("config.json"))
         .ok()
         .and_then(|s| serde_json::from_str(&s).ok())

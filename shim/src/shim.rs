@@ -33,8 +33,7 @@ impl Shim for CriuShim {
 
     fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
         // containerd starts us with the bundle as working directory.
-        let spec = std::fs::read_to_string("config.json").unwrap_or_default();
-        let spec: serde_json::Value = serde_json::from_str(&spec).unwrap_or_default();
+        let spec = crate::service::read_spec(Path::new("."));
         let grouping =
             criu_shim_config::grouping(&opts.id, |k| spec["annotations"][k].as_str()).to_string();
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;

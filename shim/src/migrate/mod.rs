@@ -132,11 +132,6 @@ pub fn publish_checkpoint(d: &Dumped, t: &Target) -> Result<Report> {
         .filter_map(|s| std::fs::metadata(&s.path).ok())
         .map(|m| m.len())
         .sum();
-    let images_bytes = sources
-        .iter()
-        .filter_map(|s| std::fs::metadata(&s.path).ok())
-        .map(|m| m.len())
-        .sum();
     let base = Manifest {
         format: manifest::FORMAT.into(),
         version: manifest::VERSION,
@@ -169,7 +164,8 @@ pub fn publish_checkpoint(d: &Dumped, t: &Target) -> Result<Report> {
     Ok(Report {
         archive: published.path,
         archive_bytes: published.size,
-        images_bytes,
+        // Every archived file's size is in the manifest already.
+        images_bytes: manifest.total_size(),
         publish_time: started.elapsed(),
         manifest,
     })
