@@ -31,6 +31,14 @@ pub const ANNOTATION_CHECKPOINT_TO: &str = "criu-shim.io/checkpoint-to";
 /// CRI's annotation carrying the pod sandbox id; containers of one pod share a shim.
 pub const ANNOTATION_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 
+/// CRI's annotation with the container's name in its pod (the name in the
+/// pod manifest, the same on every node).
+pub const ANNOTATION_CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
+
+/// CRI's annotation telling a pod's sandbox (`sandbox`) from its
+/// containers (`container`).
+pub const ANNOTATION_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+
 /// Where hack/setup installs CRIU 4.2 with its own libraries.
 pub const DEFAULT_CRIU: &str = "/opt/criu-shim/bin/criu";
 

@@ -269,7 +269,10 @@ impl Service {
         let spec = read_spec(&c.bundle);
         let annotated = spec["annotations"][criu_shim_config::ANNOTATION_CHECKPOINT_TO]
             .as_str()
-            .filter(|s| !s.is_empty())
+            .filter(|s| !s.is_empty() && !is_pod_sandbox(&spec))
+            .map(str::to_string);
+        let container_name = spec["annotations"][criu_shim_config::ANNOTATION_CONTAINER_NAME]
+            .as_str()
             .map(str::to_string);
         let ours = req
             .options
@@ -329,6 +332,7 @@ impl Service {
         let Some(to) = publish_to else {
             return Ok(None);
         };
+        let to = migrate::fetch::per_container(&to, container_name.as_deref());
         let target = migrate::Target {
             share: c.config.share_dir.clone(),
             name: to,
@@ -447,6 +451,11 @@ fn restore_source(
         return Ok(Some(RestoreFrom::Images(PathBuf::from(&req.checkpoint))));
     }
     let spec = read_spec(bundle);
+    if is_pod_sandbox(&spec) {
+        // Pod annotations reach the sandbox's spec too; the pause process
+        // is made afresh on every node.
+        return Ok(None);
+    }
     match spec["annotations"][criu_shim_config::ANNOTATION_RESTORE_FROM].as_str() {
         None | Some("") => Ok(None),
         Some(from) if from.starts_with('/') => {
@@ -460,8 +469,18 @@ fn restore_source(
             }
             Ok(Some(RestoreFrom::Images(path)))
         }
-        Some(reference) => Ok(Some(RestoreFrom::Archive(reference.to_string()))),
+        Some(reference) => {
+            let name = spec["annotations"][criu_shim_config::ANNOTATION_CONTAINER_NAME].as_str();
+            Ok(Some(RestoreFrom::Archive(migrate::fetch::per_container(
+                reference, name,
+            ))))
+        }
     }
+}
+
+/// A CRI pod's sandbox (pause) container.
+fn is_pod_sandbox(spec: &serde_json::Value) -> bool {
+    spec["annotations"][criu_shim_config::ANNOTATION_CONTAINER_TYPE].as_str() == Some("sandbox")
 }
 
 pub fn read_spec(bundle: &std::path::Path) -> serde_json::Value {

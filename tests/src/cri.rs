@@ -185,6 +185,42 @@ impl Cri {
             .map_err(status)
     }
 
+    /// The pod's IP, as the kubelet reports it (PodSandboxStatus).
+    pub fn pod_ip(&mut self, pod_id: &str) -> CriResult<String> {
+        let req = cri::PodSandboxStatusRequest {
+            pod_sandbox_id: pod_id.to_string(),
+            verbose: false,
+        };
+        let st = self
+            .rt
+            .block_on(self.runtime.pod_sandbox_status(req))
+            .map_err(status)?
+            .into_inner();
+        st.status
+            .and_then(|s| s.network)
+            .map(|n| n.ip)
+            .filter(|ip| !ip.is_empty())
+            .ok_or_else(|| format!("pod {pod_id} has no IP"))
+    }
+
+    /// ListContainers: every container this node knows, any state.
+    pub fn list_containers(&mut self) -> CriResult<Vec<cri::Container>> {
+        let req = cri::ListContainersRequest { filter: None };
+        self.rt
+            .block_on(self.runtime.list_containers(req))
+            .map(|r| r.into_inner().containers)
+            .map_err(status)
+    }
+
+    /// ListPodSandbox: every pod this node knows.
+    pub fn list_pods(&mut self) -> CriResult<Vec<cri::PodSandbox>> {
+        let req = cri::ListPodSandboxRequest { filter: None };
+        self.rt
+            .block_on(self.runtime.list_pod_sandbox(req))
+            .map(|r| r.into_inner().items)
+            .map_err(status)
+    }
+
     /// CheckpointContainer, as the kubelet's checkpoint API calls it.
     pub fn checkpoint_container(&mut self, id: &str, location: &Path) -> CriResult<()> {
         let req = cri::CheckpointContainerRequest {

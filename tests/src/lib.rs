@@ -77,6 +77,51 @@ pub struct Containerd {
     pub ns: String,
     child: Option<Child>,
     env: Vec<(String, String)>,
+    /// The node's own network namespace (hack/node-net), if it has one.
+    pub net: Option<NodeNet>,
+}
+
+/// A node's network: namespace `criu-shim-nINDEX`, pods in 10.213.INDEX.0/24,
+/// reachable from the host (see hack/node-net).
+pub struct NodeNet {
+    pub index: u32,
+}
+
+impl NodeNet {
+    /// Takes the first free node index and builds its network, with the
+    /// CNI config written to `conf_dir`.
+    fn create(conf_dir: &Path) -> NodeNet {
+        std::fs::create_dir_all(conf_dir).unwrap();
+        for index in 1..=250 {
+            let status = Command::new(workspace().join("hack/node-net"))
+                .args(["up", &index.to_string()])
+                .arg(conf_dir)
+                .status()
+                .expect("run hack/node-net");
+            match status.code() {
+                Some(0) => return NodeNet { index },
+                Some(3) => continue,
+                _ => panic!("hack/node-net up {index} failed"),
+            }
+        }
+        panic!("no free node index (stale criu-shim-n* namespaces? `ip netns list`)")
+    }
+
+    pub fn netns(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/criu-shim-n{}", self.index))
+    }
+
+    pub fn pod_subnet_prefix(&self) -> String {
+        format!("10.213.{}.", self.index)
+    }
+}
+
+impl Drop for NodeNet {
+    fn drop(&mut self) {
+        let _ = Command::new(workspace().join("hack/node-net"))
+            .args(["down", &self.index.to_string()])
+            .status();
+    }
 }
 
 impl Containerd {
@@ -109,6 +154,23 @@ impl Containerd {
             ("CRI_NODE".to_string(), "1".to_string()),
         ];
         Self::start_with("k8s.io".to_string(), env)
+    }
+
+    /// A CRI node in a network namespace of its own, with CNI pod
+    /// networking (bridge + host-local, its own subnet), as a real node:
+    /// pod IPs are reachable from the host, and two such nodes never share
+    /// addresses. `env` adds shim settings.
+    pub fn cri_net_node(share: &Path, env: &[(&str, &str)]) -> Containerd {
+        let mut all = vec![
+            (
+                "CRIU_SHIM_SHARE_DIR".to_string(),
+                share.display().to_string(),
+            ),
+            ("CRI_NODE".to_string(), "1".to_string()),
+            ("NODE_NET".to_string(), "1".to_string()),
+        ];
+        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Self::start_with("k8s.io".to_string(), all)
     }
 
     pub fn cri(&self) -> cri::Cri {
@@ -183,11 +245,16 @@ state = "{d}/state"
             "CRIU_SHIM_STAGING_DIR".to_string(),
             dir.path().join("staging").display().to_string(),
         ));
+        let net = env
+            .iter()
+            .any(|(k, _)| k == "NODE_NET")
+            .then(|| NodeNet::create(&dir.path().join("cni")));
         let mut c = Containerd {
             dir,
             ns,
             child: None,
             env,
+            net,
         };
         c.launch();
         let out = c.ctr(&["images", "import", image_archive().to_str().unwrap()]);
@@ -208,7 +275,24 @@ state = "{d}/state"
             prefix().join("bin").display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let child = Command::new(prefix().join("bin/containerd"))
+        let mut cmd = Command::new(prefix().join("bin/containerd"));
+        // Only the network namespace: mounts stay the host's, as on a node.
+        let netns =
+            (self.net.as_ref()).map(|n| std::fs::File::open(n.netns()).expect("node netns"));
+        if let Some(netns) = &netns {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let fd = netns.as_raw_fd();
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .arg("--config")
             .arg(self.dir.path().join("config.toml"))
             .env("PATH", path)
@@ -468,6 +552,42 @@ pub fn update_memory_limit(cd: &Containerd, id: &str, bytes: u64) {
             &req,
         )
         .expect("Update RPC");
+}
+
+/// One GET of the test app at `ip:port` from the host: its next count.
+pub fn http_count(ip: &str, port: u16) -> std::io::Result<u64> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = format!("{ip}:{port}")
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("GET / HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    let count = body.rsplit("\r\n\r\n").next().unwrap_or("").trim();
+    count.parse().map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not a count: {body:?}"),
+        )
+    })
+}
+
+/// [`http_count`], retried until the app answers (it may still be filling
+/// its memory, or be restoring) or `limit` passes.
+pub fn http_count_within(ip: &str, port: u16, limit: Duration) -> u64 {
+    let deadline = Instant::now() + limit;
+    loop {
+        match http_count(ip, port) {
+            Ok(n) => return n,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("no answer from {ip}:{port} within {limit:?}: {e}"),
+        }
+    }
 }
 
 /// Mount points whose path contains `needle`.

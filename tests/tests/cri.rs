@@ -1,8 +1,13 @@
 //! Pods through containerd's CRI plugin, as the kubelet drives it, on the
 //! `criu` runtime handler. Needs root and hack/setup.
 
-use criu_shim_tests::cri::{container_config, pod_config};
-use criu_shim_tests::{Containerd, IMAGE};
+use std::path::Path;
+use std::time::Duration;
+
+use criu_shim_tests::cri::{container_config, pod_config, ContainerState, Cri, PodSandboxConfig};
+use criu_shim_tests::{
+    http_count, http_count_within, mounts_containing, pids_matching, wait_until, Containerd, IMAGE,
+};
 
 #[test]
 fn a_pod_runs_on_the_criu_handler_through_the_cri() {
@@ -38,4 +43,129 @@ fn a_pod_runs_on_the_criu_handler_through_the_cri() {
     cri.remove_container(&id).unwrap();
     cri.stop_pod_sandbox(&pod_id).unwrap();
     cri.remove_pod_sandbox(&pod_id).unwrap();
+}
+
+const PORT: u16 = 8080;
+
+/// A pod `name` on `node` with `annotations` and one container per
+/// (name, args) entry; returns (pod id, container ids, pod config).
+fn run_pod(
+    cri: &mut Cri,
+    name: &str,
+    annotations: &[(&str, &str)],
+    containers: &[(&str, &[&str])],
+) -> Result<(String, Vec<String>, PodSandboxConfig), String> {
+    let pod = pod_config(name, &format!("uid-{name}"), annotations, false);
+    let pod_id = cri.run_pod_sandbox(&pod, "criu")?;
+    let mut ids = Vec::new();
+    for (cname, args) in containers {
+        let id = cri.create_container(&pod_id, container_config(cname, IMAGE, args), &pod)?;
+        cri.start_container(&id)?;
+        ids.push(id);
+    }
+    Ok((pod_id, ids, pod))
+}
+
+fn remove_pod(cri: &mut Cri, pod_id: &str) {
+    cri.stop_pod_sandbox(pod_id).expect("StopPodSandbox");
+    cri.remove_pod_sandbox(pod_id).expect("RemovePodSandbox");
+}
+
+/// What a node must not keep once its pods are gone: CRI objects, mounts,
+/// shims, staging, the cgroups and CNI state of `ids` (pods, containers).
+fn assert_node_clean(node: &Containerd, cri: &mut Cri, ids: &[&str]) {
+    for id in ids {
+        let cgroup = Path::new("/sys/fs/cgroup/memory/k8s.io").join(id);
+        assert!(!cgroup.exists(), "cgroup left: {}", cgroup.display());
+    }
+    let cni_results: Vec<_> = std::fs::read_dir("/var/lib/cni/results")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let netname = format!("criu-shim-n{}-", node.net.as_ref().map_or(0, |n| n.index));
+    assert!(
+        !cni_results.iter().any(|r| r.starts_with(&netname)),
+        "CNI results left: {cni_results:?}"
+    );
+    assert!(cri.list_containers().unwrap().is_empty(), "containers left");
+    assert!(cri.list_pods().unwrap().is_empty(), "pods left");
+    let d = node.dir.path().display().to_string();
+    wait_until(Duration::from_secs(10), "mounts to go", || {
+        mounts_containing(&d).is_empty()
+    });
+    wait_until(Duration::from_secs(10), "shims to exit", || {
+        pids_matching(&format!("-address {d}")).is_empty()
+    });
+    let staging: Vec<_> = std::fs::read_dir(node.staging())
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(staging.is_empty(), "staging left: {staging:?}");
+}
+
+#[test]
+fn a_pod_migrates_between_nodes_through_the_cri() {
+    let share = tempfile::tempdir().unwrap();
+    let a = Containerd::cri_net_node(share.path(), &[]);
+    let b = Containerd::cri_net_node(share.path(), &[]);
+    let (mut ca, mut cb) = (a.cri(), b.cri());
+
+    let counter: &[&str] = &["/testapp", "-m", "64"];
+    let (pod_a, ids_a, _) = run_pod(
+        &mut ca,
+        "counter",
+        &[("criu-shim.io/checkpoint-to", "counter-job")],
+        &[("counter", counter)],
+    )
+    .expect("pod on A");
+    let ip_a = ca.pod_ip(&pod_a).unwrap();
+    assert!(
+        ip_a.starts_with(&a.net.as_ref().unwrap().pod_subnet_prefix()),
+        "{ip_a}"
+    );
+    assert_eq!(http_count_within(&ip_a, PORT, Duration::from_secs(30)), 1);
+    assert_eq!(http_count(&ip_a, PORT).unwrap(), 2);
+    assert_eq!(http_count(&ip_a, PORT).unwrap(), 3);
+    // The container's writable layer carries over too.
+    let (code, _, err) = ca
+        .exec_sync(&ids_a[0], &["sh", "-c", "echo kept > /state.txt"])
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+
+    // The kubelet's checkpoint API: CRI CheckpointContainer. Our shim
+    // publishes to the share because of the pod's annotation.
+    let export = share.path().join("kubelet-checkpoint.tar");
+    ca.checkpoint_container(&ids_a[0], &export)
+        .expect("CheckpointContainer");
+    let archives = std::fs::read_dir(share.path().join("counter-job/counter"))
+        .expect("archive directory for the container")
+        .count();
+    assert_eq!(archives, 1);
+    remove_pod(&mut ca, &pod_a);
+
+    let (pod_b, ids_b, _) = run_pod(
+        &mut cb,
+        "counter",
+        &[("criu-shim.io/restore-from", "counter-job")],
+        &[("counter", counter)],
+    )
+    .expect("restored pod on B");
+    let ip_b = cb.pod_ip(&pod_b).unwrap();
+    assert_ne!(ip_a, ip_b);
+    assert!(
+        ip_b.starts_with(&b.net.as_ref().unwrap().pod_subnet_prefix()),
+        "{ip_b}"
+    );
+    assert_eq!(http_count_within(&ip_b, PORT, Duration::from_secs(30)), 4);
+    let st = cb.container_status(&ids_b[0]).unwrap();
+    assert_eq!(st.state, ContainerState::ContainerRunning as i32, "{st:?}");
+    let (code, out, err) = cb.exec_sync(&ids_b[0], &["cat", "/state.txt"]).unwrap();
+    assert_eq!((code, out.as_str()), (0, "kept\n"), "{err}");
+    assert_eq!(http_count(&ip_b, PORT).unwrap(), 5);
+
+    remove_pod(&mut cb, &pod_b);
+    assert_node_clean(&b, &mut cb, &[&pod_b, &ids_b[0]]);
+    assert_node_clean(&a, &mut ca, &[&pod_a, &ids_a[0]]);
 }

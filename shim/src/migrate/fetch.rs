@@ -15,6 +15,21 @@ pub fn is_archive_name(name: &str) -> bool {
     SUFFIXES.iter().any(|s| name.ends_with(s))
 }
 
+/// The share reference for one container. Pod annotations reach every
+/// container of a pod, so for a container of a pod (`container_name` from
+/// the CRI) a key names the pod's checkpoints and each container's archives
+/// live under `KEY/<container name>/`; the name is the one in the pod
+/// manifest, so the restored pod finds each container's own archive. Exact
+/// archive names, and containers outside pods, are used as they are.
+pub fn per_container(reference: &str, container_name: Option<&str>) -> String {
+    match container_name.filter(|n| !n.is_empty()) {
+        Some(name) if !is_archive_name(reference) => {
+            format!("{}/{name}", reference.trim_end_matches('/'))
+        }
+        _ => reference.to_string(),
+    }
+}
+
 /// The archive `reference` denotes on `share`.
 pub fn resolve(share: &Path, reference: &str) -> Result<PathBuf> {
     check_share(share)?;
@@ -96,5 +111,15 @@ mod tests {
         let err = resolve(share.path(), "job/missing.criu.tar.zst").unwrap_err();
         assert!(err.to_string().contains("not found"), "{err}");
         assert!(resolve(share.path(), "../etc").is_err());
+    }
+
+    #[test]
+    fn a_pod_key_names_one_directory_per_container() {
+        assert_eq!(per_container("job", Some("web")), "job/web");
+        assert_eq!(per_container("job/", Some("web")), "job/web");
+        assert_eq!(per_container("job", None), "job");
+        assert_eq!(per_container("job", Some("")), "job");
+        let exact = "job/web/20260101T000000.000Z.criu.tar.zst";
+        assert_eq!(per_container(exact, Some("web")), exact);
     }
 }
