@@ -169,3 +169,77 @@ fn a_pod_migrates_between_nodes_through_the_cri() {
     assert_node_clean(&b, &mut cb, &[&pod_b, &ids_b[0]]);
     assert_node_clean(&a, &mut ca, &[&pod_a, &ids_a[0]]);
 }
+
+/// Flips one byte in the middle of `path`.
+fn corrupt(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_missing_or_corrupt_archive_fails_the_container_and_leaves_the_node_clean() {
+    let share = tempfile::tempdir().unwrap();
+    let a = Containerd::cri_net_node(share.path(), &[]);
+    let b = Containerd::cri_net_node(share.path(), &[]);
+    let (mut ca, mut cb) = (a.cri(), b.cri());
+    let counter: &[&str] = &["/testapp", "-m", "16"];
+
+    // A good archive, then a copy of it with one byte flipped.
+    let (pod_a, ids_a, _) = run_pod(
+        &mut ca,
+        "counter",
+        &[("criu-shim.io/checkpoint-to", "good")],
+        &[("counter", counter)],
+    )
+    .expect("pod on A");
+    http_count_within(&ca.pod_ip(&pod_a).unwrap(), PORT, Duration::from_secs(30));
+    ca.checkpoint_container(&ids_a[0], &share.path().join("export.tar"))
+        .expect("CheckpointContainer");
+    let good = std::fs::read_dir(share.path().join("good/counter"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let bad_dir = share.path().join("bad/counter");
+    std::fs::create_dir_all(&bad_dir).unwrap();
+    let bad = bad_dir.join(good.file_name().unwrap());
+    std::fs::copy(&good, &bad).unwrap();
+    corrupt(&bad);
+
+    let mut ids = Vec::new();
+    for (key, cause) in [
+        ("missing", "no archive under missing/counter/"),
+        ("bad", "bad/counter/"),
+    ] {
+        let pod = pod_config(key, &format!("uid-{key}"), &[("criu-shim.io/restore-from", key)], false);
+        let pod_id = cb.run_pod_sandbox(&pod, "criu").expect("RunPodSandbox");
+        let id = cb
+            .create_container(&pod_id, container_config("counter", IMAGE, counter), &pod)
+            .expect("CreateContainer");
+        // containerd creates the task (and so our restore) at StartContainer.
+        let err = cb.start_container(&id).expect_err("a restore from a bad archive");
+        eprintln!("{key}: StartContainer: {err}");
+        assert!(err.contains(cause), "{key}: the error names the archive: {err}");
+        let st = cb.container_status(&id).unwrap();
+        assert_eq!(st.state, ContainerState::ContainerExited as i32, "{st:?}");
+        assert!(st.message.contains(cause), "{key}: ContainerStatus says why: {st:?}");
+        if key == "bad" {
+            assert!(
+                err.contains("checksum") || err.contains("digest") || err.contains("corrupt"),
+                "the error says the archive is damaged: {err}"
+            );
+        }
+        cb.remove_container(&id).expect("RemoveContainer");
+        remove_pod(&mut cb, &pod_id);
+        ids.push(pod_id);
+        ids.push(id);
+    }
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    assert_node_clean(&b, &mut cb, &ids);
+    // The archives on the share are untouched by the failed restores.
+    assert!(good.is_file() && bad.is_file());
+    remove_pod(&mut ca, &pod_a);
+}
