@@ -1,7 +1,8 @@
 //! The operators' CLI: subcommands of the shim binary.
 //!
 //!   containerd-shim-criu-v2 checkpoint [--namespace NS] [--state DIR] [--to NAME]
-//!                                      [--leave-running] [--tcp-established] [--level N] ID
+//!                                      [--leave-running] [--tcp-established] [--level N]
+//!                                      [--pod] ID
 //!   containerd-shim-criu-v2 inspect [--share DIR] ARCHIVE
 //!   containerd-shim-criu-v2 list    [--share DIR] [KEY]
 //!   containerd-shim-criu-v2 gc      [--share DIR] --keep N [KEY]
@@ -20,13 +21,13 @@ use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::shim::shim_ttrpc::TaskClient;
 use containerd_shim::protos::ttrpc;
 
+use crate::checkpoint::{CheckpointRequest, CHECKPOINT_REQUEST_TYPE, REPORT_FILE};
 use crate::migrate::{self, fetch, manifest::Manifest, unpack, verify};
-use crate::service::{CheckpointRequest, CHECKPOINT_REQUEST_TYPE, REPORT_FILE};
 
 pub const COMMANDS: [&str; 4] = ["checkpoint", "inspect", "list", "gc"];
 
 const USAGE: &str = "usage:
-  containerd-shim-criu-v2 checkpoint [--namespace NS] [--state DIR] [--to NAME] [--leave-running] [--tcp-established] [--level N] ID
+  containerd-shim-criu-v2 checkpoint [--namespace NS] [--state DIR] [--to NAME] [--leave-running] [--tcp-established] [--level N] [--pod] ID
   containerd-shim-criu-v2 inspect [--share DIR] ARCHIVE
   containerd-shim-criu-v2 list [--share DIR] [KEY]
   containerd-shim-criu-v2 gc [--share DIR] --keep N [KEY]";
@@ -143,6 +144,7 @@ fn checkpoint(raw: &[String]) -> Result<(), Failure> {
         to: a.value("to").map(str::to_string),
         leave_running: a.has("leave-running"),
         tcp_established: a.has("tcp-established"),
+        pod: a.has("pod"),
         compression_level: level,
         ..Default::default()
     };

@@ -2,6 +2,7 @@
 //! `io.containerd.criu.v2`. containerd runs it as `start`, `delete`, or the
 //! long-lived server; all three go through the containerd-shim crate.
 
+mod checkpoint;
 mod cli;
 mod container;
 mod criu_front;
@@ -15,6 +16,7 @@ mod reaper;
 mod runc;
 mod service;
 mod shim;
+mod spec;
 mod stats;
 mod stdio;
 

@@ -19,18 +19,20 @@ use containerd_shim::protos::events::task::{
 };
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{Message, MessageField};
-use containerd_shim::protos::shim::oci::{CheckpointOptions, Options as RuncProtoOptions};
+use containerd_shim::protos::shim::oci::Options as RuncProtoOptions;
 use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
 use criu_shim_config::{RuncOptions, ShimConfig};
 
+use crate::checkpoint::{self, CheckpointRequest};
 use crate::container::{Container, CreateOpts, Mount};
 use crate::criu_front::env as front_env;
 use crate::error::{Error, Result};
 use crate::events::{Event, Events};
-use crate::migrate::{self, archive::Compression};
-use crate::process::{Exit, Process};
+use crate::migrate;
+use crate::process::{Exit, Process, Status};
 use crate::reaper::MonitorReaper;
 use crate::runc::{CriuArgs, Runc};
+use crate::spec::Spec;
 use crate::stdio::StdioPaths;
 
 /// Where an exited pid belongs.
@@ -260,128 +262,47 @@ impl Service {
         Ok(pid as u32)
     }
 
-    /// Checkpoint RPC: from containerd (runc's CheckpointOptions, images to
-    /// `req.path`) or from our CLI ([`CheckpointRequest`], images staged
-    /// locally). Either publishes to the share when a destination is given
-    /// (CLI `--to`, or the container's checkpoint-to annotation).
-    fn do_checkpoint(&self, req: &api::CheckpointTaskRequest) -> Result<Option<migrate::Report>> {
+    /// Checkpoint RPC: one container, or (our CLI's `--pod`) every
+    /// container of its pod; see [`checkpoint`].
+    fn do_checkpoint(&self, req: &api::CheckpointTaskRequest) -> Result<()> {
         let c = self.container(&req.id)?;
-        let spec = read_spec(&c.bundle);
-        let annotated = spec["annotations"][criu_shim_config::ANNOTATION_CHECKPOINT_TO]
-            .as_str()
-            .filter(|s| !s.is_empty() && !is_pod_sandbox(&spec))
-            .map(str::to_string);
-        let container_name = spec["annotations"][criu_shim_config::ANNOTATION_CONTAINER_NAME]
-            .as_str()
-            .map(str::to_string);
-        let ours = req
-            .options
-            .as_ref()
-            .filter(|a| a.type_url == CHECKPOINT_REQUEST_TYPE);
-        let mut _dump_staging = None;
-        let (mut args, publish_to, exit_after, level) = match ours {
-            Some(any) => {
-                let r: CheckpointRequest = serde_json::from_slice(&any.value)
-                    .map_err(|e| Error::InvalidArgument(format!("checkpoint request: {e}")))?;
-                let to = r.to.clone().or(annotated).ok_or_else(|| {
-                    Error::InvalidArgument(format!(
-                        "no destination: give --to NAME or set the {} annotation",
-                        criu_shim_config::ANNOTATION_CHECKPOINT_TO
-                    ))
-                })?;
-                let staging = migrate::stage::Staging::new(
-                    &c.config.staging_dir,
-                    &format!("dump-{}", req.id),
-                )?;
-                let args = CriuArgs {
-                    image_path: staging.images(),
-                    work_path: staging.path().join("work"),
-                    // runc must not destroy the container: exit is ours to do.
-                    leave_running: true,
-                    tcp_established: r.tcp_established,
-                    file_locks: r.file_locks,
-                    ext_unix_sk: r.ext_unix_sk,
-                    ..Default::default()
-                };
-                _dump_staging = Some(staging);
-                (args, Some(to), !r.leave_running, r.compression_level)
+        match CheckpointRequest::from_options(req)? {
+            Some(r) if r.pod => {
+                let members = self.pod_members(&c);
+                let report_dir =
+                    Some(std::path::Path::new(&req.path)).filter(|p| !p.as_os_str().is_empty());
+                checkpoint::checkpoint_pod(&members, &r, report_dir).map(drop)
             }
-            None => {
-                let args = checkpoint_args(req, &c.bundle)?;
-                let exit_after = annotated.is_some() && !args.leave_running;
-                (args, annotated, exit_after, None)
-            }
-        };
-        let env: Vec<(&str, &str)> = if exit_after {
-            // Dump, keep the tasks stopped, and only kill them once the
-            // archive is safely on the share.
-            args.leave_running = true;
-            vec![(front_env::DUMP_LEAVE_STOPPED, "1")]
-        } else {
-            Vec::new()
-        };
-        let started = Instant::now();
-        let dump = c.checkpoint(&args, &env)?;
-        log::info!(
-            "checkpointed {} in {:?} (CRIU {:.0} ms, frozen {:.0} ms)",
-            req.id,
-            started.elapsed(),
-            dump.criu_ms.unwrap_or(0.0),
-            dump.frozen_ms.unwrap_or(0.0)
-        );
-        let Some(to) = publish_to else {
-            return Ok(None);
-        };
-        let to = migrate::fetch::per_container(&to, container_name.as_deref());
-        let target = migrate::Target {
-            share: c.config.share_dir.clone(),
-            name: to,
-            compression: match level {
-                Some(0) => Compression::None,
-                Some(l) => Compression::Zstd {
-                    level: l,
-                    workers: 2,
-                },
-                None => Compression::Zstd {
-                    level: 1,
-                    workers: 2,
-                },
-            },
-            staging_root: c.config.staging_dir.clone(),
-        };
-        let criu_version = criu_sys::Criu::new(&c.config.criu)
-            .version()
-            .map(|v| v.to_string())
-            .unwrap_or_default();
-        let dumped = migrate::Dumped {
-            container_id: &req.id,
-            bundle: &c.bundle,
-            rootfs_upper: c.upperdir.clone(),
-            images: &args.image_path,
-            work: &args.work_path,
-            tcp_established: args.tcp_established,
-            frozen_ms: dump.frozen_ms,
-            criu_ms: dump.criu_ms,
-            criu_version,
-        };
-        match migrate::publish_checkpoint(&dumped, &target) {
-            Ok(report) => {
-                log::info!("{}: {}", req.id, report.summary());
-                if exit_after {
-                    c.runc_kill_all(libc::SIGKILL as u32)?;
-                }
-                if !req.path.is_empty() {
-                    write_report(std::path::Path::new(&req.path), &report);
-                }
-                Ok(Some(report))
-            }
-            Err(e) => {
-                if exit_after {
-                    c.resume_stopped();
-                }
-                Err(e)
-            }
+            _ => checkpoint::checkpoint(&c, req).map(drop),
         }
+    }
+
+    /// The running containers of `c`'s pod (not its sandbox), by id; just
+    /// `c` outside a pod.
+    fn pod_members(&self, c: &Arc<Container>) -> Vec<Arc<Container>> {
+        let spec = Spec::read(&c.bundle);
+        let pod = if spec.is_pod_sandbox() {
+            Some(c.id.clone())
+        } else {
+            spec.sandbox_id().map(str::to_string)
+        };
+        let Some(pod) = pod else {
+            return vec![c.clone()];
+        };
+        let mut members: Vec<Arc<Container>> = self
+            .containers
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|m| {
+                let s = Spec::read(&m.bundle);
+                !s.is_pod_sandbox() && s.sandbox_id() == Some(pod.as_str())
+            })
+            .filter(|m| matches!(m.init.status(), Status::Running | Status::Paused))
+            .cloned()
+            .collect();
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        members
     }
 
     fn do_delete(&self, id: &str, exec_id: &str) -> Result<(u32, Exit)> {
@@ -450,14 +371,9 @@ fn restore_source(
     if !req.checkpoint.is_empty() {
         return Ok(Some(RestoreFrom::Images(PathBuf::from(&req.checkpoint))));
     }
-    let spec = read_spec(bundle);
-    if is_pod_sandbox(&spec) {
-        // Pod annotations reach the sandbox's spec too; the pause process
-        // is made afresh on every node.
-        return Ok(None);
-    }
-    match spec["annotations"][criu_shim_config::ANNOTATION_RESTORE_FROM].as_str() {
-        None | Some("") => Ok(None),
+    let spec = Spec::read(bundle);
+    match spec.restore_from() {
+        None => Ok(None),
         Some(from) if from.starts_with('/') => {
             let path = PathBuf::from(from);
             if !path.join("inventory.img").is_file() {
@@ -469,97 +385,13 @@ fn restore_source(
             }
             Ok(Some(RestoreFrom::Images(path)))
         }
-        Some(reference) => {
-            let name = spec["annotations"][criu_shim_config::ANNOTATION_CONTAINER_NAME].as_str();
-            Ok(Some(RestoreFrom::Archive(migrate::fetch::per_container(
-                reference, name,
-            ))))
-        }
+        Some(reference) => Ok(Some(RestoreFrom::Archive(migrate::fetch::per_container(
+            reference,
+            spec.container_name(),
+        )))),
     }
 }
 
-/// A CRI pod's sandbox (pause) container.
-fn is_pod_sandbox(spec: &serde_json::Value) -> bool {
-    spec["annotations"][criu_shim_config::ANNOTATION_CONTAINER_TYPE].as_str() == Some("sandbox")
-}
-
-pub fn read_spec(bundle: &std::path::Path) -> serde_json::Value {
-    std::fs::read_to_string(bundle.join("config.json"))
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default()
-}
-
-/// containerd's CheckpointOptions, as runc arguments.
-fn checkpoint_args(req: &api::CheckpointTaskRequest, bundle: &std::path::Path) -> Result<CriuArgs> {
-    let o = match req.options.as_ref().filter(|a| !a.value.is_empty()) {
-        Some(any) => CheckpointOptions::parse_from_bytes(&any.value).map_err(|e| {
-            Error::InvalidArgument(format!("checkpoint options ({}): {e}", any.type_url))
-        })?,
-        None => CheckpointOptions::default(),
-    };
-    let image_path = if !req.path.is_empty() {
-        PathBuf::from(&req.path)
-    } else if !o.image_path.is_empty() {
-        PathBuf::from(&o.image_path)
-    } else {
-        return Err(Error::InvalidArgument(
-            "checkpoint without an image path".into(),
-        ));
-    };
-    let work_path = if o.work_path.is_empty() {
-        bundle.join("checkpoint-work")
-    } else {
-        PathBuf::from(&o.work_path)
-    };
-    Ok(CriuArgs {
-        image_path,
-        work_path,
-        leave_running: !o.exit,
-        tcp_established: o.open_tcp,
-        ext_unix_sk: o.external_unix_sockets,
-        shell_job: o.terminal,
-        file_locks: o.file_locks,
-        empty_ns: o.empty_namespaces.clone(),
-        cgroups_mode: Some(o.cgroups_mode.clone()).filter(|m| !m.is_empty()),
-    })
-}
-
-/// The `type_url` of our CLI's checkpoint options.
-pub const CHECKPOINT_REQUEST_TYPE: &str = "criu-shim.io/CheckpointRequest";
-
-/// What our CLI asks of a checkpoint (JSON in the options `Any`).
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct CheckpointRequest {
-    /// Archive name or key on the share (default: the checkpoint-to annotation).
-    pub to: Option<String>,
-    pub leave_running: bool,
-    pub tcp_established: bool,
-    pub file_locks: bool,
-    pub ext_unix_sk: bool,
-    /// zstd level; 0 = no compression.
-    pub compression_level: Option<i32>,
-}
-
-/// The report the CLI reads back (`<path>/report.json`).
-pub const REPORT_FILE: &str = "report.json";
-
-fn write_report(dir: &std::path::Path, r: &migrate::Report) {
-    let json = serde_json::json!({
-        "archive": r.archive,
-        "archive_bytes": r.archive_bytes,
-        "images_bytes": r.images_bytes,
-        "publish_seconds": r.publish_time.as_secs_f64(),
-        "frozen_ms": r.manifest.stats.frozen_ms,
-        "criu_ms": r.manifest.stats.criu_ms,
-        "summary": r.summary(),
-    });
-    if let Err(e) = std::fs::write(dir.join(REPORT_FILE), json.to_string()) {
-        log::warn!("cannot write checkpoint report: {e}");
-    }
-}
-
-/// A process deleted before it ran has no exit; containerd expects one.
 fn exit_or_now(p: &Process) -> Exit {
     p.exit().unwrap_or(Exit {
         status: 0,

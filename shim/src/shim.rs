@@ -33,9 +33,8 @@ impl Shim for CriuShim {
 
     fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
         // containerd starts us with the bundle as working directory.
-        let spec = crate::service::read_spec(Path::new("."));
-        let grouping =
-            criu_shim_config::grouping(&opts.id, |k| spec["annotations"][k].as_str()).to_string();
+        let spec = crate::spec::Spec::read(Path::new("."));
+        let grouping = criu_shim_config::grouping(&opts.id, |k| spec.annotation(k)).to_string();
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
         Ok(address)
     }

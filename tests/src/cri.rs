@@ -11,7 +11,7 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-pub use k8s_cri::v1::{ContainerState, PodSandboxConfig};
+pub use k8s_cri::v1::{ContainerConfig, ContainerState, Mount, PodSandboxConfig};
 
 pub struct Cri {
     rt: tokio::runtime::Runtime,

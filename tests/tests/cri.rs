@@ -214,18 +214,31 @@ fn a_missing_or_corrupt_archive_fails_the_container_and_leaves_the_node_clean() 
         ("missing", "no archive under missing/counter/"),
         ("bad", "bad/counter/"),
     ] {
-        let pod = pod_config(key, &format!("uid-{key}"), &[("criu-shim.io/restore-from", key)], false);
+        let pod = pod_config(
+            key,
+            &format!("uid-{key}"),
+            &[("criu-shim.io/restore-from", key)],
+            false,
+        );
         let pod_id = cb.run_pod_sandbox(&pod, "criu").expect("RunPodSandbox");
         let id = cb
             .create_container(&pod_id, container_config("counter", IMAGE, counter), &pod)
             .expect("CreateContainer");
         // containerd creates the task (and so our restore) at StartContainer.
-        let err = cb.start_container(&id).expect_err("a restore from a bad archive");
+        let err = cb
+            .start_container(&id)
+            .expect_err("a restore from a bad archive");
         eprintln!("{key}: StartContainer: {err}");
-        assert!(err.contains(cause), "{key}: the error names the archive: {err}");
+        assert!(
+            err.contains(cause),
+            "{key}: the error names the archive: {err}"
+        );
         let st = cb.container_status(&id).unwrap();
         assert_eq!(st.state, ContainerState::ContainerExited as i32, "{st:?}");
-        assert!(st.message.contains(cause), "{key}: ContainerStatus says why: {st:?}");
+        assert!(
+            st.message.contains(cause),
+            "{key}: ContainerStatus says why: {st:?}"
+        );
         if key == "bad" {
             assert!(
                 err.contains("checksum") || err.contains("digest") || err.contains("corrupt"),
@@ -242,4 +255,110 @@ fn a_missing_or_corrupt_archive_fails_the_container_and_leaves_the_node_clean() 
     // The archives on the share are untouched by the failed restores.
     assert!(good.is_file() && bad.is_file());
     remove_pod(&mut ca, &pod_a);
+}
+
+/// A container config with a host directory mounted at `/data`.
+fn with_volume(
+    mut c: criu_shim_tests::cri::ContainerConfig,
+    host: &Path,
+) -> criu_shim_tests::cri::ContainerConfig {
+    c.mounts.push(criu_shim_tests::cri::Mount {
+        container_path: "/data".into(),
+        host_path: host.display().to_string(),
+        ..Default::default()
+    });
+    c
+}
+
+#[test]
+fn a_two_container_pod_migrates_with_both_states_through_a_pod_checkpoint() {
+    let share = tempfile::tempdir().unwrap();
+    let a = Containerd::cri_net_node(share.path(), &[]);
+    let b = Containerd::cri_net_node(share.path(), &[]);
+    let (mut ca, mut cb) = (a.cri(), b.cri());
+    // The pod's volume lives where both nodes see it (a network volume).
+    let volume = share.path().join("volumes/duo");
+    std::fs::create_dir_all(&volume).unwrap();
+    let containers = [
+        ("counter", vec!["/testapp", "-m", "32", "--port", "8080"]),
+        ("sidecar", vec!["/testapp", "--port", "8081"]),
+    ];
+    let start_pod = |cri: &mut Cri, annotation: (&str, &str)| {
+        let pod = pod_config("duo", "uid-duo", &[annotation], false);
+        let pod_id = cri.run_pod_sandbox(&pod, "criu")?;
+        let mut ids = Vec::new();
+        for (name, args) in &containers {
+            let config = with_volume(container_config(name, IMAGE, args), &volume);
+            let id = cri.create_container(&pod_id, config, &pod)?;
+            cri.start_container(&id)?;
+            ids.push(id);
+        }
+        Ok::<_, String>((pod_id, ids))
+    };
+
+    let (pod_a, ids_a) = start_pod(&mut ca, ("criu-shim.io/checkpoint-to", "duo-job")).unwrap();
+    let ip_a = ca.pod_ip(&pod_a).unwrap();
+    for _ in 0..3 {
+        http_count_within(&ip_a, 8080, Duration::from_secs(30));
+    }
+    for _ in 0..2 {
+        http_count_within(&ip_a, 8081, Duration::from_secs(30));
+    }
+    let (code, _, err) = ca
+        .exec_sync(&ids_a[1], &["sh", "-c", "echo from-sidecar > /data/note"])
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+
+    // A pod checkpoint that leaves the pod running: both containers go on.
+    let out = a.cli_checkpoint(&ids_a[1], &["--pod", "--leave-running", "--to", "duo-warm"]);
+    assert!(out.status.success(), "{}", criu_shim_tests::text(&out));
+    assert_eq!(http_count(&ip_a, 8080).unwrap(), 4);
+    assert_eq!(
+        std::fs::read_dir(share.path().join("duo-warm/sidecar"))
+            .unwrap()
+            .count(),
+        1
+    );
+
+    // Our CLI, naming either container: the whole pod, frozen together,
+    // stopped once both archives are on the share.
+    let out = a.cli_checkpoint(&ids_a[0], &["--pod"]);
+    assert!(out.status.success(), "{}", criu_shim_tests::text(&out));
+    assert!(
+        a.log().contains("froze 2 containers"),
+        "both frozen before the dumps"
+    );
+    for name in ["counter", "sidecar"] {
+        let n = std::fs::read_dir(share.path().join("duo-job").join(name))
+            .unwrap_or_else(|e| panic!("archives of {name}: {e}"))
+            .count();
+        assert_eq!(n, 1, "one archive for {name}");
+    }
+    for id in &ids_a {
+        wait_until(
+            Duration::from_secs(10),
+            "the source containers to stop",
+            || ca.container_status(id).unwrap().state == ContainerState::ContainerExited as i32,
+        );
+    }
+    remove_pod(&mut ca, &pod_a);
+
+    let (pod_b, ids_b) = start_pod(&mut cb, ("criu-shim.io/restore-from", "duo-job")).unwrap();
+    let ip_b = cb.pod_ip(&pod_b).unwrap();
+    assert_eq!(http_count_within(&ip_b, 8080, Duration::from_secs(30)), 5);
+    assert_eq!(http_count(&ip_b, 8081).unwrap(), 3);
+    for id in &ids_b {
+        let st = cb.container_status(id).unwrap();
+        assert_eq!(st.state, ContainerState::ContainerRunning as i32, "{st:?}");
+    }
+    let (code, out, err) = cb.exec_sync(&ids_b[0], &["cat", "/data/note"]).unwrap();
+    assert_eq!((code, out.as_str()), (0, "from-sidecar\n"), "{err}");
+
+    remove_pod(&mut cb, &pod_b);
+    let mut ids: Vec<&str> = vec![&pod_b];
+    ids.extend(ids_b.iter().map(String::as_str));
+    assert_node_clean(&b, &mut cb, &ids);
+    let mut ids: Vec<&str> = vec![&pod_a];
+    ids.extend(ids_a.iter().map(String::as_str));
+    assert_node_clean(&a, &mut ca, &ids);
 }

@@ -1,0 +1,362 @@
+//! The Checkpoint RPC: dump with CRIU (through runc), then publish to the
+//! share when the container or the caller names a destination.
+//!
+//! Two callers ask for checkpoints. containerd (`ctr task checkpoint`, CRI
+//! CheckpointContainer) sends runc's CheckpointOptions and wants the images
+//! in the path it gives. Our CLI sends a [`CheckpointRequest`]; its images
+//! are staged locally and only the archive leaves the node.
+//!
+//! Exit-mode checkpoints that publish keep the dumped tasks stopped until
+//! the archive is on the share, and only then kill them: if anything fails
+//! the container resumes and nothing is lost.
+//!
+//! A pod checkpoint (`--pod`) freezes every container of the pod before it
+//! dumps any, so containers that talk to each other (over localhost, a
+//! shared volume) are captured at one instant, and publishes all of them or
+//! none.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use containerd_shim::api;
+use containerd_shim::protos::protobuf::Message;
+use containerd_shim::protos::shim::oci::CheckpointOptions;
+
+use crate::container::{Container, DumpStats};
+use crate::criu_front::env as front_env;
+use crate::error::{Error, Result};
+use crate::migrate::{self, archive::Compression, stage::Staging, Report};
+use crate::process::Status;
+use crate::runc::CriuArgs;
+use crate::spec::Spec;
+
+/// The `type_url` of our CLI's checkpoint options.
+pub const CHECKPOINT_REQUEST_TYPE: &str = "criu-shim.io/CheckpointRequest";
+
+/// What our CLI asks of a checkpoint (JSON in the options `Any`).
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CheckpointRequest {
+    /// Archive name or key on the share (default: the checkpoint-to annotation).
+    pub to: Option<String>,
+    pub leave_running: bool,
+    pub tcp_established: bool,
+    pub file_locks: bool,
+    pub ext_unix_sk: bool,
+    /// zstd level; 0 = no compression.
+    pub compression_level: Option<i32>,
+    /// Every container of the request's pod, frozen together.
+    #[serde(default)]
+    pub pod: bool,
+}
+
+impl CheckpointRequest {
+    pub fn from_options(req: &api::CheckpointTaskRequest) -> Result<Option<CheckpointRequest>> {
+        match req
+            .options
+            .as_ref()
+            .filter(|a| a.type_url == CHECKPOINT_REQUEST_TYPE)
+        {
+            Some(any) => serde_json::from_slice(&any.value)
+                .map(Some)
+                .map_err(|e| Error::InvalidArgument(format!("checkpoint request: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    fn compression(&self) -> Compression {
+        match self.compression_level {
+            Some(0) => Compression::None,
+            Some(level) => Compression::Zstd { level, workers: 2 },
+            None => DEFAULT_COMPRESSION,
+        }
+    }
+
+    /// The share key: ours, else the container's annotation.
+    fn destination(&self, spec: &Spec) -> Result<String> {
+        self.to
+            .clone()
+            .or_else(|| spec.checkpoint_to().map(str::to_string))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "no destination: give --to NAME or set the {} annotation",
+                    criu_shim_config::ANNOTATION_CHECKPOINT_TO
+                ))
+            })
+    }
+
+    /// runc arguments for a dump into fresh local staging. runc must not
+    /// destroy the container: exiting is ours to do, after publishing.
+    fn staged_args(&self, staging: &Staging) -> CriuArgs {
+        CriuArgs {
+            image_path: staging.images(),
+            work_path: staging.path().join("work"),
+            leave_running: true,
+            tcp_established: self.tcp_established,
+            file_locks: self.file_locks,
+            ext_unix_sk: self.ext_unix_sk,
+            ..Default::default()
+        }
+    }
+}
+
+const DEFAULT_COMPRESSION: Compression = Compression::Zstd {
+    level: 1,
+    workers: 2,
+};
+
+/// The report the CLI reads back (`<path>/report.json`).
+pub const REPORT_FILE: &str = "report.json";
+
+/// One container's checkpoint, from containerd or our CLI.
+pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Option<Report>> {
+    let spec = Spec::read(&c.bundle);
+    let ours = CheckpointRequest::from_options(req)?;
+    let mut _staging = None;
+    let (mut args, publish_to, exit_after, compression) = match &ours {
+        Some(r) => {
+            let to = r.destination(&spec)?;
+            let staging = Staging::new(&c.config.staging_dir, &format!("dump-{}", c.id))?;
+            let args = r.staged_args(&staging);
+            _staging = Some(staging);
+            (args, Some(to), !r.leave_running, r.compression())
+        }
+        None => {
+            let args = containerd_args(req, &c.bundle)?;
+            let to = spec.checkpoint_to().map(str::to_string);
+            let exit_after = to.is_some() && !args.leave_running;
+            (args, to, exit_after, DEFAULT_COMPRESSION)
+        }
+    };
+    let env: Vec<(&str, &str)> = if exit_after {
+        // Dump, keep the tasks stopped, and only kill them once the
+        // archive is safely on the share.
+        args.leave_running = true;
+        vec![(front_env::DUMP_LEAVE_STOPPED, "1")]
+    } else {
+        Vec::new()
+    };
+    let dump = dump(c, &args, &env)?;
+    let Some(to) = publish_to else {
+        return Ok(None);
+    };
+    let to = migrate::fetch::per_container(&to, spec.container_name());
+    match publish(c, &args, &dump, &to, compression) {
+        Ok(report) => {
+            if exit_after {
+                c.runc_kill_all(libc::SIGKILL as u32)?;
+            }
+            if !req.path.is_empty() {
+                write_report(Path::new(&req.path), &[&report]);
+            }
+            Ok(Some(report))
+        }
+        Err(e) => {
+            if exit_after {
+                c.resume_stopped();
+            }
+            Err(e)
+        }
+    }
+}
+
+/// A pod checkpoint: `members` (the pod's containers, not its sandbox)
+/// are all frozen, then dumped one by one, then published; the pod goes on
+/// (`leave_running`) or its containers are killed once every archive is on
+/// the share. Any failure thaws them all and removes what was published.
+pub fn checkpoint_pod(
+    members: &[Arc<Container>],
+    r: &CheckpointRequest,
+    report_dir: Option<&Path>,
+) -> Result<Vec<Report>> {
+    let first = members
+        .first()
+        .ok_or_else(|| Error::FailedPrecondition("the pod has no running containers".into()))?;
+    let key = r.destination(&Spec::read(&first.bundle))?;
+    let started = Instant::now();
+    let mut frozen = Frozen::default();
+    for c in members {
+        frozen.freeze(c)?;
+    }
+    log::info!(
+        "pod checkpoint: froze {} containers in {:?}",
+        members.len(),
+        started.elapsed()
+    );
+    let mut dumps = Vec::new();
+    for c in members {
+        let staging = Staging::new(&c.config.staging_dir, &format!("dump-{}", c.id))?;
+        let args = r.staged_args(&staging);
+        // The freezer is ours: CRIU finds it frozen and leaves it so.
+        let stats = dump(c, &args, &[])?;
+        dumps.push((c, staging, args, stats));
+    }
+    let mut published: Vec<Report> = Vec::new();
+    for (c, _, args, stats) in &dumps {
+        let to = migrate::fetch::per_container(&key, Spec::read(&c.bundle).container_name());
+        match publish(c, args, stats, &to, r.compression()) {
+            Ok(report) => published.push(report),
+            Err(e) => {
+                // All or nothing: a partial pod must not be restorable.
+                for p in &published {
+                    let _ = std::fs::remove_file(&p.archive);
+                }
+                return Err(e);
+            }
+        }
+    }
+    if !r.leave_running {
+        for c in members {
+            c.runc_kill_all(libc::SIGKILL as u32)?;
+        }
+    }
+    frozen.thaw_all();
+    log::info!(
+        "pod checkpoint of {} containers done in {:?} (pod frozen throughout)",
+        members.len(),
+        started.elapsed()
+    );
+    if let Some(dir) = report_dir {
+        write_report(dir, &published.iter().collect::<Vec<_>>());
+    }
+    Ok(published)
+}
+
+/// Containers this pod checkpoint froze; thawed again when dropped (on
+/// error) or by [`Frozen::thaw_all`]. Containers the user had paused stay
+/// paused.
+#[derive(Default)]
+struct Frozen<'a> {
+    by_us: Vec<&'a Container>,
+}
+
+impl<'a> Frozen<'a> {
+    fn freeze(&mut self, c: &'a Container) -> Result<()> {
+        if c.init.status() == Status::Running {
+            c.pause()?;
+            self.by_us.push(c);
+        }
+        Ok(())
+    }
+
+    fn thaw_all(&mut self) {
+        for c in self.by_us.drain(..) {
+            if let Err(e) = c.resume() {
+                log::warn!("thaw {} after the pod checkpoint: {e}", c.id);
+            }
+            c.resume_stopped();
+        }
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        self.thaw_all();
+    }
+}
+
+fn dump(c: &Container, args: &CriuArgs, env: &[(&str, &str)]) -> Result<DumpStats> {
+    let started = Instant::now();
+    let stats = c.checkpoint(args, env)?;
+    log::info!(
+        "checkpointed {} in {:?} (CRIU {:.0} ms, frozen {:.0} ms)",
+        c.id,
+        started.elapsed(),
+        stats.criu_ms.unwrap_or(0.0),
+        stats.frozen_ms.unwrap_or(0.0)
+    );
+    Ok(stats)
+}
+
+/// stage -> archive -> publish the images `args` points at, as `to`.
+fn publish(
+    c: &Container,
+    args: &CriuArgs,
+    dump: &DumpStats,
+    to: &str,
+    compression: Compression,
+) -> Result<Report> {
+    let target = migrate::Target {
+        share: c.config.share_dir.clone(),
+        name: to.to_string(),
+        compression,
+        staging_root: c.config.staging_dir.clone(),
+    };
+    let criu_version = criu_sys::Criu::new(&c.config.criu)
+        .version()
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    let dumped = migrate::Dumped {
+        container_id: &c.id,
+        bundle: &c.bundle,
+        rootfs_upper: c.upperdir.clone(),
+        images: &args.image_path,
+        work: &args.work_path,
+        tcp_established: args.tcp_established,
+        frozen_ms: dump.frozen_ms,
+        criu_ms: dump.criu_ms,
+        criu_version,
+    };
+    let report = migrate::publish_checkpoint(&dumped, &target)?;
+    log::info!("{}: {}", c.id, report.summary());
+    Ok(report)
+}
+
+/// containerd's CheckpointOptions, as runc arguments.
+fn containerd_args(req: &api::CheckpointTaskRequest, bundle: &Path) -> Result<CriuArgs> {
+    let o = match req.options.as_ref().filter(|a| !a.value.is_empty()) {
+        Some(any) => CheckpointOptions::parse_from_bytes(&any.value).map_err(|e| {
+            Error::InvalidArgument(format!("checkpoint options ({}): {e}", any.type_url))
+        })?,
+        None => CheckpointOptions::default(),
+    };
+    let image_path = if !req.path.is_empty() {
+        PathBuf::from(&req.path)
+    } else if !o.image_path.is_empty() {
+        PathBuf::from(&o.image_path)
+    } else {
+        return Err(Error::InvalidArgument(
+            "checkpoint without an image path".into(),
+        ));
+    };
+    let work_path = if o.work_path.is_empty() {
+        bundle.join("checkpoint-work")
+    } else {
+        PathBuf::from(&o.work_path)
+    };
+    Ok(CriuArgs {
+        image_path,
+        work_path,
+        leave_running: !o.exit,
+        tcp_established: o.open_tcp,
+        ext_unix_sk: o.external_unix_sockets,
+        shell_job: o.terminal,
+        file_locks: o.file_locks,
+        empty_ns: o.empty_namespaces.clone(),
+        cgroups_mode: Some(o.cgroups_mode.clone()).filter(|m| !m.is_empty()),
+    })
+}
+
+fn write_report(dir: &Path, reports: &[&Report]) {
+    let archives: Vec<_> = reports
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "archive": r.archive,
+                "archive_bytes": r.archive_bytes,
+                "images_bytes": r.images_bytes,
+                "publish_seconds": r.publish_time.as_secs_f64(),
+                "frozen_ms": r.manifest.stats.frozen_ms,
+                "criu_ms": r.manifest.stats.criu_ms,
+            })
+        })
+        .collect();
+    let summary: Vec<String> = reports.iter().map(|r| r.summary()).collect();
+    let json = serde_json::json!({
+        "archives": archives,
+        "summary": summary.join("\n"),
+    });
+    if let Err(e) = std::fs::write(dir.join(REPORT_FILE), json.to_string()) {
+        log::warn!("cannot write checkpoint report: {e}");
+    }
+}

@@ -1,0 +1,90 @@
+//! What the shim reads from a container's OCI spec (`config.json` in its
+//! bundle): our annotations, and the CRI's that say which pod a container
+//! belongs to and what it is called there.
+
+use std::path::Path;
+
+use criu_shim_config as cfg;
+
+pub struct Spec(serde_json::Value);
+
+impl Spec {
+    /// The bundle's spec; an unreadable one reads as empty (no annotations).
+    pub fn read(bundle: &Path) -> Spec {
+        Spec(
+            std::fs::read_to_string(bundle.join("config.json"))
+                .ok()
+                .and_then(|s| serde_json::from_str(&s).ok())
+                .unwrap_or_default(),
+        )
+    }
+
+    /// A non-empty annotation.
+    pub fn annotation(&self, name: &str) -> Option<&str> {
+        self.0["annotations"][name]
+            .as_str()
+            .filter(|s| !s.is_empty())
+    }
+
+    /// A CRI pod's sandbox (pause) container. Pod annotations reach its spec
+    /// too, but the pause process is made afresh on every node: our
+    /// checkpoint and restore annotations do not apply to it.
+    pub fn is_pod_sandbox(&self) -> bool {
+        self.annotation(cfg::ANNOTATION_CONTAINER_TYPE) == Some("sandbox")
+    }
+
+    pub fn checkpoint_to(&self) -> Option<&str> {
+        self.ours(cfg::ANNOTATION_CHECKPOINT_TO)
+    }
+
+    pub fn restore_from(&self) -> Option<&str> {
+        self.ours(cfg::ANNOTATION_RESTORE_FROM)
+    }
+
+    /// The container's name in its pod (CRI), the same on every node.
+    pub fn container_name(&self) -> Option<&str> {
+        self.annotation(cfg::ANNOTATION_CONTAINER_NAME)
+    }
+
+    /// The pod a container belongs to (CRI): its sandbox's id.
+    pub fn sandbox_id(&self) -> Option<&str> {
+        self.annotation(cfg::ANNOTATION_SANDBOX_ID)
+    }
+
+    fn ours(&self, name: &str) -> Option<&str> {
+        if self.is_pod_sandbox() {
+            None
+        } else {
+            self.annotation(name)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(annotations: serde_json::Value) -> Spec {
+        Spec(serde_json::json!({ "annotations": annotations }))
+    }
+
+    #[test]
+    fn the_sandbox_ignores_our_pod_annotations() {
+        let sandbox = spec(serde_json::json!({
+            "io.kubernetes.cri.container-type": "sandbox",
+            "criu-shim.io/restore-from": "job",
+        }));
+        assert!(sandbox.is_pod_sandbox());
+        assert_eq!(sandbox.restore_from(), None);
+        let app = spec(serde_json::json!({
+            "io.kubernetes.cri.container-type": "container",
+            "io.kubernetes.cri.container-name": "web",
+            "criu-shim.io/restore-from": "job",
+            "criu-shim.io/checkpoint-to": "",
+        }));
+        assert_eq!(app.restore_from(), Some("job"));
+        assert_eq!(app.checkpoint_to(), None, "empty means unset");
+        assert_eq!(app.container_name(), Some("web"));
+        assert_eq!(Spec::read(Path::new("/nonexistent")).restore_from(), None);
+    }
+}
