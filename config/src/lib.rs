@@ -49,6 +49,7 @@ pub mod env {
     pub const STAGING_DIR: &str = "CRIU_SHIM_STAGING_DIR";
     pub const SHARE_DIR: &str = "CRIU_SHIM_SHARE_DIR";
     pub const CRIU_TIMEOUT_SECS: &str = "CRIU_SHIM_CRIU_TIMEOUT";
+    pub const FETCH_WAIT_SECS: &str = "CRIU_SHIM_FETCH_WAIT";
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -93,6 +94,9 @@ pub struct ShimConfig {
     pub share_dir: PathBuf,
     /// Longest a CRIU dump or restore may take.
     pub criu_timeout_secs: u64,
+    /// How long a restore waits for its archive to show up on the share
+    /// (network file systems make new files visible to other nodes late).
+    pub fetch_wait_secs: u64,
 }
 
 impl ShimConfig {
@@ -111,6 +115,7 @@ impl ShimConfig {
             staging_dir: "/var/lib/criu-shim/staging".into(),
             share_dir: "/var/lib/criu-shim/share".into(),
             criu_timeout_secs: 600,
+            fetch_wait_secs: 30,
         }
     }
 
@@ -161,6 +166,13 @@ impl ShimConfig {
                     })
                 }
             };
+        }
+        if let Some(v) = env(env::FETCH_WAIT_SECS) {
+            c.fetch_wait_secs = v.parse::<u64>().map_err(|_| ConfigError::BadValue {
+                name: env::FETCH_WAIT_SECS,
+                value: v,
+                why: "expected a whole number of seconds (0: do not wait)",
+            })?;
         }
         for (what, path) in [
             ("runc root", &c.runc_root),

@@ -323,6 +323,10 @@ fn gc(raw: &[String]) -> Result<(), Failure> {
             println!("removed {}", p.strip_prefix(&share).unwrap_or(p).display());
             removed += 1;
         }
+        // Sequence markers of removed archives (the newest one stays).
+        for m in migrate::sequence::orphans(&dir) {
+            let _ = std::fs::remove_file(&m);
+        }
         // Leftovers of publishers that died mid-write, after an hour.
         for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
@@ -331,7 +335,8 @@ fn gc(raw: &[String]) -> Result<(), Failure> {
                 .and_then(|m| m.modified())
                 .map(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(3600))
                 .unwrap_or(false);
-            if n.starts_with('.') && n.contains(".partial-") && stale {
+            let leftover = n.contains(".partial-") || n.starts_with(".seq-new-");
+            if n.starts_with('.') && leftover && stale {
                 let _ = std::fs::remove_file(e.path());
                 println!("removed stale {}/{n}", key);
                 removed += 1;

@@ -183,6 +183,7 @@ impl Service {
                     &reference,
                     &config.staging_dir,
                     &req.id,
+                    Duration::from_secs(config.fetch_wait_secs),
                 )?;
                 log::info!(
                     "fetched and verified {} for {} in {:?} (checkpoint of {}, CRIU {})",

@@ -7,6 +7,7 @@
 //! Binaries (containerd, ctr, CRIU) come from hack/setup's prefix.
 
 pub mod cri;
+pub mod sshfs;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -90,7 +91,7 @@ pub struct NodeNet {
 impl NodeNet {
     /// Takes the first free node index and builds its network, with the
     /// CNI config written to `conf_dir`.
-    fn create(conf_dir: &Path) -> NodeNet {
+    pub fn create(conf_dir: &Path) -> NodeNet {
         std::fs::create_dir_all(conf_dir).unwrap();
         for index in 1..=250 {
             let status = Command::new(workspace().join("hack/node-net"))
@@ -466,7 +467,17 @@ state = "{d}/state"
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        // Kill what our tests left, then the daemon; shims exit with their tasks.
+        // Kill what our tests left, then the daemon; shims exit with their
+        // tasks. Pods first, through the CRI: that also removes their
+        // network namespaces and CNI state.
+        if self.child.is_some() && self.env.iter().any(|(k, _)| k == "CRI_NODE") {
+            if let Ok(mut cri) = cri::Cri::connect(&self.socket()) {
+                for pod in cri.list_pods().unwrap_or_default() {
+                    let _ = cri.stop_pod_sandbox(&pod.id);
+                    let _ = cri.remove_pod_sandbox(&pod.id);
+                }
+            }
+        }
         if self.child.is_some() {
             let out = self.ctr(&["task", "ls", "-q"]);
             for id in String::from_utf8_lossy(&out.stdout).lines() {

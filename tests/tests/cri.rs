@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use criu_shim_tests::cri::{container_config, pod_config, ContainerState, Cri, PodSandboxConfig};
+use criu_shim_tests::sshfs::SshfsShare;
 use criu_shim_tests::{
     http_count, http_count_within, mounts_containing, pids_matching, wait_until, Containerd, IMAGE,
 };
@@ -139,10 +140,10 @@ fn a_pod_migrates_between_nodes_through_the_cri() {
     let export = share.path().join("kubelet-checkpoint.tar");
     ca.checkpoint_container(&ids_a[0], &export)
         .expect("CheckpointContainer");
-    let archives = std::fs::read_dir(share.path().join("counter-job/counter"))
-        .expect("archive directory for the container")
-        .count();
-    assert_eq!(archives, 1);
+    assert_eq!(
+        listed_archives(&share.path().join("counter-job/counter")),
+        1
+    );
     remove_pod(&mut ca, &pod_a);
 
     let (pod_b, ids_b, _) = run_pod(
@@ -182,7 +183,8 @@ fn corrupt(path: &Path) {
 fn a_missing_or_corrupt_archive_fails_the_container_and_leaves_the_node_clean() {
     let share = tempfile::tempdir().unwrap();
     let a = Containerd::cri_net_node(share.path(), &[]);
-    let b = Containerd::cri_net_node(share.path(), &[]);
+    // A missing archive is waited for (it may be on its way), then refused.
+    let b = Containerd::cri_net_node(share.path(), &[("CRIU_SHIM_FETCH_WAIT", "2")]);
     let (mut ca, mut cb) = (a.cri(), b.cri());
     let counter: &[&str] = &["/testapp", "-m", "16"];
 
@@ -199,10 +201,10 @@ fn a_missing_or_corrupt_archive_fails_the_container_and_leaves_the_node_clean() 
         .expect("CheckpointContainer");
     let good = std::fs::read_dir(share.path().join("good/counter"))
         .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".criu.tar.zst"))
+        .expect("the published archive");
     let bad_dir = share.path().join("bad/counter");
     std::fs::create_dir_all(&bad_dir).unwrap();
     let bad = bad_dir.join(good.file_name().unwrap());
@@ -211,7 +213,7 @@ fn a_missing_or_corrupt_archive_fails_the_container_and_leaves_the_node_clean() 
 
     let mut ids = Vec::new();
     for (key, cause) in [
-        ("missing", "no archive under missing/counter/"),
+        ("missing", "no archive under missing/counter/ on the share"),
         ("bad", "bad/counter/"),
     ] {
         let pod = pod_config(
@@ -313,12 +315,7 @@ fn a_two_container_pod_migrates_with_both_states_through_a_pod_checkpoint() {
     let out = a.cli_checkpoint(&ids_a[1], &["--pod", "--leave-running", "--to", "duo-warm"]);
     assert!(out.status.success(), "{}", criu_shim_tests::text(&out));
     assert_eq!(http_count(&ip_a, 8080).unwrap(), 4);
-    assert_eq!(
-        std::fs::read_dir(share.path().join("duo-warm/sidecar"))
-            .unwrap()
-            .count(),
-        1
-    );
+    assert_eq!(listed_archives(&share.path().join("duo-warm/sidecar")), 1);
 
     // Our CLI, naming either container: the whole pod, frozen together,
     // stopped once both archives are on the share.
@@ -329,9 +326,7 @@ fn a_two_container_pod_migrates_with_both_states_through_a_pod_checkpoint() {
         "both frozen before the dumps"
     );
     for name in ["counter", "sidecar"] {
-        let n = std::fs::read_dir(share.path().join("duo-job").join(name))
-            .unwrap_or_else(|e| panic!("archives of {name}: {e}"))
-            .count();
+        let n = listed_archives(&share.path().join("duo-job").join(name));
         assert_eq!(n, 1, "one archive for {name}");
     }
     for id in &ids_a {
@@ -361,4 +356,78 @@ fn a_two_container_pod_migrates_with_both_states_through_a_pod_checkpoint() {
     let mut ids: Vec<&str> = vec![&pod_a];
     ids.extend(ids_a.iter().map(String::as_str));
     assert_node_clean(&a, &mut ca, &ids);
+}
+
+/// The archives a directory listing shows (as a node's mount sees it).
+fn listed_archives(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".criu.tar.zst"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_pod_migrates_over_an_sshfs_share_whose_listings_are_stale() {
+    let share = SshfsShare::start(2);
+    let a = Containerd::cri_net_node(share.mount_point(0), &[]);
+    let b = Containerd::cri_net_node(share.mount_point(1), &[]);
+    let (mut ca, mut cb) = (a.cri(), b.cri());
+    let counter: &[&str] = &["/testapp", "-m", "32"];
+    let (pod_a, ids_a, _) = run_pod(
+        &mut ca,
+        "counter",
+        &[("criu-shim.io/checkpoint-to", "job")],
+        &[("counter", counter)],
+    )
+    .expect("pod on A");
+    let ip_a = ca.pod_ip(&pod_a).unwrap();
+    assert_eq!(http_count_within(&ip_a, PORT, Duration::from_secs(30)), 1);
+
+    // A first checkpoint, which node B's mount lists (and caches).
+    ca.checkpoint_container(&ids_a[0], &share.dir.path().join("export-1.tar"))
+        .expect("CheckpointContainer");
+    let on_b = share.mount_point(1).join("job/counter");
+    assert_eq!(listed_archives(&on_b), 1);
+
+    // More state, and the real move: exit-mode checkpoint with our CLI.
+    assert_eq!(http_count(&ip_a, PORT).unwrap(), 2);
+    assert_eq!(http_count(&ip_a, PORT).unwrap(), 3);
+    let out = a.cli_checkpoint(&ids_a[0], &[]);
+    assert!(out.status.success(), "{}", criu_shim_tests::text(&out));
+    assert_eq!(listed_archives(&share.export().join("job/counter")), 2);
+    let stale = listed_archives(&on_b) == 1;
+    eprintln!("node B's listing of the key is stale: {stale}");
+    assert!(
+        stale,
+        "sshfs caches listings (20 s): this test relies on it"
+    );
+    remove_pod(&mut ca, &pod_a);
+
+    // B restores the newest archive although its listing still shows only
+    // the first one: the count goes on from 3, not from 1.
+    let (pod_b, ids_b, _) = run_pod(
+        &mut cb,
+        "counter",
+        &[("criu-shim.io/restore-from", "job")],
+        &[("counter", counter)],
+    )
+    .expect("restored pod on B");
+    let ip_b = cb.pod_ip(&pod_b).unwrap();
+    assert_eq!(http_count_within(&ip_b, PORT, Duration::from_secs(30)), 4);
+    let (code, _, err) = cb.exec_sync(&ids_b[0], &["true"]).unwrap();
+    assert_eq!(code, 0, "{err}");
+
+    // Nothing half-written on the server.
+    let hidden: Vec<String> = std::fs::read_dir(share.export().join("job/counter"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".partial-") || n.starts_with(".seq-new"))
+        .collect();
+    assert!(hidden.is_empty(), "leftovers on the share: {hidden:?}");
+    remove_pod(&mut cb, &pod_b);
+    assert_node_clean(&b, &mut cb, &[&pod_b, &ids_b[0]]);
 }

@@ -15,11 +15,22 @@ fn share() -> tempfile::TempDir {
         .unwrap()
 }
 
-fn archives(share: &Path, key: &str) -> Vec<PathBuf> {
+/// Every file under `key` on the share (archives, markers, partials).
+fn entries(share: &Path, key: &str) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(share.join(key))
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     v.sort();
+    v
+}
+
+/// The complete archives under `key`, oldest first.
+fn archives(share: &Path, key: &str) -> Vec<PathBuf> {
+    let mut v = entries(share, key);
+    v.retain(|p| {
+        let n = p.file_name().unwrap().to_string_lossy();
+        !n.starts_with('.') && n.ends_with(".criu.tar.zst")
+    });
     v
 }
 
@@ -419,7 +430,7 @@ fn criu_killed_mid_dump_leaves_the_source_running_and_no_archive() {
         "the kill should have landed after CRIU locked the network"
     );
     assert!(
-        archives(share.path(), "victim").is_empty(),
+        entries(share.path(), "victim").is_empty(),
         "an archive (partial or not) was left"
     );
     assert!(empty_dir(&a.staging()), "staging left behind");

@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::publish::{check_name, check_share, SUFFIXES};
 use crate::error::{Error, Result};
@@ -45,7 +46,14 @@ pub fn resolve(share: &Path, reference: &str) -> Result<PathBuf> {
             )))
         };
     }
-    newest_in(&path).ok_or_else(|| {
+    // The listing may be stale on a network file system; markers are
+    // looked up by name, so they win. Archives published without markers
+    // are still found by listing.
+    let newest = match super::sequence::newest(&path)? {
+        Some(archive) => Some(archive),
+        None => newest_in(&path),
+    };
+    newest.ok_or_else(|| {
         Error::NotFound(format!(
             "no archive under {reference}/ on the share {} (is the checkpoint published, \
              and the share mounted on this node?)",
@@ -73,6 +81,27 @@ pub fn list(dir: &Path) -> Vec<PathBuf> {
 
 fn newest_in(dir: &Path) -> Option<PathBuf> {
     list(dir).pop()
+}
+
+/// [`resolve`], retried for up to `wait` while nothing is found: another
+/// node's archive can take a while to show up on a network file system.
+pub fn resolve_waiting(share: &Path, reference: &str, wait: Duration) -> Result<PathBuf> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match resolve(share, reference) {
+            Err(Error::NotFound(msg)) if Instant::now() < deadline => {
+                log::debug!("{msg}; waiting for it to appear");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(Error::NotFound(msg)) if !wait.is_zero() => {
+                return Err(Error::NotFound(format!(
+                    "{msg}; waited {} s (CRIU_SHIM_FETCH_WAIT)",
+                    wait.as_secs()
+                )))
+            }
+            other => return other,
+        }
+    }
 }
 
 pub fn open(path: &Path) -> Result<(File, u64)> {

@@ -20,6 +20,7 @@ pub mod fetch;
 pub mod manifest;
 pub mod publish;
 pub mod rootfs;
+pub mod sequence;
 pub mod stage;
 pub mod unpack;
 pub mod verify;
@@ -190,8 +191,9 @@ pub fn fetch_archive(
     reference: &str,
     staging_root: &Path,
     id: &str,
+    wait: Duration,
 ) -> Result<Fetched> {
-    let path = fetch::resolve(share, reference)?;
+    let path = fetch::resolve_waiting(share, reference, wait)?;
     let (file, _size) = fetch::open(&path)?;
     let staging = Staging::new(staging_root, &format!("restore-{id}"))?;
     let what = path.display().to_string();
@@ -269,7 +271,14 @@ mod tests {
                 .unwrap()
                 .next()
                 .is_none());
-            let f = fetch_archive(share.path(), "job", &dir.path().join("rst"), "c2").unwrap();
+            let f = fetch_archive(
+                share.path(),
+                "job",
+                &dir.path().join("rst"),
+                "c2",
+                Duration::ZERO,
+            )
+            .unwrap();
             assert_eq!(f.manifest.container_id, "c1");
             assert_eq!(f.manifest.stats.pages_bytes, 3 << 20);
             assert_eq!(
@@ -317,7 +326,7 @@ mod tests {
             std::fs::create_dir_all(share.path().join(name)).unwrap();
             std::fs::write(share.path().join(name).join("x.criu.tar.zst"), data).unwrap();
             let staging = dir.path().join(format!("rst-{name}"));
-            let err = fetch_archive(share.path(), name, &staging, "c")
+            let err = fetch_archive(share.path(), name, &staging, "c", Duration::ZERO)
                 .err()
                 .unwrap_or_else(|| panic!("{name} accepted"));
             assert!(matches!(err, Error::InvalidArgument(_)), "{name}: {err}");

@@ -76,7 +76,16 @@ pub fn publish(
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result
+    let published = result?;
+    // The archive is whole and in place; now readers may be pointed at it.
+    if let Err(e) = super::sequence::record(&dir, &published.path) {
+        log::warn!(
+            "published {} but could not record it as the newest of its key ({e}); \
+             restores by key fall back to listing the directory",
+            published.path.display()
+        );
+    }
+    Ok(published)
 }
 
 fn write_then_rename(
@@ -113,7 +122,7 @@ fn write_then_rename(
 /// rename(2) that fails instead of replacing an existing file. File systems
 /// without RENAME_NOREPLACE (some FUSE ones) get link+unlink, which is
 /// equally exclusive.
-fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
+pub(super) fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
     use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
     match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
         Ok(()) => Ok(()),
