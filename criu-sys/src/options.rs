@@ -345,6 +345,11 @@ impl Options {
         self
     }
 
+    /// The generated message, to read what a relayed request asks for.
+    pub fn raw(&self) -> &rpc::CriuOpts {
+        &self.raw
+    }
+
     /// The generated message, for fields without a setter of their own.
     pub fn raw_mut(&mut self) -> &mut rpc::CriuOpts {
         &mut self.raw

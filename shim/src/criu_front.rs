@@ -10,7 +10,10 @@
 //!   of the way of CRIU's own stdio);
 //! - add what runc does not expose, from environment variables the shim
 //!   sets on runc: a deadline per request, `leave_stopped` at restore (so
-//!   Create restores and Start resumes), `tcp_established` at restore;
+//!   Create restores and Start resumes); TCP handling for services under
+//!   load (in-flight connections skipped and established ones dumped; at
+//!   restore, established ones restored, or closed when the container joins
+//!   a pod's new network namespace and its old address is gone);
 //! - bring the loopback device up in a restored network namespace;
 //! - time the dump (how long the tasks stayed frozen) into the work dir.
 
@@ -128,7 +131,20 @@ fn relay_with_options(
         opts = opts.leave_stopped(true);
     }
     if restore && flag(env::TCP_ESTABLISHED) {
-        opts = opts.tcp_established(true);
+        opts = if joins_existing_netns(&opts) {
+            // A pod's network namespace is the new pod's, with a new IP:
+            // connections to the old address cannot live on. They come
+            // back closed, and the application sees them reset.
+            opts.tcp_close(true)
+        } else {
+            opts.tcp_established(true)
+        };
+    }
+    if !restore {
+        // A service under load always has connections in some state when
+        // it is frozen. Not yet accepted ones are dropped (their clients
+        // retry); established ones are dumped, to be restored or closed.
+        opts = opts.tcp_skip_in_flight(true).tcp_established(true);
     }
     if !restore && flag(env::DUMP_LEAVE_STOPPED) {
         opts.raw_mut().set_leave_running(false);
@@ -144,6 +160,15 @@ fn relay_with_options(
     let error = result.as_ref().err().map(|e| e.to_string());
     write_stats(&work_dir, started.elapsed(), relay.frozen_for, error);
     Ok(result?)
+}
+
+/// runc restores into a namespace that already exists (a pod's) by
+/// handing CRIU the namespace as the inherited fd `extRootNetNS`.
+fn joins_existing_netns(opts: &Options) -> bool {
+    opts.raw()
+        .inherit_fd
+        .iter()
+        .any(|f| f.key() == "extRootNetNS")
 }
 
 fn flag(name: &str) -> bool {

@@ -75,6 +75,23 @@ impl Cri {
         r.map(|r| r.into_inner().image.is_some()).map_err(status)
     }
 
+    /// The image's id (its config digest), as the kubelet records it.
+    pub fn image_id(&mut self, image: &str) -> CriResult<String> {
+        let req = cri::ImageStatusRequest {
+            image: Some(cri::ImageSpec {
+                image: image.to_string(),
+                ..Default::default()
+            }),
+            verbose: false,
+        };
+        let r = self.rt.block_on(self.images.image_status(req));
+        r.map_err(status)?
+            .into_inner()
+            .image
+            .map(|i| i.id)
+            .ok_or_else(|| format!("no image {image}"))
+    }
+
     pub fn run_pod_sandbox(
         &mut self,
         config: &PodSandboxConfig,

@@ -42,10 +42,14 @@ fn cargo_build(args: &[&str]) {
     assert!(status.success(), "cargo build {args:?} failed");
 }
 
-/// The shim binary from this checkout (built once per test process).
+/// The shim binary from this checkout (built once per test process), or
+/// the one `CRIU_SHIM_BINARY` names (benchmarks use the release build).
 pub fn shim_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("CRIU_SHIM_BINARY") {
+            return PathBuf::from(bin);
+        }
         cargo_build(&["-p", "criu-shim", "--bin", "containerd-shim-criu-v2"]);
         let bin = workspace().join("target/debug/containerd-shim-criu-v2");
         assert!(bin.exists(), "{} not built", bin.display());
@@ -209,6 +213,11 @@ impl Containerd {
     runtime_type = '{RUNTIME}'
     pod_annotations = ['criu-shim.io/*']
     [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.criu.options]
+      SystemdCgroup = false
+  # containerd's own Go runc shim, for side-by-side benchmarks.
+  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+    runtime_type = 'io.containerd.runc.v2'
+    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
       SystemdCgroup = false
   [plugins.'io.containerd.cri.v1.runtime'.cni]
     bin_dirs = ['/usr/lib/cni']
