@@ -11,18 +11,7 @@ cd_start() {
   CD_DIR=$1
   mkdir -p "$CD_DIR/bin"
   if [ -n "${SHIM_DIR:-}" ]; then ln -sf "$SHIM_DIR/containerd-shim-criu-v2" "$CD_DIR/bin/"; fi
-  cat >"$CD_DIR/config.toml" <<TOML
-version = 3
-root = "$CD_DIR/root"
-state = "$CD_DIR/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.nri.v1.nri",
-  "io.containerd.cri.v1.runtime", "io.containerd.cri.v1.images",
-  "io.containerd.podsandbox.controller.v1.podsandbox", "io.containerd.sandbox.controller.v1.shim"]
-[grpc]
-  address = "$CD_DIR/containerd.sock"
-[ttrpc]
-  address = "$CD_DIR/containerd.sock.ttrpc"
-TOML
+  "$(dirname "${BASH_SOURCE[0]}")/containerd-config" "$CD_DIR" >"$CD_DIR/config.toml"
   PATH="$CD_DIR/bin:$PREFIX/bin:$PATH" "$PREFIX/bin/containerd" --config "$CD_DIR/config.toml" \
     >"$CD_DIR/containerd.log" 2>&1 &
   CD_PID=$!

@@ -199,7 +199,12 @@ pub fn checkpoint_pod(
             Err(e) => {
                 // All or nothing: a partial pod must not be restorable.
                 for p in &published {
-                    let _ = std::fs::remove_file(&p.archive);
+                    log::warn!(
+                        "pod checkpoint failed at {}: taking back {}",
+                        c.id,
+                        p.archive.display()
+                    );
+                    migrate::unpublish(&p.archive);
                 }
                 return Err(e);
             }

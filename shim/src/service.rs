@@ -278,7 +278,7 @@ impl Service {
         }
     }
 
-    /// The running containers of `c`'s pod (not its sandbox), by id; just
+    /// The running containers of `c`'s pod (not its sandbox), by name; just
     /// `c` outside a pod.
     fn pod_members(&self, c: &Arc<Container>) -> Vec<Arc<Container>> {
         let spec = Spec::read(&c.bundle);
@@ -302,7 +302,11 @@ impl Service {
             .filter(|m| matches!(m.init.status(), Status::Running | Status::Paused))
             .cloned()
             .collect();
-        members.sort_by(|a, b| a.id.cmp(&b.id));
+        // In the pod manifest's names' order, for logs a person can follow.
+        members.sort_by_cached_key(|m| {
+            let name = Spec::read(&m.bundle).container_name().map(str::to_string);
+            (name, m.id.clone())
+        });
         members
     }
 

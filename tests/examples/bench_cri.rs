@@ -209,20 +209,6 @@ fn migrate(
     }
     let t1 = Instant::now();
     remove_pod(&mut ca, &pod_a);
-    if way == Way::Stock {
-        // containerd 2.1's CRI restore pulls the checkpoint's base image by
-        // the bare image id it recorded ("failed to pull checkpoint base
-        // image sha256:...: invalid port"), which needs a registry this
-        // machine does not have. Its checkpoint alone is a lower bound of
-        // its downtime.
-        let _ = std::fs::remove_file(&tar);
-        return Sample {
-            failed,
-            checkpoint: t1 - t0,
-            restore: Duration::ZERO,
-            downtime: t1 - t0,
-        };
-    }
 
     let restore_ann = [("criu-shim.io/restore-from", key.as_str())];
     let ann: &[(&str, &str)] = if way == Way::Stock { &[] } else { &restore_ann };

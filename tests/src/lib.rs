@@ -178,6 +178,24 @@ impl Containerd {
         Self::start_with("k8s.io".to_string(), all)
     }
 
+    /// Names every imported image also by its repository digest
+    /// (`name@sha256:...`), as an image pulled from a registry is named.
+    /// containerd's own CRI restore looks the base image up by that name.
+    fn add_repo_digests(&self) {
+        let list = self.ctr_ok(&["images", "ls"]);
+        for line in list.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let (Some(name), Some(digest)) = (cols.first(), cols.get(2)) else {
+                continue;
+            };
+            if let Some((repo, _tag)) = name.rsplit_once(':') {
+                if digest.starts_with("sha256:") && !name.contains('@') {
+                    self.ctr_ok(&["images", "tag", name, &format!("{repo}@{digest}")]);
+                }
+            }
+        }
+    }
+
     pub fn cri(&self) -> cri::Cri {
         cri::Cri::connect(&self.socket()).expect("CRI connection")
     }
@@ -198,59 +216,16 @@ impl Containerd {
         let bin = dir.path().join("bin");
         std::fs::create_dir_all(&bin).unwrap();
         std::os::unix::fs::symlink(shim_binary(), bin.join("containerd-shim-criu-v2")).unwrap();
-        let d = dir.path().display();
         let with_cri = env.iter().any(|(k, _)| k == "CRI_NODE");
-        let plugins = if with_cri {
+        let mut config = Command::new(workspace().join("hack/lib/containerd-config"));
+        config.arg(dir.path()).env("CD_LOG_LEVEL", "debug");
+        if with_cri {
             std::fs::create_dir_all(dir.path().join("cni")).unwrap();
-            format!(
-                r#"disabled_plugins = ["io.containerd.nri.v1.nri"]
-[plugins.'io.containerd.cri.v1.images'.pinned_images]
-  sandbox = '{PAUSE_IMAGE}'
-[plugins.'io.containerd.cri.v1.runtime']
-  # Root here may not lower OOM scores (see ENVIRONMENT.md).
-  restrict_oom_score_adj = true
-  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.criu]
-    runtime_type = '{RUNTIME}'
-    pod_annotations = ['criu-shim.io/*']
-    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.criu.options]
-      SystemdCgroup = false
-  # containerd's own Go runc shim, for side-by-side benchmarks.
-  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
-    runtime_type = 'io.containerd.runc.v2'
-    [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
-      SystemdCgroup = false
-  [plugins.'io.containerd.cri.v1.runtime'.cni]
-    bin_dirs = ['/usr/lib/cni']
-    conf_dir = '{d}/cni'
-[plugins.'io.containerd.grpc.v1.cri']
-  stream_server_address = '127.0.0.1'
-  stream_server_port = '0'
-"#
-            )
-        } else {
-            r#"disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.nri.v1.nri",
-  "io.containerd.cri.v1.runtime", "io.containerd.cri.v1.images",
-  "io.containerd.podsandbox.controller.v1.podsandbox", "io.containerd.sandbox.controller.v1.shim"]
-"#
-            .to_string()
-        };
-        std::fs::write(
-            dir.path().join("config.toml"),
-            format!(
-                r#"version = 3
-root = "{d}/root"
-state = "{d}/state"
-{plugins}
-[grpc]
-  address = "{d}/containerd.sock"
-[ttrpc]
-  address = "{d}/containerd.sock.ttrpc"
-[debug]
-  level = "debug"
-"#
-            ),
-        )
-        .unwrap();
+            config.arg(dir.path().join("cni"));
+        }
+        let out = config.output().expect("run hack/lib/containerd-config");
+        assert!(out.status.success(), "containerd-config: {}", text(&out));
+        std::fs::write(dir.path().join("config.toml"), out.stdout).unwrap();
         env.push((
             "CRIU_SHIM_STAGING_DIR".to_string(),
             dir.path().join("staging").display().to_string(),
@@ -268,8 +243,10 @@ state = "{d}/state"
         };
         c.launch();
         let out = c.ctr(&["images", "import", image_archive().to_str().unwrap()]);
-
         assert!(out.status.success(), "image import: {}", text(&out));
+        if with_cri {
+            c.add_repo_digests();
+        }
         c
     }
 

@@ -86,11 +86,12 @@ fn assert_node_clean(node: &Containerd, cri: &mut Cri, ids: &[&str]) {
                 .collect()
         })
         .unwrap_or_default();
-    let netname = format!("criu-shim-n{}-", node.net.as_ref().map_or(0, |n| n.index));
-    assert!(
-        !cni_results.iter().any(|r| r.starts_with(&netname)),
-        "CNI results left: {cni_results:?}"
-    );
+    // Named <network>-<pod sandbox id>-<interface>.
+    let left: Vec<&String> = cni_results
+        .iter()
+        .filter(|r| ids.iter().any(|id| r.contains(id)))
+        .collect();
+    assert!(left.is_empty(), "CNI results left: {left:?}");
     assert!(cri.list_containers().unwrap().is_empty(), "containers left");
     assert!(cri.list_pods().unwrap().is_empty(), "pods left");
     let d = node.dir.path().display().to_string();
@@ -493,4 +494,77 @@ fn a_pod_under_load_is_checkpointed_and_restored() {
         "restored count {next}: from an older state than {seen}?"
     );
     remove_pod(&mut cb, &pod_b);
+}
+
+#[test]
+fn a_pod_checkpoint_that_fails_half_way_publishes_nothing_and_the_pod_runs_on() {
+    // A 2 MiB share: the first container's archive fits (its memory
+    // compresses to nothing), the second's 16 MiB of random memory does not.
+    let share = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(share.path())
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a small tmpfs as the share");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(share.path());
+    let a = Containerd::cri_net_node(share.path(), &[]);
+    let mut ca = a.cri();
+    let (pod, ids, _) = run_pod(
+        &mut ca,
+        "half",
+        &[("criu-shim.io/checkpoint-to", "half")],
+        &[
+            ("a-small", &["/testapp", "-m", "8", "--port", "8080"]),
+            (
+                "b-random",
+                &["/testapp", "-m", "16", "--random", "--port", "8081"],
+            ),
+        ],
+    )
+    .expect("pod");
+    let ip = ca.pod_ip(&pod).unwrap();
+    assert_eq!(http_count_within(&ip, 8080, Duration::from_secs(30)), 1);
+    assert_eq!(http_count_within(&ip, 8081, Duration::from_secs(30)), 1);
+
+    let out = a.cli_checkpoint(&ids[0], &["--pod"]);
+    assert!(
+        !out.status.success(),
+        "16 MiB of random memory fit a 2 MiB share?"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no space left"),
+        "the error names the cause: {err}"
+    );
+    // a-small was published first and taken back with its marker: the
+    // pod's key holds nothing a restore could pick up.
+    let log = a.log();
+    assert!(
+        log.contains("taking back") && log.contains("half/a-small/"),
+        "a-small's archive was published, then taken back"
+    );
+    for name in ["a-small", "b-random"] {
+        let left: Vec<_> = std::fs::read_dir(share.path().join("half").join(name))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{name}: left on the share: {left:?}");
+    }
+    // Both containers were thawed and keep their state.
+    assert_eq!(http_count(&ip, 8080).unwrap(), 2);
+    assert_eq!(http_count(&ip, 8081).unwrap(), 2);
+    for id in &ids {
+        let st = ca.container_status(id).unwrap();
+        assert_eq!(st.state, ContainerState::ContainerRunning as i32, "{st:?}");
+    }
+    remove_pod(&mut ca, &pod);
+    let mut all: Vec<&str> = vec![&pod];
+    all.extend(ids.iter().map(String::as_str));
+    assert_node_clean(&a, &mut ca, &all);
 }

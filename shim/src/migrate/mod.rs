@@ -172,6 +172,17 @@ pub fn publish_checkpoint(d: &Dumped, t: &Target) -> Result<Report> {
     })
 }
 
+/// Takes a published archive back (a pod checkpoint that failed half-way):
+/// the archive and its sequence marker.
+pub fn unpublish(archive: &Path) {
+    if let Err(e) = std::fs::remove_file(archive) {
+        log::warn!("remove {}: {e}", archive.display());
+    }
+    if let Some(dir) = archive.parent() {
+        sequence::forget(dir, archive);
+    }
+}
+
 /// An archive fetched, unpacked and verified into staging.
 pub struct Fetched {
     pub staging: Staging,

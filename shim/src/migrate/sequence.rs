@@ -115,6 +115,25 @@ pub fn newest(dir: &Path) -> Result<Option<PathBuf>> {
     Ok(archive.is_file().then_some(archive))
 }
 
+/// Removes the markers naming `archive` (an archive taken back).
+pub fn forget(dir: &Path, archive: &Path) {
+    let Some(name) = archive
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+    else {
+        return;
+    };
+    for n in listed(dir) {
+        let m = marker(dir, n);
+        if std::fs::read_to_string(&m)
+            .map(|s| s.trim() == name)
+            .unwrap_or(false)
+        {
+            let _ = std::fs::remove_file(&m);
+        }
+    }
+}
+
 /// Markers whose archive is gone, except the newest (it keeps the count).
 pub fn orphans(dir: &Path) -> Vec<PathBuf> {
     let all = listed(dir);
@@ -175,5 +194,7 @@ mod tests {
             "{err}"
         );
         assert_eq!(orphans(d), vec![marker(d, 1)]);
+        forget(d, &d.join("gone.criu.tar.zst"));
+        assert_eq!(listed(d), vec![2]);
     }
 }
