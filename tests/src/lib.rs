@@ -178,24 +178,6 @@ impl Containerd {
         Self::start_with("k8s.io".to_string(), all)
     }
 
-    /// Names every imported image also by its repository digest
-    /// (`name@sha256:...`), as an image pulled from a registry is named.
-    /// containerd's own CRI restore looks the base image up by that name.
-    fn add_repo_digests(&self) {
-        let list = self.ctr_ok(&["images", "ls"]);
-        for line in list.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            let (Some(name), Some(digest)) = (cols.first(), cols.get(2)) else {
-                continue;
-            };
-            if let Some((repo, _tag)) = name.rsplit_once(':') {
-                if digest.starts_with("sha256:") && !name.contains('@') {
-                    self.ctr_ok(&["images", "tag", name, &format!("{repo}@{digest}")]);
-                }
-            }
-        }
-    }
-
     pub fn cri(&self) -> cri::Cri {
         cri::Cri::connect(&self.socket()).expect("CRI connection")
     }
@@ -244,9 +226,6 @@ impl Containerd {
         c.launch();
         let out = c.ctr(&["images", "import", image_archive().to_str().unwrap()]);
         assert!(out.status.success(), "image import: {}", text(&out));
-        if with_cri {
-            c.add_repo_digests();
-        }
         c
     }
 

@@ -13,13 +13,15 @@
 //! - `criu-shim cri`: CRI CheckpointContainer (the kubelet checkpoint API;
 //!   containerd 2.1 also writes its own tar), same restore;
 //! - `stock`: handler `runc` (containerd-shim-runc-v2): CRI
-//!   CheckpointContainer to a tar on the share. containerd's own restore
-//!   (a container created from that tar) cannot run here: it pulls the base
-//!   image by the bare id it recorded, and there is no registry. So stock
-//!   is timed to the end of its checkpoint: a lower bound of its downtime.
-//!   Its dump fails under the client ("In-flight connection", the Go shim
-//!   does not skip them); it is retried, after 3 failures with the client
-//!   paused, and timed from the attempt that succeeded.
+//!   CheckpointContainer to a tar on the share, pod B's container created
+//!   from that tar (containerd 2.1's own CRI restore). That restore pulls
+//!   the base image by digest even when the node has it, so a small
+//!   registry (registry.rs) serves the test image on node B's localhost.
+//!   The stock dump fails under the client ("In-flight connection": the Go
+//!   shim does not skip them); it is retried, after 3 failures with the
+//!   client paused, and timed from the attempt that succeeded.
+
+mod registry;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -123,7 +125,7 @@ impl Way {
         match self {
             Way::CriuCli => "criu-shim cli",
             Way::CriuCri => "criu-shim cri",
-            Way::Stock => "stock (checkpoint only)",
+            Way::Stock => "stock",
         }
     }
 }
@@ -153,8 +155,14 @@ fn migrate(
     way: Way,
     mib: u64,
     run: usize,
+    stock_image: &str,
 ) -> Sample {
     let (mut ca, mut cb) = (a.cri(), b.cri());
+    let image_a = if way == Way::Stock {
+        stock_image
+    } else {
+        IMAGE
+    };
     let key = format!("bench-{mib}-{run}");
     let handler = if way == Way::Stock { "runc" } else { "criu" };
     let name = format!("counter-{run}");
@@ -169,7 +177,7 @@ fn migrate(
     );
     let pod_a = ca.run_pod_sandbox(&pod, handler).expect("pod A");
     let id_a = ca
-        .create_container(&pod_a, container_config("counter", IMAGE, &cmd), &pod)
+        .create_container(&pod_a, container_config("counter", image_a, &cmd), &pod)
         .expect("container A");
     ca.start_container(&id_a).expect("start A");
     let ip_a = ca.pod_ip(&pod_a).unwrap();
@@ -244,6 +252,17 @@ fn migrate(
     }
 }
 
+/// The manifest digest of `image` on `node` (`ctr images ls`).
+fn manifest_digest(node: &Containerd, image: &str) -> String {
+    node.ctr_ok(&["images", "ls"])
+        .lines()
+        .find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.first() == Some(&image)).then(|| cols[2].to_string())
+        })
+        .expect("the test image")
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -271,6 +290,19 @@ fn main() {
         .unwrap();
     let a = Containerd::cri_net_node(share.path(), &[]);
     let b = Containerd::cri_net_node(share.path(), &[]);
+    // containerd's own CRI restore pulls the base image, by digest, even
+    // though it is on the node: serve it from node B's localhost.
+    let registry = registry::Registry::serve(
+        criu_shim_tests::image_archive(),
+        &b.net.as_ref().unwrap().netns(),
+    );
+    let stock_image = format!("localhost:{}/criu-shim/testapp:latest", registry.port);
+    for node in [&a, &b] {
+        node.ctr_ok(&["images", "tag", IMAGE, &stock_image]);
+        let digest = manifest_digest(node, IMAGE);
+        let by_digest = format!("localhost:{}/criu-shim/testapp@{digest}", registry.port);
+        node.ctr_ok(&["images", "tag", IMAGE, &by_digest]);
+    }
     let ways = [Way::CriuCli, Way::CriuCri, Way::Stock];
     println!(
         "| size (MiB) | way | checkpoint (ms) | restore (ms) | downtime (ms) | downtime vs stock | failed checkpoints |"
@@ -280,7 +312,7 @@ fn main() {
         let mut samples: Vec<Vec<Sample>> = ways.iter().map(|_| Vec::new()).collect();
         for run in 0..runs {
             for (i, &way) in ways.iter().enumerate() {
-                let s = migrate(&a, &b, share.path(), way, mib, run);
+                let s = migrate(&a, &b, share.path(), way, mib, run, &stock_image);
                 eprintln!(
                     "{mib} MiB run {run} {}: checkpoint {} ms, restore {} ms, downtime {} ms, failed attempts {}",
                     way.name(),
