@@ -365,3 +365,25 @@ fn write_report(dir: &Path, reports: &[&Report]) {
         log::warn!("cannot write checkpoint report: {e}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_from_older_clis_still_parse() {
+        // `pod` came later: a request without it is a container checkpoint.
+        let r: CheckpointRequest = serde_json::from_str(
+            r#"{"to":"job","leave_running":false,"tcp_established":false,
+                "file_locks":false,"ext_unix_sk":false,"compression_level":null}"#,
+        )
+        .unwrap();
+        assert!(!r.pod);
+        assert_eq!(r.compression(), DEFAULT_COMPRESSION);
+        let none = CheckpointRequest {
+            compression_level: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(none.compression(), Compression::None);
+    }
+}
