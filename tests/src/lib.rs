@@ -208,10 +208,13 @@ impl Containerd {
         let out = config.output().expect("run hack/lib/containerd-config");
         assert!(out.status.success(), "containerd-config: {}", text(&out));
         std::fs::write(dir.path().join("config.toml"), out.stdout).unwrap();
-        env.push((
-            "CRIU_SHIM_STAGING_DIR".to_string(),
-            dir.path().join("staging").display().to_string(),
-        ));
+        // Staging under the node's directory, unless the caller chose one.
+        if !env.iter().any(|(k, _)| k == "CRIU_SHIM_STAGING_DIR") {
+            env.push((
+                "CRIU_SHIM_STAGING_DIR".to_string(),
+                dir.path().join("staging").display().to_string(),
+            ));
+        }
         let net = env
             .iter()
             .any(|(k, _)| k == "NODE_NET")
@@ -432,6 +435,17 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        // CRIU_SHIM_TEST_LOGS=DIR keeps every daemon's log (shim logs
+        // included) for reading after the run.
+        if let Some(keep) = std::env::var_os("CRIU_SHIM_TEST_LOGS") {
+            let keep = PathBuf::from(keep);
+            let name = self.dir.path().file_name().unwrap().to_owned();
+            let _ = std::fs::create_dir_all(&keep);
+            let _ = std::fs::copy(
+                self.dir.path().join("containerd.log"),
+                keep.join(name).with_extension("log"),
+            );
+        }
         // Kill what our tests left, then the daemon; shims exit with their
         // tasks. Pods first, through the CRI: that also removes their
         // network namespaces and CNI state.

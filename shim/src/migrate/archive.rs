@@ -10,7 +10,8 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
+use super::hash_thread::HashThread;
+use super::unpack::read_full;
 
 use super::manifest::{Manifest, Member};
 use super::members;
@@ -100,11 +101,10 @@ pub fn write<W: Write>(
 }
 
 fn write_tar<W: Write>(
-    out: W,
+    mut out: W,
     sources: &[Source],
     mut manifest: Manifest,
 ) -> Result<(Manifest, W)> {
-    let mut tar = tar::Builder::new(out);
     manifest.members.clear();
     for s in sources {
         let file =
@@ -113,34 +113,87 @@ fn write_tar<W: Write>(
             .metadata()
             .map_err(|e| Error::io(format!("stat {}", s.path.display()), e))?
             .len();
-        let mut reader = Hashing {
-            inner: file.take(size),
-            hash: Sha256::new(),
-            n: 0,
-        };
-        let mut header = header(size, manifest.created);
-        tar.append_data(&mut header, &s.name, &mut reader)
-            .map_err(|e| write_error(&s.name, e))?;
-        if reader.n != size {
-            return Err(Error::Other(format!(
-                "{} changed size while being archived",
-                s.path.display()
-            )));
-        }
+        let sha256 =
+            append_file(&mut out, &s.name, file, size, manifest.created).map_err(|e| match e {
+                Error::Io { .. } => e,
+                other => Error::Other(format!("{}: {other}", s.path.display())),
+            })?;
         manifest.members.push(Member {
             path: s.name.clone(),
             size,
-            sha256: hex(&reader.hash.finalize()),
+            sha256,
         });
     }
     let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
-    let mut header = header(json.len() as u64, manifest.created);
-    tar.append_data(&mut header, members::MANIFEST, json.as_slice())
+    write_header(
+        &mut out,
+        members::MANIFEST,
+        json.len() as u64,
+        manifest.created,
+    )?;
+    out.write_all(&json)
+        .and_then(|()| pad(&mut out, json.len() as u64))
+        // The end of a tar archive: two zero blocks.
+        .and_then(|()| out.write_all(&[0u8; 1024]))
         .map_err(|e| write_error(members::MANIFEST, e))?;
-    let out = tar
-        .into_inner()
-        .map_err(|e| write_error("end of archive", e))?;
     Ok((manifest, out))
+}
+
+/// Size of the chunks a member is read, hashed and written in.
+const CHUNK: usize = 1 << 20;
+
+/// One tar member from `file`, `size` bytes; returns its SHA-256, hashed
+/// on a helper thread while this one reads and writes the next chunk.
+fn append_file<W: Write>(
+    out: &mut W,
+    name: &str,
+    mut file: File,
+    size: u64,
+    mtime: u64,
+) -> Result<String> {
+    write_header(out, name, size, mtime)?;
+    let (recycle_tx, recycle_rx) = std::sync::mpsc::sync_channel(8);
+    let hasher = HashThread::spawn(recycle_tx);
+    let mut left = size;
+    while left > 0 {
+        let mut buf = recycle_rx.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
+        let want = left.min(CHUNK as u64) as usize;
+        let n = read_full(&mut file, &mut buf[..want])
+            .map_err(|e| Error::io(format!("read {name}"), e))?;
+        if n < want {
+            break;
+        }
+        out.write_all(&buf[..n]).map_err(|e| write_error(name, e))?;
+        hasher.update(buf, n);
+        left -= n as u64;
+    }
+    // A file that grew is caught too: it must end where its size said.
+    let mut probe = [0u8; 1];
+    if left > 0 || file.read(&mut probe).map(|k| k > 0).unwrap_or(false) {
+        return Err(Error::Other("changed size while being archived".into()));
+    }
+    pad(out, size).map_err(|e| write_error(name, e))?;
+    Ok(hasher.finish())
+}
+
+fn write_header<W: Write>(out: &mut W, name: &str, size: u64, mtime: u64) -> Result<()> {
+    let mut h = header(size, mtime);
+    // Our member names are short (`checkpoint/pages-1.img`): no GNU long names.
+    h.set_path(name)
+        .map_err(|e| Error::Other(format!("member name {name}: {e}")))?;
+    h.set_cksum();
+    out.write_all(h.as_bytes())
+        .map_err(|e| write_error(name, e))
+}
+
+/// Zeros up to the next 512-byte block after `size` bytes of data.
+fn pad<W: Write>(out: &mut W, size: u64) -> std::io::Result<()> {
+    let rem = (size % 512) as usize;
+    if rem == 0 {
+        Ok(())
+    } else {
+        out.write_all(&[0u8; 512][..512 - rem])
+    }
 }
 
 fn header(size: u64, mtime: u64) -> tar::Header {
@@ -166,21 +219,6 @@ fn write_error(what: &str, e: std::io::Error) -> Error {
 
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-struct Hashing<R> {
-    inner: R,
-    hash: Sha256,
-    n: u64,
-}
-
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
-        self.n += n as u64;
-        Ok(n)
-    }
 }
 
 struct Counting<W> {

@@ -17,6 +17,7 @@
 
 pub mod archive;
 pub mod fetch;
+mod hash_thread;
 pub mod manifest;
 pub mod publish;
 pub mod rootfs;

@@ -12,9 +12,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
-
-use super::archive::hex;
+use super::hash_thread::HashThread;
 use super::members;
 use crate::error::{Error, Result};
 
@@ -190,20 +188,19 @@ fn write_member(entry: &mut impl Read, path: &Path, what: &str) -> Result<(u64, 
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
-    // Two stages on two cores: this thread decompresses and reads the tar,
-    // a helper hashes and writes. Buffers go round between them.
+    // Three stages: this thread decompresses and reads the tar, a helper
+    // writes, another hashes. Buffers go round between them.
     const CHUNK: usize = 1 << 20;
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(4);
-    let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(6);
+    let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
     for _ in 0..6 {
         empty_tx.send(vec![0u8; CHUNK]).expect("fresh channel");
     }
     std::thread::scope(|s| {
         let writer = s.spawn(move || -> Result<(u64, String)> {
-            let mut hash = Sha256::new();
+            let hasher = HashThread::spawn(empty_tx);
             let mut n = 0u64;
             for (buf, k) in full_rx {
-                hash.update(&buf[..k]);
                 f.write_all(&buf[..k]).map_err(|e| {
                     if e.raw_os_error() == Some(libc::ENOSPC) {
                         Error::Other(format!(
@@ -214,10 +211,10 @@ fn write_member(entry: &mut impl Read, path: &Path, what: &str) -> Result<(u64, 
                     }
                 })?;
                 n += k as u64;
-                // The reader may have stopped already; a lost buffer is fine.
-                let _ = empty_tx.send(buf);
+                // Back to the reader through the hasher.
+                hasher.update(buf, k);
             }
-            Ok((n, hex(&hash.finalize())))
+            Ok((n, hasher.finish()))
         });
         let read_result = (|| -> Result<()> {
             for mut buf in empty_rx.iter() {
@@ -236,7 +233,7 @@ fn write_member(entry: &mut impl Read, path: &Path, what: &str) -> Result<(u64, 
 }
 
 /// Reads until `buf` is full or the input ends; returns the bytes read.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+pub fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match r.read(&mut buf[n..]) {

@@ -288,8 +288,19 @@ fn main() {
         .prefix("criu-shim-bench-share-")
         .tempdir()
         .unwrap();
-    let a = Containerd::cri_net_node(share.path(), &[]);
-    let b = Containerd::cri_net_node(share.path(), &[]);
+    // BENCH_STAGING=DIR: the shims' local staging there (a tmpfs, say);
+    // each node gets its own subdirectory.
+    let staging = std::env::var("BENCH_STAGING").ok();
+    let node = |name: &str| {
+        let dir = staging.as_ref().map(|s| format!("{s}/{name}"));
+        let env: Vec<(&str, &str)> = dir
+            .as_deref()
+            .map(|d| vec![("CRIU_SHIM_STAGING_DIR", d)])
+            .unwrap_or_default();
+        Containerd::cri_net_node(share.path(), &env)
+    };
+    let a = node("a");
+    let b = node("b");
     // containerd's own CRI restore pulls the base image, by digest, even
     // though it is on the node: serve it from node B's localhost.
     let registry = registry::Registry::serve(
@@ -303,7 +314,16 @@ fn main() {
         let by_digest = format!("localhost:{}/criu-shim/testapp@{digest}", registry.port);
         node.ctr_ok(&["images", "tag", IMAGE, &by_digest]);
     }
-    let ways = [Way::CriuCli, Way::CriuCri, Way::Stock];
+    // BENCH_WAYS=cli,cri,stock (default: all; stock last, the reference).
+    let wanted = std::env::var("BENCH_WAYS").unwrap_or_else(|_| "cli,cri,stock".into());
+    let ways: Vec<Way> = [Way::CriuCli, Way::CriuCri, Way::Stock]
+        .into_iter()
+        .filter(|w| wanted.split(',').any(|n| w.name().ends_with(n.trim())))
+        .collect();
+    assert!(
+        !ways.is_empty(),
+        "BENCH_WAYS={wanted}: none of cli, cri, stock"
+    );
     println!(
         "| size (MiB) | way | checkpoint (ms) | restore (ms) | downtime (ms) | downtime vs stock | failed checkpoints |"
     );
