@@ -94,7 +94,7 @@ pub fn write<W: Write>(
             let (m, enc) = write_tar(enc, sources, manifest)?;
             let c = enc
                 .finish()
-                .map_err(|e| Error::io("finish zstd stream", e))?;
+                .map_err(|e| write_error("the end of the archive", e))?;
             Ok((m, c.n))
         }
     }

@@ -104,9 +104,9 @@ fn write_then_rename(
     write(&mut out)?;
     let file = out
         .into_inner()
-        .map_err(|e| Error::io("flush archive", e.into_error()))?;
+        .map_err(|e| full_or(e.into_error(), "flush archive".into()))?;
     file.sync_all()
-        .map_err(|e| Error::io(format!("fsync {}", tmp.display()), e))?;
+        .map_err(|e| full_or(e, format!("fsync {}", tmp.display())))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     drop(file);
     rename_noreplace(tmp, target)?;
@@ -117,6 +117,17 @@ fn write_then_rename(
         path: target.to_path_buf(),
         size,
     })
+}
+
+/// A full share says so and what to do; other errors say what failed.
+fn full_or(e: std::io::Error, what: String) -> Error {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        Error::Other(format!(
+            "no space left on the share ({what}): free space and retry"
+        ))
+    } else {
+        Error::io(what, e)
+    }
 }
 
 /// rename(2) that fails instead of replacing an existing file. File systems
