@@ -28,6 +28,11 @@ pub const ANNOTATION_RESTORE_FROM: &str = "criu-shim.io/restore-from";
 /// Annotation naming where on the share checkpoints of this container go.
 pub const ANNOTATION_CHECKPOINT_TO: &str = "criu-shim.io/checkpoint-to";
 
+/// Annotation (`"true"`) making a checkpoint of any container of a pod
+/// (the kubelet checkpoint API names one) checkpoint the whole pod, frozen
+/// together, as `containerd-shim-criu-v2 checkpoint --pod` does.
+pub const ANNOTATION_CHECKPOINT_POD: &str = "criu-shim.io/checkpoint-pod";
+
 /// CRI's annotation carrying the pod sandbox id; containers of one pod share a shim.
 pub const ANNOTATION_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 

@@ -169,6 +169,39 @@ pub fn checkpoint_pod(
     r: &CheckpointRequest,
     report_dir: Option<&Path>,
 ) -> Result<Vec<Report>> {
+    pod_checkpoint(members, r, report_dir, None)
+}
+
+/// containerd's Checkpoint RPC for container `c` of a pod annotated
+/// `criu-shim.io/checkpoint-pod: "true"` (the kubelet checkpoint API asks
+/// for one container at a time): the whole pod is checkpointed and
+/// published as by `--pod`, and `c`'s images also go where containerd
+/// wants them.
+pub fn checkpoint_pod_for_containerd(
+    members: &[Arc<Container>],
+    c: &Container,
+    req: &api::CheckpointTaskRequest,
+) -> Result<Vec<Report>> {
+    let mut args = containerd_args(req, &c.bundle)?;
+    let r = CheckpointRequest {
+        leave_running: args.leave_running,
+        tcp_established: args.tcp_established,
+        file_locks: args.file_locks,
+        ext_unix_sk: args.ext_unix_sk,
+        pod: true,
+        ..Default::default()
+    };
+    // Exiting is ours to do, after publishing.
+    args.leave_running = true;
+    pod_checkpoint(members, &r, None, Some((&c.id, args)))
+}
+
+fn pod_checkpoint(
+    members: &[Arc<Container>],
+    r: &CheckpointRequest,
+    report_dir: Option<&Path>,
+    given: Option<(&str, CriuArgs)>,
+) -> Result<Vec<Report>> {
     let first = members
         .first()
         .ok_or_else(|| Error::FailedPrecondition("the pod has no running containers".into()))?;
@@ -186,7 +219,10 @@ pub fn checkpoint_pod(
     let mut dumps = Vec::new();
     for c in members {
         let staging = Staging::new(&c.config.staging_dir, &format!("dump-{}", c.id))?;
-        let args = r.staged_args(&staging);
+        let args = match &given {
+            Some((id, args)) if *id == c.id => args.clone(),
+            _ => r.staged_args(&staging),
+        };
         // The freezer is ours: CRIU finds it frozen and leaves it so.
         let stats = dump(c, &args, &[])?;
         dumps.push((c, staging, args, stats));

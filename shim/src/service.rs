@@ -274,7 +274,12 @@ impl Service {
                     Some(std::path::Path::new(&req.path)).filter(|p| !p.as_os_str().is_empty());
                 checkpoint::checkpoint_pod(&members, &r, report_dir).map(drop)
             }
-            _ => checkpoint::checkpoint(&c, req).map(drop),
+            Some(_) => checkpoint::checkpoint(&c, req).map(drop),
+            None if Spec::read(&c.bundle).checkpoint_pod() => {
+                let members = self.pod_members(&c);
+                checkpoint::checkpoint_pod_for_containerd(&members, &c, req).map(drop)
+            }
+            None => checkpoint::checkpoint(&c, req).map(drop),
         }
     }
 

@@ -37,6 +37,11 @@ impl Spec {
         self.ours(cfg::ANNOTATION_CHECKPOINT_TO)
     }
 
+    /// A checkpoint of any container checkpoints the whole pod.
+    pub fn checkpoint_pod(&self) -> bool {
+        self.ours(cfg::ANNOTATION_CHECKPOINT_POD) == Some("true")
+    }
+
     pub fn restore_from(&self) -> Option<&str> {
         self.ours(cfg::ANNOTATION_RESTORE_FROM)
     }

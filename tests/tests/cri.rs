@@ -568,3 +568,59 @@ fn a_pod_checkpoint_that_fails_half_way_publishes_nothing_and_the_pod_runs_on() 
     all.extend(ids.iter().map(String::as_str));
     assert_node_clean(&a, &mut ca, &all);
 }
+
+#[test]
+fn the_kubelet_checkpoint_api_checkpoints_a_whole_pod_when_annotated() {
+    let share = tempfile::tempdir().unwrap();
+    let a = Containerd::cri_net_node(share.path(), &[]);
+    let b = Containerd::cri_net_node(share.path(), &[]);
+    let (mut ca, mut cb) = (a.cri(), b.cri());
+    let containers: [(&str, &[&str]); 2] = [
+        ("web", &["/testapp", "--port", "8080"]),
+        ("cache", &["/testapp", "-m", "16", "--port", "8081"]),
+    ];
+    let (pod_a, ids_a, _) = run_pod(
+        &mut ca,
+        "whole",
+        &[
+            ("criu-shim.io/checkpoint-to", "whole"),
+            ("criu-shim.io/checkpoint-pod", "true"),
+        ],
+        &containers,
+    )
+    .expect("pod on A");
+    let ip_a = ca.pod_ip(&pod_a).unwrap();
+    assert_eq!(http_count_within(&ip_a, 8080, Duration::from_secs(30)), 1);
+    assert_eq!(http_count_within(&ip_a, 8081, Duration::from_secs(30)), 1);
+    assert_eq!(http_count(&ip_a, 8081).unwrap(), 2);
+
+    // The kubelet names one container; the pod is checkpointed whole.
+    let export = share.path().join("web.tar");
+    ca.checkpoint_container(&ids_a[0], &export)
+        .expect("CheckpointContainer");
+    assert!(
+        export.is_file(),
+        "containerd still gets its checkpoint of web"
+    );
+    assert!(a.log().contains("froze 2 containers"), "frozen together");
+    for name in ["web", "cache"] {
+        assert_eq!(
+            listed_archives(&share.path().join("whole").join(name)),
+            1,
+            "{name}"
+        );
+    }
+    remove_pod(&mut ca, &pod_a);
+
+    let (pod_b, _, _) = run_pod(
+        &mut cb,
+        "whole",
+        &[("criu-shim.io/restore-from", "whole")],
+        &containers,
+    )
+    .expect("restored pod on B");
+    let ip_b = cb.pod_ip(&pod_b).unwrap();
+    assert_eq!(http_count_within(&ip_b, 8080, Duration::from_secs(30)), 2);
+    assert_eq!(http_count(&ip_b, 8081).unwrap(), 3);
+    remove_pod(&mut cb, &pod_b);
+}
