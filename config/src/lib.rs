@@ -55,6 +55,7 @@ pub mod env {
     pub const SHARE_DIR: &str = "CRIU_SHIM_SHARE_DIR";
     pub const CRIU_TIMEOUT_SECS: &str = "CRIU_SHIM_CRIU_TIMEOUT";
     pub const FETCH_WAIT_SECS: &str = "CRIU_SHIM_FETCH_WAIT";
+    pub const ARCHIVE_KEY_FILE: &str = "CRIU_SHIM_ARCHIVE_KEY_FILE";
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -102,6 +103,9 @@ pub struct ShimConfig {
     /// How long a restore waits for its archive to show up on the share
     /// (network file systems make new files visible to other nodes late).
     pub fetch_wait_secs: u64,
+    /// A secret shared by the nodes: archives are signed with it, and
+    /// restores refuse archives it did not sign.
+    pub archive_key_file: Option<PathBuf>,
 }
 
 impl ShimConfig {
@@ -121,6 +125,7 @@ impl ShimConfig {
             share_dir: "/var/lib/criu-shim/share".into(),
             criu_timeout_secs: 600,
             fetch_wait_secs: 30,
+            archive_key_file: None,
         }
     }
 
@@ -178,6 +183,16 @@ impl ShimConfig {
                 value: v,
                 why: "expected a whole number of seconds (0: do not wait)",
             })?;
+        }
+        if let Some(v) = env(env::ARCHIVE_KEY_FILE).filter(|v| !v.is_empty()) {
+            let path = PathBuf::from(v);
+            if !path.is_absolute() {
+                return Err(ConfigError::NotAbsolute {
+                    what: "archive key file",
+                    path,
+                });
+            }
+            c.archive_key_file = Some(path);
         }
         for (what, path) in [
             ("runc root", &c.runc_root),

@@ -322,6 +322,7 @@ fn publish(
         name: to.to_string(),
         compression,
         staging_root: c.config.staging_dir.clone(),
+        mac_key: migrate::mac::configured(c.config.archive_key_file.as_deref())?,
     };
     let criu_version = criu_sys::Criu::new(&c.config.criu)
         .version()

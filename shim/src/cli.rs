@@ -222,13 +222,20 @@ fn inspect(raw: &[String]) -> Result<(), Failure> {
     let progress = Progress::start(format!("verifying {what}"));
     let unpacked = unpack::unpack(file, scratch.path(), unpack::Limits::default(), &what);
     drop(progress);
+    let key_file = std::env::var_os(criu_shim_config::env::ARCHIVE_KEY_FILE).map(PathBuf::from);
+    let key = migrate::mac::configured(key_file.as_deref()).map_err(failed)?;
     let m = unpacked
-        .and_then(|u| verify::verify(&u, &what))
+        .and_then(|u| verify::verify(&u, &what, key.as_deref()))
         .map_err(failed)?;
     print_manifest(&path, size, &m);
     println!(
-        "verification: OK ({} members, all SHA-256 digests match)",
-        m.members.len()
+        "verification: OK ({} members, all SHA-256 digests match{})",
+        m.members.len(),
+        if key.is_some() {
+            ", signed with the cluster's key"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

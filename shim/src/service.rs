@@ -184,6 +184,7 @@ impl Service {
                     &config.staging_dir,
                     &req.id,
                     Duration::from_secs(config.fetch_wait_secs),
+                    migrate::mac::configured(config.archive_key_file.as_deref())?.as_deref(),
                 )?;
                 log::info!(
                     "fetched and verified {} for {} in {:?} (checkpoint of {}, CRIU {})",

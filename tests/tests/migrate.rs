@@ -475,3 +475,37 @@ fn a_full_share_fails_the_checkpoint_and_the_source_keeps_running() {
     );
     assert!(empty_dir(&a.staging()), "staging left behind");
 }
+
+#[test]
+fn with_a_cluster_key_only_archives_signed_with_it_are_restored() {
+    let share = share();
+    let secrets = tempfile::tempdir().unwrap();
+    let key = secrets.path().join("archive.key");
+    std::fs::write(&key, [42u8; 32]).unwrap();
+    let key = key.display().to_string();
+    let keyed = [("CRIU_SHIM_ARCHIVE_KEY_FILE", key.as_str())];
+
+    // Signed on A, restored on B: both nodes hold the key.
+    let a = Containerd::node(share.path(), &keyed);
+    let b = Containerd::node(share.path(), &keyed);
+    a.run_detached("app", &[]);
+    assert_eq!(a.count("app"), 1);
+    let out = a.cli_checkpoint("app", &["--to", "signed"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = b.run_restored("app", "signed");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(b.count("app"), 2);
+
+    // An archive from a node without the key (or anyone who can write the
+    // share): intact, digests right, but not signed: refused, B left clean.
+    let c = Containerd::node(share.path(), &[]);
+    c.run_detached("src", &[]);
+    assert_eq!(c.count("src"), 1);
+    let out = c.cli_checkpoint("src", &["--to", "unsigned"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = b.run_restored("intruder", "unsigned");
+    assert!(!out.status.success(), "an unsigned archive was restored");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not signed"), "the error says why: {err}");
+    assert_clean(&b, "intruder");
+}

@@ -74,11 +74,12 @@ pub fn write<W: Write>(
     sources: &[Source],
     mut manifest: Manifest,
     compression: Compression,
+    mac_key: Option<&[u8]>,
 ) -> Result<(Manifest, u64)> {
     let counted = Counting { inner: out, n: 0 };
     match compression {
         Compression::None => {
-            let (m, c) = write_tar(counted, sources, manifest)?;
+            let (m, c) = write_tar(counted, sources, manifest, mac_key)?;
             Ok((m, c.n))
         }
         Compression::Zstd { level, workers } => {
@@ -91,7 +92,7 @@ pub fn write<W: Write>(
                 enc.multithread(workers)
                     .map_err(|e| Error::io("zstd workers", e))?;
             }
-            let (m, enc) = write_tar(enc, sources, manifest)?;
+            let (m, enc) = write_tar(enc, sources, manifest, mac_key)?;
             let c = enc
                 .finish()
                 .map_err(|e| write_error("the end of the archive", e))?;
@@ -104,6 +105,7 @@ fn write_tar<W: Write>(
     mut out: W,
     sources: &[Source],
     mut manifest: Manifest,
+    mac_key: Option<&[u8]>,
 ) -> Result<(Manifest, W)> {
     manifest.members.clear();
     for s in sources {
@@ -133,9 +135,22 @@ fn write_tar<W: Write>(
     )?;
     out.write_all(&json)
         .and_then(|()| pad(&mut out, json.len() as u64))
-        // The end of a tar archive: two zero blocks.
-        .and_then(|()| out.write_all(&[0u8; 1024]))
         .map_err(|e| write_error(members::MANIFEST, e))?;
+    if let Some(key) = mac_key {
+        let mac = super::mac::sign(key, &json);
+        write_header(
+            &mut out,
+            members::MANIFEST_MAC,
+            mac.len() as u64,
+            manifest.created,
+        )?;
+        out.write_all(mac.as_bytes())
+            .and_then(|()| pad(&mut out, mac.len() as u64))
+            .map_err(|e| write_error(members::MANIFEST_MAC, e))?;
+    }
+    // The end of a tar archive: two zero blocks.
+    out.write_all(&[0u8; 1024])
+        .map_err(|e| write_error("the end of the archive", e))?;
     Ok((manifest, out))
 }
 

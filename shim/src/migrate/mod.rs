@@ -18,6 +18,7 @@
 pub mod archive;
 pub mod fetch;
 mod hash_thread;
+pub mod mac;
 pub mod manifest;
 pub mod publish;
 pub mod rootfs;
@@ -36,6 +37,8 @@ pub mod members {
     pub const STATS: &str = "stats-dump";
     pub const DUMP_LOG: &str = "dump.log";
     pub const MANIFEST: &str = "manifest.json";
+    /// HMAC-SHA256 of the manifest under the cluster's key (signed archives).
+    pub const MANIFEST_MAC: &str = "manifest.hmac-sha256";
 }
 
 use std::path::{Path, PathBuf};
@@ -55,6 +58,8 @@ pub struct Target {
     pub name: String,
     pub compression: Compression,
     pub staging_root: PathBuf,
+    /// Sign the archive with this key (see [`mac`]).
+    pub mac_key: Option<Vec<u8>>,
 }
 
 /// What one published checkpoint measured.
@@ -158,7 +163,13 @@ pub fn publish_checkpoint(d: &Dumped, t: &Target) -> Result<Report> {
     };
     let mut result = None;
     let published = publish::publish(&t.share, &name, |w| {
-        result = Some(archive::write(w, &sources, base, t.compression)?);
+        result = Some(archive::write(
+            w,
+            &sources,
+            base,
+            t.compression,
+            t.mac_key.as_deref(),
+        )?);
         Ok(())
     })?;
     let (manifest, _) = result.expect("written");
@@ -204,13 +215,14 @@ pub fn fetch_archive(
     staging_root: &Path,
     id: &str,
     wait: Duration,
+    mac_key: Option<&[u8]>,
 ) -> Result<Fetched> {
     let path = fetch::resolve_waiting(share, reference, wait)?;
     let (file, _size) = fetch::open(&path)?;
     let staging = Staging::new(staging_root, &format!("restore-{id}"))?;
     let what = path.display().to_string();
     let unpacked = unpack::unpack(file, staging.path(), unpack::Limits::default(), &what)?;
-    let manifest = verify::verify(&unpacked, &what)?;
+    let manifest = verify::verify(&unpacked, &what, mac_key)?;
     Ok(Fetched {
         staging,
         manifest,
@@ -245,6 +257,15 @@ mod tests {
     }
 
     fn publish_one(dir: &Path, share: &Path, compression: Compression) -> Report {
+        publish_signed(dir, share, compression, None)
+    }
+
+    fn publish_signed(
+        dir: &Path,
+        share: &Path,
+        compression: Compression,
+        mac_key: Option<&[u8]>,
+    ) -> Report {
         let (bundle, images, work) = fake_dump(dir);
         let d = Dumped {
             container_id: "c1",
@@ -262,6 +283,7 @@ mod tests {
             name: "job".into(),
             compression,
             staging_root: dir.join("staging"),
+            mac_key: mac_key.map(<[u8]>::to_vec),
         };
         publish_checkpoint(&d, &t).unwrap()
     }
@@ -289,6 +311,7 @@ mod tests {
                 &dir.path().join("rst"),
                 "c2",
                 Duration::ZERO,
+                None,
             )
             .unwrap();
             assert_eq!(f.manifest.container_id, "c1");
@@ -338,7 +361,7 @@ mod tests {
             std::fs::create_dir_all(share.path().join(name)).unwrap();
             std::fs::write(share.path().join(name).join("x.criu.tar.zst"), data).unwrap();
             let staging = dir.path().join(format!("rst-{name}"));
-            let err = fetch_archive(share.path(), name, &staging, "c", Duration::ZERO)
+            let err = fetch_archive(share.path(), name, &staging, "c", Duration::ZERO, None)
                 .err()
                 .unwrap_or_else(|| panic!("{name} accepted"));
             assert!(matches!(err, Error::InvalidArgument(_)), "{name}: {err}");
@@ -346,6 +369,55 @@ mod tests {
                 std::fs::read_dir(&staging).unwrap().next().is_none(),
                 "{name}: staging left"
             );
+        }
+    }
+
+    #[test]
+    fn with_a_cluster_key_only_archives_it_signed_are_restored() {
+        let key = [1u8; 32];
+        let other = [2u8; 32];
+        let zstd = Compression::Zstd {
+            level: 1,
+            workers: 2,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let share = tempfile::tempdir().unwrap();
+        let fetch = |reference: &str, k: Option<&[u8]>, staging: &str| {
+            fetch_archive(
+                share.path(),
+                reference,
+                &dir.path().join(staging),
+                "c",
+                Duration::ZERO,
+                k,
+            )
+        };
+        let signed = publish_signed(dir.path(), share.path(), zstd, Some(&key));
+        let name = signed.archive.strip_prefix(share.path()).unwrap();
+        let name = name.to_str().unwrap();
+        assert!(fetch(name, Some(&key), "ok").is_ok());
+        // A node without a key reads signed archives too.
+        assert!(fetch(name, None, "nokey").is_ok());
+        let err = fetch(name, Some(&other), "other").err().expect("other key");
+        assert!(err.to_string().contains("does not verify"), "{err}");
+
+        // Unsigned, or forged: valid digests, but no MAC under our key.
+        std::fs::remove_dir_all(share.path().join("job")).unwrap();
+        let unsigned = publish_signed(dir.path(), share.path(), zstd, None);
+        let name = unsigned.archive.strip_prefix(share.path()).unwrap();
+        let err = fetch(name.to_str().unwrap(), Some(&key), "unsigned")
+            .err()
+            .expect("unsigned archive accepted");
+        assert!(err.to_string().contains("not signed"), "{err}");
+        std::fs::remove_dir_all(share.path().join("job")).unwrap();
+        let forged = publish_signed(dir.path(), share.path(), zstd, Some(&other));
+        let name = forged.archive.strip_prefix(share.path()).unwrap();
+        assert!(fetch(name.to_str().unwrap(), Some(&key), "forged").is_err());
+        for staging in ["other", "unsigned", "forged"] {
+            let left = std::fs::read_dir(dir.path().join(staging))
+                .map(|d| d.count())
+                .unwrap_or(0);
+            assert_eq!(left, 0, "{staging}: staging left");
         }
     }
 }

@@ -41,6 +41,8 @@ const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
 pub struct Unpacked {
     pub members: BTreeMap<String, (u64, String)>,
     pub manifest: Option<Vec<u8>>,
+    /// The manifest's MAC, in signed archives.
+    pub manifest_mac: Option<Vec<u8>>,
 }
 
 /// Extracts `input` (tar, or zstd-compressed tar) into the empty directory `dest`.
@@ -111,6 +113,18 @@ fn extract<R: Read>(
         {
             return Err(refused(what, &name, "appears twice"));
         }
+        if name == members::MANIFEST_MAC {
+            if out.manifest_mac.is_some() || size > 1024 {
+                return Err(refused(what, &name, "appears twice or is too large"));
+            }
+            let mut buf = Vec::new();
+            (&mut entry)
+                .take(size)
+                .read_to_end(&mut buf)
+                .map_err(|e| corrupt(what, &e.to_string()))?;
+            out.manifest_mac = Some(buf);
+            continue;
+        }
         if name == members::MANIFEST {
             if size > MAX_MANIFEST {
                 return Err(refused(what, &name, "manifest too large"));
@@ -156,6 +170,7 @@ fn check_member_path(name: &str) -> std::result::Result<(), &'static str> {
         members::STATS,
         members::DUMP_LOG,
         members::MANIFEST,
+        members::MANIFEST_MAC,
     ];
     if top_level.contains(&name) {
         return Ok(());
