@@ -74,8 +74,10 @@ impl SshfsShare {
         let d = self.dir.path().to_path_buf();
         let mnt = d.join(format!("mnt-{i}"));
         std::fs::create_dir_all(&mnt).unwrap();
+        // Listings stay cached for 2 minutes (sshfs's default is 20 s), so
+        // a slow, loaded test machine still sees them stale.
         let opts = format!(
-            "IdentityFile={}/id,StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,BatchMode=yes",
+            "IdentityFile={}/id,StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,BatchMode=yes,dcache_timeout=120",
             d.display()
         );
         let mut tries = 0;

@@ -403,7 +403,7 @@ fn a_pod_migrates_over_an_sshfs_share_whose_listings_are_stale() {
     eprintln!("node B's listing of the key is stale: {stale}");
     assert!(
         stale,
-        "sshfs caches listings (20 s): this test relies on it"
+        "sshfs caches listings (120 s here): this test relies on it"
     );
     remove_pod(&mut ca, &pod_a);
 
