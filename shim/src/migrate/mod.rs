@@ -26,6 +26,7 @@ pub mod sequence;
 pub mod stage;
 pub mod unpack;
 pub mod verify;
+mod xattrs;
 
 /// Members of an archive (checkpointctl's names, so its tools can read ours).
 pub mod members {

@@ -164,6 +164,28 @@ fn extract_diff(root: &OwnedFd, input: impl Read) -> Result<()> {
         let comps = components(&path)?;
         let name = comps[comps.len() - 1];
         let dir = parent_of(root, &comps, true, &path)?.expect("created");
+        let attrs = match entry.pax_extensions() {
+            Ok(Some(records)) => {
+                let records: Vec<(Vec<u8>, Vec<u8>)> = records
+                    .filter_map(|r| r.ok())
+                    .map(|r| (r.key_bytes().to_vec(), r.value_bytes().to_vec()))
+                    .collect();
+                super::xattrs::from_pax(records.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
+                    .map_err(|why| {
+                    Error::InvalidArgument(format!("rootfs change {path:?} refused: {why}"))
+                })?
+            }
+            Ok(None) => Vec::new(),
+            Err(e) => {
+                return Err(Error::InvalidArgument(format!(
+                    "rootfs-diff.tar unreadable at {path:?}: {e}"
+                )))
+            }
+        };
+        let set_attrs = |fd: std::os::fd::BorrowedFd<'_>| {
+            super::xattrs::apply(fd, &attrs)
+                .map_err(|e| Error::io(format!("set extended attributes of {path}"), e))
+        };
         let h = entry.header().clone();
         let mode = h.mode().unwrap_or(0o644) & 0o7777;
         let (uid, gid) = (h.uid().unwrap_or(0) as u32, h.gid().unwrap_or(0) as u32);
@@ -174,6 +196,16 @@ fn extract_diff(root: &OwnedFd, input: impl Read) -> Result<()> {
                     Err(e) => return Err(Error::io(format!("mkdir {path}"), e.into())),
                 }
                 chown_at(&dir, name, uid, gid, &path)?;
+                if !attrs.is_empty() {
+                    let d = openat(
+                        dir.as_fd(),
+                        name,
+                        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(|e| Error::io(format!("open {path}"), e.into()))?;
+                    set_attrs(d.as_fd())?;
+                }
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 // Replace whatever is there (a symlink is replaced, never followed).
@@ -197,6 +229,8 @@ fn extract_diff(root: &OwnedFd, input: impl Read) -> Result<()> {
                     .map_err(|e| Error::io(format!("chown {path}"), e.into()))?;
                 nix::sys::stat::fchmod(&f, Mode::from_bits_truncate(mode))
                     .map_err(|e| Error::io(format!("chmod {path}"), e.into()))?;
+                // Last: chown drops file capabilities.
+                set_attrs(f.as_fd())?;
             }
             tar::EntryType::Symlink => {
                 let target = h.link_name_bytes().ok_or_else(|| {
@@ -231,6 +265,8 @@ fn chown_at(dir: &OwnedFd, name: &OsStr, uid: u32, gid: u32, path: &str) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
 
     fn diff_tar(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
@@ -326,5 +362,60 @@ mod tests {
         std::fs::write(staged.path().join(members::ROOTFS_DIFF), tar).unwrap();
         let err = apply(staged.path(), rootfs.path()).unwrap_err();
         assert!(err.to_string().contains("not allowed"), "{err}");
+    }
+
+    fn set(path: &Path, name: &str, value: &[u8]) {
+        let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+        let n = CString::new(name).unwrap();
+        // SAFETY: valid C strings and buffer.
+        let r = unsafe {
+            libc::setxattr(
+                c.as_ptr(),
+                n.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        assert_eq!(r, 0, "setxattr {name}: {}", std::io::Error::last_os_error());
+    }
+
+    fn get(path: &Path, name: &str) -> Option<Vec<u8>> {
+        let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+        let n = CString::new(name).unwrap();
+        let mut v = vec![0u8; 256];
+        // SAFETY: writes at most v.len() bytes.
+        let k = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        (k >= 0).then(|| v[..k as usize].to_vec())
+    }
+
+    #[test]
+    fn file_capabilities_and_user_attributes_carry_over() {
+        let upper = tempfile::tempdir().unwrap();
+        let staged = tempfile::tempdir().unwrap();
+        let rootfs = tempfile::tempdir().unwrap();
+        let ping = upper.path().join("bin/ping");
+        std::fs::create_dir_all(ping.parent().unwrap()).unwrap();
+        std::fs::write(&ping, b"\x7fELF").unwrap();
+        // setcap cap_net_raw+ep: VFS_CAP_REVISION_2 | effective, permitted bit 13.
+        let cap: [u8; 20] = [
+            1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        set(&ping, "security.capability", &cap);
+        set(&ping, "user.origin", b"node-a");
+        set(upper.path().join("bin").as_path(), "user.dir", b"yes");
+        crate::migrate::stage::write_rootfs_diff(upper.path(), staged.path()).unwrap();
+        apply(staged.path(), rootfs.path()).unwrap();
+        let moved = rootfs.path().join("bin/ping");
+        assert_eq!(std::fs::read(&moved).unwrap(), b"\x7fELF");
+        assert_eq!(
+            get(&moved, "security.capability").as_deref(),
+            Some(&cap[..])
+        );
+        assert_eq!(get(&moved, "user.origin").as_deref(), Some(&b"node-a"[..]));
+        assert_eq!(
+            get(&rootfs.path().join("bin"), "user.dir").as_deref(),
+            Some(&b"yes"[..])
+        );
     }
 }

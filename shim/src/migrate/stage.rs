@@ -97,6 +97,19 @@ fn walk(
         if ft.is_dir() && is_opaque(&path) {
             deleted.push(format!("/{}", rel.display()));
         }
+        if ft.is_dir() || ft.is_file() {
+            let attrs = super::xattrs::read(&path);
+            let keys: Vec<String> = attrs
+                .iter()
+                .map(|(n, _)| format!("{}{n}", super::xattrs::PAX_PREFIX))
+                .collect();
+            tar.append_pax_extensions(
+                keys.iter()
+                    .map(String::as_str)
+                    .zip(attrs.iter().map(|(_, v)| v.as_slice())),
+            )
+            .map_err(|e| Error::io(format!("archive attributes of {}", path.display()), e))?;
+        }
         if ft.is_dir() || ft.is_file() || ft.is_symlink() {
             tar.append_path_with_name(&path, rel)
                 .map_err(|e| Error::io(format!("archive {}", path.display()), e))?;
