@@ -64,19 +64,11 @@ impl Cri {
     }
 
     pub fn image_present(&mut self, image: &str) -> CriResult<bool> {
-        let req = cri::ImageStatusRequest {
-            image: Some(cri::ImageSpec {
-                image: image.to_string(),
-                ..Default::default()
-            }),
-            verbose: false,
-        };
-        let r = self.rt.block_on(self.images.image_status(req));
-        r.map(|r| r.into_inner().image.is_some()).map_err(status)
+        Ok(self.image(image)?.is_some())
     }
 
-    /// The image's id (its config digest), as the kubelet records it.
-    pub fn image_id(&mut self, image: &str) -> CriResult<String> {
+    /// ImageStatus: the image, if the node has it.
+    pub fn image(&mut self, image: &str) -> CriResult<Option<cri::Image>> {
         let req = cri::ImageStatusRequest {
             image: Some(cri::ImageSpec {
                 image: image.to_string(),
@@ -85,11 +77,7 @@ impl Cri {
             verbose: false,
         };
         let r = self.rt.block_on(self.images.image_status(req));
-        r.map_err(status)?
-            .into_inner()
-            .image
-            .map(|i| i.id)
-            .ok_or_else(|| format!("no image {image}"))
+        r.map(|r| r.into_inner().image).map_err(status)
     }
 
     pub fn run_pod_sandbox(

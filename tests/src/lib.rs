@@ -544,6 +544,35 @@ pub fn update_memory_limit(cd: &Containerd, id: &str, bytes: u64) {
         .expect("Update RPC");
 }
 
+/// A share that fills up: a tmpfs of `size` (`2m`, say) on a fresh
+/// directory, unmounted when dropped (declare it before the nodes using it).
+pub struct SmallShare {
+    dir: tempfile::TempDir,
+}
+
+impl SmallShare {
+    pub fn mount(size: &str) -> SmallShare {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(mounted.success(), "mount a {size} tmpfs as the share");
+        SmallShare { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallShare {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
 /// One GET of the test app at `ip:port` from the host: its next count.
 pub fn http_count(ip: &str, port: u16) -> std::io::Result<u64> {
     use std::io::{Read, Write};

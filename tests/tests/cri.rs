@@ -7,7 +7,8 @@ use std::time::Duration;
 use criu_shim_tests::cri::{container_config, pod_config, ContainerState, Cri, PodSandboxConfig};
 use criu_shim_tests::sshfs::SshfsShare;
 use criu_shim_tests::{
-    http_count, http_count_within, mounts_containing, pids_matching, wait_until, Containerd, IMAGE,
+    http_count, http_count_within, mounts_containing, pids_matching, wait_until, Containerd,
+    SmallShare, IMAGE,
 };
 
 #[test]
@@ -500,20 +501,7 @@ fn a_pod_under_load_is_checkpointed_and_restored() {
 fn a_pod_checkpoint_that_fails_half_way_publishes_nothing_and_the_pod_runs_on() {
     // A 2 MiB share: the first container's archive fits (its memory
     // compresses to nothing), the second's 16 MiB of random memory does not.
-    let share = tempfile::tempdir().unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-        .arg(share.path())
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount a small tmpfs as the share");
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _unmount = Unmount(share.path());
+    let share = SmallShare::mount("2m");
     let a = Containerd::cri_net_node(share.path(), &[]);
     let mut ca = a.cri();
     let (pod, ids, _) = run_pod(

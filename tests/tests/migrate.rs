@@ -6,7 +6,9 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use criu_shim_tests::{mounts_containing, text, wait_until, Containerd, IMAGE, RUNTIME};
+use criu_shim_tests::{
+    mounts_containing, text, wait_until, Containerd, SmallShare, IMAGE, RUNTIME,
+};
 
 fn share() -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -439,20 +441,7 @@ fn criu_killed_mid_dump_leaves_the_source_running_and_no_archive() {
 #[test]
 fn a_full_share_fails_the_checkpoint_and_the_source_keeps_running() {
     // A 2 MiB share and 16 MiB of random (incompressible) memory to publish.
-    let share = share();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-        .arg(share.path())
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount a small tmpfs as the share");
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _unmount = Unmount(share.path());
+    let share = SmallShare::mount("2m");
 
     let a = Containerd::node(share.path(), &[]);
     a.run_detached("full", &["/testapp", "-m", "16", "--random"]);
