@@ -612,3 +612,50 @@ fn the_kubelet_checkpoint_api_checkpoints_a_whole_pod_when_annotated() {
     assert_eq!(http_count(&ip_b, 8081).unwrap(), 3);
     remove_pod(&mut cb, &pod_b);
 }
+
+#[test]
+fn a_restarted_container_of_a_restored_pod_resumes_from_the_archive_again() {
+    let share = tempfile::tempdir().unwrap();
+    let a = Containerd::cri_net_node(share.path(), &[]);
+    let mut ca = a.cri();
+    let counter: &[&str] = &["/testapp"];
+    let (pod, ids, _) = run_pod(
+        &mut ca,
+        "src",
+        &[("criu-shim.io/checkpoint-to", "resume")],
+        &[("counter", counter)],
+    )
+    .expect("source pod");
+    let ip = ca.pod_ip(&pod).unwrap();
+    assert_eq!(http_count_within(&ip, PORT, Duration::from_secs(30)), 1);
+    assert_eq!(http_count(&ip, PORT).unwrap(), 2);
+    let out = a.cli_checkpoint(&ids[0], &[]);
+    assert!(out.status.success(), "{}", criu_shim_tests::text(&out));
+    remove_pod(&mut ca, &pod);
+
+    let (pod, ids, config) = run_pod(
+        &mut ca,
+        "dst",
+        &[("criu-shim.io/restore-from", "resume")],
+        &[("counter", counter)],
+    )
+    .expect("restored pod");
+    let ip = ca.pod_ip(&pod).unwrap();
+    assert_eq!(http_count_within(&ip, PORT, Duration::from_secs(30)), 3);
+    assert_eq!(http_count(&ip, PORT).unwrap(), 4);
+    // The kubelet restarts the container (attempt 1), as after a crash.
+    ca.stop_container(&ids[0], 5).unwrap();
+    ca.remove_container(&ids[0]).unwrap();
+    let mut again = container_config("counter", IMAGE, counter);
+    again.metadata.as_mut().unwrap().attempt = 1;
+    let id = ca
+        .create_container(&pod, again, &config)
+        .expect("CreateContainer");
+    ca.start_container(&id).expect("StartContainer");
+    assert_eq!(
+        http_count_within(&ip, PORT, Duration::from_secs(30)),
+        3,
+        "resumed from the archive, not from scratch (1) nor from before the restart (5)"
+    );
+    remove_pod(&mut ca, &pod);
+}
