@@ -94,7 +94,14 @@ impl Container {
         // A restore makes the same runc container from images instead.
         let runc = &container.runc;
         let make = |stdio| match &o.restore {
-            Some(args) => runc.restore(&o.id, &o.bundle, args, &spawn, stdio),
+            Some(args) => runc
+                .restore(&o.id, &o.bundle, args, &spawn, stdio)
+                .map_err(|e| match criu_error(&args.work_path) {
+                    // CRIU's own words beat runc's summary (and its log
+                    // goes with the staging).
+                    Some(criu) => Error::Other(format!("restore of {} failed: {criu}", o.id)),
+                    None => e,
+                }),
             None => runc.create(&o.id, &o.bundle, &spawn, stdio),
         };
         match &console {
@@ -157,15 +164,11 @@ impl Container {
             .and_then(|_| std::fs::create_dir_all(&args.work_path))
             .map_err(|e| Error::io("create checkpoint directories", e))?;
         let result = self.runc.checkpoint(&self.id, args, env);
-        let stats: serde_json::Value =
-            std::fs::read_to_string(args.work_path.join(crate::criu_front::FRONT_STATS_FILE))
-                .ok()
-                .and_then(|s| serde_json::from_str(&s).ok())
-                .unwrap_or_default();
+        let stats = front_stats(&args.work_path);
         if let Err(e) = result {
             self.recover_after_failed_dump();
             // CRIU's own words beat runc's summary of them.
-            return Err(match stats["error"].as_str() {
+            return Err(match criu_error(&args.work_path) {
                 Some(criu) => Error::Other(format!("checkpoint of {} failed: {criu}", self.id)),
                 None => e,
             });
@@ -393,6 +396,19 @@ fn sanitize(id: &str) -> String {
 
 /// Mounts containerd's rootfs mounts at `target`. Returns whether anything
 /// was mounted (no mounts: the bundle already has its rootfs).
+/// What the CRIU front recorded about its last request in `work`.
+fn front_stats(work: &Path) -> serde_json::Value {
+    std::fs::read_to_string(work.join(crate::criu_front::FRONT_STATS_FILE))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default()
+}
+
+/// CRIU's own error lines for a failed request, if the front saw them.
+fn criu_error(work: &Path) -> Option<String> {
+    front_stats(work)["error"].as_str().map(str::to_string)
+}
+
 pub fn mount_rootfs(mounts: &[Mount], target: &Path) -> Result<bool> {
     if mounts.is_empty() {
         return Ok(false);

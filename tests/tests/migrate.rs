@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use criu_shim_tests::{
-    mounts_containing, text, wait_until, Containerd, SmallShare, IMAGE, RUNTIME,
+    mounts_containing, text, unique, wait_until, Containerd, SmallShare, IMAGE, RUNTIME,
 };
 
 fn share() -> tempfile::TempDir {
@@ -497,4 +497,48 @@ fn with_a_cluster_key_only_archives_signed_with_it_are_restored() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not signed"), "the error says why: {err}");
     assert_clean(&b, "intruder");
+}
+
+#[test]
+fn an_established_connection_inside_the_container_survives_the_move() {
+    let share = share();
+    let a = Containerd::node(share.path(), &[]);
+    let b = Containerd::node(share.path(), &[]);
+    // The server and a client of it, both under the container's init; the
+    // client connects and stays idle: the connection is established (and
+    // the server waits in read) when the container is dumped.
+    a.run_detached(
+        "tcp",
+        &[
+            "sh",
+            "-c",
+            "mkfifo /req; /testapp & sleep 1; nc 127.0.0.1 8080 </req >/resp & exec 3>/req; wait",
+        ],
+    );
+    wait_until(Duration::from_secs(20), "the client to connect", || {
+        let (_, out, _) = a.exec("tcp", &format!("t{}", unique()), &["cat", "/proc/net/tcp"]);
+        // Local or remote port 8080 (1F90), state 01 (ESTABLISHED).
+        out.lines()
+            .any(|l| l.contains(":1F90 ") && l.split_whitespace().nth(3) == Some("01"))
+    });
+    let out = a.cli_checkpoint("tcp", &["--to", "tcp"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = b.run_restored("tcp", "tcp");
+    assert!(out.status.success(), "{}", text(&out));
+
+    // The request goes over the connection made on node A.
+    let (code, _, err) = b.exec(
+        "tcp",
+        "req",
+        &["sh", "-c", "printf 'GET / HTTP/1.0\\r\\n\\r\\n' > /req"],
+    );
+    assert_eq!(code, 0, "{err}");
+    wait_until(
+        Duration::from_secs(20),
+        "the answer on the old connection",
+        || {
+            let (_, out, _) = b.exec("tcp", &format!("r{}", unique()), &["cat", "/resp"]);
+            out.contains("200 OK")
+        },
+    );
 }

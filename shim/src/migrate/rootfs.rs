@@ -7,7 +7,7 @@
 //! ever resolved by the kernel from the rootfs's root: every component is
 //! opened with O_NOFOLLOW|O_DIRECTORY relative to the previous one, which
 //! makes escaping through `..` or a symlink impossible. Only directories,
-//! regular files and symlinks (created, never followed) are accepted.
+//! regular files, FIFOs and symlinks (created, never followed) are accepted.
 
 use std::ffi::{CString, OsStr};
 use std::fs::File;
@@ -232,6 +232,20 @@ fn extract_diff(root: &OwnedFd, input: impl Read) -> Result<()> {
                 // Last: chown drops file capabilities.
                 set_attrs(f.as_fd())?;
             }
+            tar::EntryType::Fifo => {
+                let _ = nix::unistd::unlinkat(&dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir);
+                nix::unistd::mkfifoat(dir.as_fd(), name, Mode::from_bits_truncate(mode))
+                    .map_err(|e| Error::io(format!("mkfifo {path}"), e.into()))?;
+                chown_at(&dir, name, uid, gid, &path)?;
+                // mkfifo applied our umask; the container's mode is the one.
+                nix::sys::stat::fchmodat(
+                    dir.as_fd(),
+                    name,
+                    Mode::from_bits_truncate(mode),
+                    nix::sys::stat::FchmodatFlags::FollowSymlink,
+                )
+                .map_err(|e| Error::io(format!("chmod {path}"), e.into()))?;
+            }
             tar::EntryType::Symlink => {
                 let target = h.link_name_bytes().ok_or_else(|| {
                     Error::InvalidArgument(format!("symlink {path} has no target"))
@@ -390,7 +404,7 @@ mod tests {
     }
 
     #[test]
-    fn file_capabilities_and_user_attributes_carry_over() {
+    fn file_capabilities_user_attributes_and_fifos_carry_over() {
         let upper = tempfile::tempdir().unwrap();
         let staged = tempfile::tempdir().unwrap();
         let rootfs = tempfile::tempdir().unwrap();
@@ -404,6 +418,11 @@ mod tests {
         set(&ping, "security.capability", &cap);
         set(&ping, "user.origin", b"node-a");
         set(upper.path().join("bin").as_path(), "user.dir", b"yes");
+        nix::unistd::mkfifo(
+            &upper.path().join("bin/queue"),
+            Mode::from_bits_truncate(0o620),
+        )
+        .unwrap();
         crate::migrate::stage::write_rootfs_diff(upper.path(), staged.path()).unwrap();
         apply(staged.path(), rootfs.path()).unwrap();
         let moved = rootfs.path().join("bin/ping");
@@ -417,5 +436,10 @@ mod tests {
             get(&rootfs.path().join("bin"), "user.dir").as_deref(),
             Some(&b"yes"[..])
         );
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let fifo = std::fs::symlink_metadata(rootfs.path().join("bin/queue")).unwrap();
+        assert!(fifo.file_type().is_fifo());
+        let source = std::fs::symlink_metadata(upper.path().join("bin/queue")).unwrap();
+        assert_eq!(fifo.permissions().mode(), source.permissions().mode());
     }
 }

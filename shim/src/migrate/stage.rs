@@ -110,7 +110,20 @@ fn walk(
             )
             .map_err(|e| Error::io(format!("archive attributes of {}", path.display()), e))?;
         }
-        if ft.is_dir() || ft.is_file() || ft.is_symlink() {
+        if ft.is_fifo() {
+            // A process may hold it open, and CRIU reopens it by path. (The
+            // tar crate names special files by their source path: build
+            // the header here.)
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Fifo);
+            h.set_mode(meta.mode() & 0o7777);
+            h.set_uid(meta.uid().into());
+            h.set_gid(meta.gid().into());
+            h.set_mtime(meta.mtime().max(0) as u64);
+            h.set_size(0);
+            tar.append_data(&mut h, rel, std::io::empty())
+                .map_err(|e| Error::io(format!("archive {}", path.display()), e))?;
+        } else if ft.is_dir() || ft.is_file() || ft.is_symlink() {
             tar.append_path_with_name(&path, rel)
                 .map_err(|e| Error::io(format!("archive {}", path.display()), e))?;
         } else {
