@@ -263,9 +263,10 @@ fn pod_checkpoint(
     Ok(published)
 }
 
-/// Containers this pod checkpoint froze; thawed again when dropped (on
-/// error) or by [`Frozen::thaw_all`]. Containers the user had paused stay
-/// paused.
+/// Containers this pod checkpoint froze; thawed by [`Frozen::thaw_all`]
+/// after success, or when dropped on an error, which also undoes what a
+/// failed dump may have left (stopped tasks, CRIU's network lock).
+/// Containers the user had paused stay paused.
 #[derive(Default)]
 struct Frozen<'a> {
     by_us: Vec<&'a Container>,
@@ -281,18 +282,24 @@ impl<'a> Frozen<'a> {
     }
 
     fn thaw_all(&mut self) {
+        self.thaw(false);
+    }
+
+    fn thaw(&mut self, after_failure: bool) {
         for c in self.by_us.drain(..) {
             if let Err(e) = c.resume() {
                 log::warn!("thaw {} after the pod checkpoint: {e}", c.id);
             }
-            c.resume_stopped();
+            if after_failure {
+                c.resume_stopped();
+            }
         }
     }
 }
 
 impl Drop for Frozen<'_> {
     fn drop(&mut self) {
-        self.thaw_all();
+        self.thaw(true);
     }
 }
 

@@ -168,7 +168,7 @@ impl Container {
         if let Err(e) = result {
             self.recover_after_failed_dump();
             // CRIU's own words beat runc's summary of them.
-            return Err(match criu_error(&args.work_path) {
+            return Err(match stats["error"].as_str() {
                 Some(criu) => Error::Other(format!("checkpoint of {} failed: {criu}", self.id)),
                 None => e,
             });

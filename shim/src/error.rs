@@ -43,6 +43,17 @@ impl Error {
         }
     }
 
+    /// An I/O error, except that a full disk (ENOSPC) says so and what the
+    /// user must do about it (`fix`).
+    pub fn io_or_full(context: impl Into<String>, source: std::io::Error, fix: &str) -> Self {
+        let context = context.into();
+        if source.raw_os_error() == Some(libc::ENOSPC) {
+            Error::Other(format!("no space left: {context}: {fix}"))
+        } else {
+            Error::io(context, source)
+        }
+    }
+
     pub fn code(&self) -> Code {
         match self {
             Error::NotFound(_) => Code::NOT_FOUND,

@@ -296,24 +296,20 @@ impl Service {
         let Some(pod) = pod else {
             return vec![c.clone()];
         };
-        let mut members: Vec<Arc<Container>> = self
-            .containers
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|m| {
-                let s = Spec::read(&m.bundle);
-                !s.is_pod_sandbox() && s.sandbox_id() == Some(pod.as_str())
-            })
+        let all: Vec<Arc<Container>> = self.containers.lock().unwrap().values().cloned().collect();
+        // Each spec read once, outside the lock; keyed by the name in the
+        // pod manifest, for logs a person can follow.
+        let mut members: Vec<(Option<String>, Arc<Container>)> = all
+            .into_iter()
             .filter(|m| matches!(m.init.status(), Status::Running | Status::Paused))
-            .cloned()
+            .filter_map(|m| {
+                let s = Spec::read(&m.bundle);
+                let ours = !s.is_pod_sandbox() && s.sandbox_id() == Some(pod.as_str());
+                ours.then(|| (s.container_name().map(str::to_string), m))
+            })
             .collect();
-        // In the pod manifest's names' order, for logs a person can follow.
-        members.sort_by_cached_key(|m| {
-            let name = Spec::read(&m.bundle).container_name().map(str::to_string);
-            (name, m.id.clone())
-        });
-        members
+        members.sort_by(|(a, x), (b, y)| (a, &x.id).cmp(&(b, &y.id)));
+        members.into_iter().map(|(_, m)| m).collect()
     }
 
     fn do_delete(&self, id: &str, exec_id: &str) -> Result<(u32, Exit)> {

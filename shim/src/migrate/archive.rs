@@ -222,14 +222,12 @@ fn header(size: u64, mtime: u64) -> tar::Header {
     h
 }
 
-/// ENOSPC gets its own words: "the share is full" is what the user must fix.
 fn write_error(what: &str, e: std::io::Error) -> Error {
-    if e.raw_os_error() == Some(libc::ENOSPC) {
-        return Error::Other(format!(
-            "no space left writing {what}: the share (or staging disk) is full; free space and retry"
-        ));
-    }
-    Error::io(format!("write {what} into the archive"), e)
+    Error::io_or_full(
+        format!("write {what} into the archive"),
+        e,
+        "the share (or staging disk) is full; free space and retry",
+    )
 }
 
 pub fn hex(bytes: &[u8]) -> String {

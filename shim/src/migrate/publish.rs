@@ -119,15 +119,8 @@ fn write_then_rename(
     })
 }
 
-/// A full share says so and what to do; other errors say what failed.
 fn full_or(e: std::io::Error, what: String) -> Error {
-    if e.raw_os_error() == Some(libc::ENOSPC) {
-        Error::Other(format!(
-            "no space left on the share ({what}): free space and retry"
-        ))
-    } else {
-        Error::io(what, e)
-    }
+    Error::io_or_full(what, e, "the share is full; free space and retry")
 }
 
 /// rename(2) that fails instead of replacing an existing file. File systems

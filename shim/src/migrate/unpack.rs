@@ -34,6 +34,7 @@ impl Default for Limits {
 }
 
 const MAX_MANIFEST: u64 = 16 << 20;
+const MAX_MAC: u64 = 1024;
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
 
 /// What was extracted: each member's size and SHA-256, and the manifest.
@@ -109,33 +110,29 @@ fn extract<R: Read>(
         if total > limits.max_total_bytes {
             return Err(refused(what, &name, "archive larger than the limit"));
         }
-        if out.members.contains_key(&name) || (name == members::MANIFEST && out.manifest.is_some())
-        {
-            return Err(refused(what, &name, "appears twice"));
-        }
-        if name == members::MANIFEST_MAC {
-            if out.manifest_mac.is_some() || size > 1024 {
-                return Err(refused(what, &name, "appears twice or is too large"));
+        // The manifest and its MAC are kept in memory, not written out.
+        let (small, max) = match name.as_str() {
+            members::MANIFEST => (Some(&mut out.manifest), MAX_MANIFEST),
+            members::MANIFEST_MAC => (Some(&mut out.manifest_mac), MAX_MAC),
+            _ => (None, 0),
+        };
+        if let Some(slot) = small {
+            if slot.is_some() {
+                return Err(refused(what, &name, "appears twice"));
             }
-            let mut buf = Vec::new();
-            (&mut entry)
-                .take(size)
-                .read_to_end(&mut buf)
-                .map_err(|e| corrupt(what, &e.to_string()))?;
-            out.manifest_mac = Some(buf);
-            continue;
-        }
-        if name == members::MANIFEST {
-            if size > MAX_MANIFEST {
-                return Err(refused(what, &name, "manifest too large"));
+            if size > max {
+                return Err(refused(what, &name, "too large"));
             }
             let mut buf = Vec::with_capacity(size as usize);
             (&mut entry)
                 .take(size)
                 .read_to_end(&mut buf)
                 .map_err(|e| corrupt(what, &e.to_string()))?;
-            out.manifest = Some(buf);
+            *slot = Some(buf);
             continue;
+        }
+        if out.members.contains_key(&name) {
+            return Err(refused(what, &name, "appears twice"));
         }
         let (n, sha) = write_member(&mut entry, &dest.join(&name), what)?;
         if n != size {
@@ -217,13 +214,11 @@ fn write_member(entry: &mut impl Read, path: &Path, what: &str) -> Result<(u64, 
             let mut n = 0u64;
             for (buf, k) in full_rx {
                 f.write_all(&buf[..k]).map_err(|e| {
-                    if e.raw_os_error() == Some(libc::ENOSPC) {
-                        Error::Other(format!(
-                            "no space left on the staging disk unpacking {what}: free space or set CRIU_SHIM_STAGING_DIR"
-                        ))
-                    } else {
-                        Error::io(format!("write {}", path.display()), e)
-                    }
+                    Error::io_or_full(
+                        format!("write {} unpacking {what}", path.display()),
+                        e,
+                        "the staging disk is full; free space or set CRIU_SHIM_STAGING_DIR",
+                    )
                 })?;
                 n += k as u64;
                 // Back to the reader through the hasher.
