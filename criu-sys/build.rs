@@ -1,4 +1,5 @@
-//! Compiles our transcription of CRIU's rpc.proto with rust-protobuf's pure
+//! Compiles our transcriptions of CRIU's rpc.proto (the RPC protocol) and
+//! of the image messages we read (images.proto) with rust-protobuf's pure
 //! Rust parser, so building needs no `protoc` on the machine.
 //!
 //! The generated file starts with inner attributes (`#![allow(...)]`), which
@@ -13,16 +14,19 @@ fn main() {
         .pure()
         .includes(["proto"])
         .input("proto/rpc.proto")
+        .input("proto/images.proto")
         .out_dir(&out)
         .run_from_script();
 
-    let generated = out.join("rpc.rs");
-    let text = std::fs::read_to_string(&generated).expect("read generated rpc.rs");
-    let body: String = text
-        .lines()
-        .filter(|l| !l.starts_with("#![") && !l.starts_with("//!"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(&generated, body).expect("write rpc.rs");
-    println!("cargo:rerun-if-changed=proto/rpc.proto");
+    for name in ["rpc", "images"] {
+        let generated = out.join(format!("{name}.rs"));
+        let text = std::fs::read_to_string(&generated).expect("read generated code");
+        let body: String = text
+            .lines()
+            .filter(|l| !l.starts_with("#![") && !l.starts_with("//!"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&generated, body).expect("write generated code");
+        println!("cargo:rerun-if-changed=proto/{name}.proto");
+    }
 }

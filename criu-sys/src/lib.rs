@@ -3,7 +3,9 @@
 //! CRIU offers a service mode, `criu swrk <fd>`: the caller forks CRIU with
 //! one end of a SOCK_SEQPACKET socketpair, sends a protobuf `criu_req`, answers
 //! any `notify` messages, and reads one `criu_resp`. This crate is that
-//! protocol and nothing else: no containers, no archives, no runc. It speaks
+//! protocol and nothing else: no containers, no archives, no runc. Reading
+//! the few image fields that decide a restored process's privileges
+//! ([`images`]) is part of it: CRIU's images are its other protocol. It speaks
 //! directly to the CRIU binary (not libcriu), so the only thing a node needs
 //! is a CRIU executable, and it stays correct inside a containerd shim where
 //! another thread reaps every child (see [`reaper`]).
@@ -23,10 +25,12 @@
 
 pub mod criu;
 pub mod error;
+pub mod images;
 pub mod notify;
 pub mod options;
 pub mod reaper;
 pub mod rpc;
+pub mod rpc_images;
 pub mod service;
 mod transport;
 pub mod version;

@@ -422,3 +422,44 @@ fn a_dump_past_its_deadline_is_stopped_and_the_source_keeps_running() {
     );
     drop(dir);
 }
+
+/// What `images` reads from real images is what the kernel said about the
+/// process: its capabilities, no_new_privs, and the namespaces it shared
+/// with the dumper (a plain process shares all of them).
+#[test]
+fn images_tell_the_dumped_process_s_credentials_and_namespaces() {
+    let c = criu();
+    let counter = Counter::start();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", counter.pid)).unwrap();
+    let field = |name: &str| {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+        u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+    };
+    let (cap_eff, cap_bnd) = (field("CapEff:"), field("CapBnd:"));
+    let (dir, opts) = images();
+    c.dump(&opts.pid(counter.pid).leave_running(true), None)
+        .unwrap();
+    let threads = criu_sys::images::threads(dir.path()).unwrap();
+    let main = threads
+        .iter()
+        .find(|t| t.tid == counter.pid as u32)
+        .unwrap();
+    let creds = main.creds.as_ref().expect("credentials recorded");
+    assert_eq!(creds.effective.0, cap_eff);
+    assert_eq!(creds.bounding.0, cap_bnd);
+    assert_eq!(creds.uids, [0; 4]);
+    assert!(!creds.no_new_privs);
+    assert_eq!(main.seccomp, criu_sys::images::SeccompMode::Disabled);
+    let ns = criu_sys::images::host_namespaces(dir.path()).unwrap();
+    let (_, shared) = ns.iter().find(|(p, _)| *p == counter.pid as u32).unwrap();
+    for kind in [
+        criu_sys::images::NsKind::Pid,
+        criu_sys::images::NsKind::Net,
+        criu_sys::images::NsKind::Mount,
+    ] {
+        assert!(
+            shared.contains(&kind),
+            "{kind} not seen as shared: {shared:?}"
+        );
+    }
+}
