@@ -22,7 +22,10 @@ pub const RUNTIME_ID: &str = "io.containerd.criu.v2";
 /// `pod_annotations` (CRI) so pod annotations reach the container's OCI spec.
 pub const ANNOTATION_PREFIX: &str = "criu-shim.io/";
 
-/// Annotation naming the archive (on the share) to restore a container from.
+/// Annotation naming the archive (on the share) to restore a container from:
+/// a key or an archive name, always resolved inside the share. (An
+/// absolute path, a directory of images on the node, is refused unless the
+/// operator set [`env::LOCAL_IMAGES_DIR`] and the path is beneath it.)
 pub const ANNOTATION_RESTORE_FROM: &str = "criu-shim.io/restore-from";
 
 /// Annotation naming where on the share checkpoints of this container go.
@@ -56,6 +59,7 @@ pub mod env {
     pub const CRIU_TIMEOUT_SECS: &str = "CRIU_SHIM_CRIU_TIMEOUT";
     pub const FETCH_WAIT_SECS: &str = "CRIU_SHIM_FETCH_WAIT";
     pub const ARCHIVE_KEY_FILE: &str = "CRIU_SHIM_ARCHIVE_KEY_FILE";
+    pub const LOCAL_IMAGES_DIR: &str = "CRIU_SHIM_LOCAL_IMAGES_DIR";
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -106,6 +110,11 @@ pub struct ShimConfig {
     /// A secret shared by the nodes: archives are signed with it, and
     /// restores refuse archives it did not sign.
     pub archive_key_file: Option<PathBuf>,
+    /// Off by default. When set, `restore-from` may also name a directory
+    /// of CRIU images on the node, but only beneath this one (an
+    /// operator's tool: whoever can write there can restore anything the
+    /// target spec allows).
+    pub local_images_dir: Option<PathBuf>,
 }
 
 impl ShimConfig {
@@ -126,6 +135,7 @@ impl ShimConfig {
             criu_timeout_secs: 600,
             fetch_wait_secs: 30,
             archive_key_file: None,
+            local_images_dir: None,
         }
     }
 
@@ -193,6 +203,16 @@ impl ShimConfig {
                 });
             }
             c.archive_key_file = Some(path);
+        }
+        if let Some(v) = env(env::LOCAL_IMAGES_DIR).filter(|v| !v.is_empty()) {
+            let path = PathBuf::from(v);
+            if !path.is_absolute() {
+                return Err(ConfigError::NotAbsolute {
+                    what: "local images dir",
+                    path,
+                });
+            }
+            c.local_images_dir = Some(path);
         }
         for (what, path) in [
             ("runc root", &c.runc_root),

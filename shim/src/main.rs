@@ -2,6 +2,7 @@
 //! `io.containerd.criu.v2`. containerd runs it as `start`, `delete`, or the
 //! long-lived server; all three go through the containerd-shim crate.
 
+mod beneath;
 mod checkpoint;
 mod cli;
 mod container;
@@ -13,6 +14,7 @@ mod netfix;
 mod oom;
 mod process;
 mod reaper;
+mod restore;
 mod runc;
 mod service;
 mod shim;

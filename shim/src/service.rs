@@ -28,10 +28,10 @@ use crate::container::{Container, CreateOpts, Mount};
 use crate::criu_front::env as front_env;
 use crate::error::{Error, Result};
 use crate::events::{Event, Events};
-use crate::migrate;
 use crate::process::{Exit, Process, Status};
 use crate::reaper::MonitorReaper;
-use crate::runc::{CriuArgs, Runc};
+use crate::restore;
+use crate::runc::Runc;
 use crate::spec::Spec;
 use crate::stdio::StdioPaths;
 
@@ -164,46 +164,8 @@ impl Service {
         let bundle = PathBuf::from(&req.bundle);
         save_shim_state(&bundle, &config);
         let runc = runc_for(&config, &bundle);
-        // Keeps a fetched archive's staging alive until the restore is done.
-        let mut fetched = None;
-        let (restore, rootfs_changes) = match restore_source(req, &bundle)? {
-            None => (None, None),
-            Some(RestoreFrom::Images(images)) => (
-                Some(CriuArgs {
-                    image_path: images,
-                    work_path: bundle.join("restore-work"),
-                    ..Default::default()
-                }),
-                None,
-            ),
-            Some(RestoreFrom::Archive(reference)) => {
-                let started = Instant::now();
-                let f = migrate::fetch_archive(
-                    &config.share_dir,
-                    &reference,
-                    &config.staging_dir,
-                    &req.id,
-                    Duration::from_secs(config.fetch_wait_secs),
-                    migrate::mac::configured(config.archive_key_file.as_deref())?.as_deref(),
-                )?;
-                log::info!(
-                    "fetched and verified {} for {} in {:?} (checkpoint of {}, CRIU {})",
-                    f.archive.display(),
-                    req.id,
-                    started.elapsed(),
-                    f.manifest.container_id,
-                    f.manifest.criu_version
-                );
-                let args = CriuArgs {
-                    image_path: f.images(),
-                    work_path: f.staging.path().join("work"),
-                    ..Default::default()
-                };
-                let changes = f.staging.path().to_path_buf();
-                fetched = Some(f);
-                (Some(args), Some(changes))
-            }
-        };
+        // Holds a fetched archive's staging until the restore is done.
+        let prepared = restore::prepare(req, &bundle, &config)?;
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -225,12 +187,12 @@ impl Service {
             stdio,
             no_pivot: config.no_pivot_root,
             no_new_keyring: config.no_new_keyring,
-            restore,
-            rootfs_changes,
+            restore: prepared.as_ref().map(|p| p.args.clone()),
+            rootfs_changes: prepared.as_ref().and_then(|p| p.rootfs_changes.clone()),
             config: config.clone(),
         };
         let container = Arc::new(Container::create(opts, runc)?);
-        drop(fetched);
+        drop(prepared);
         let pid = container.init.pid();
         self.containers
             .lock()
@@ -360,43 +322,6 @@ fn runc_for(config: &ShimConfig, bundle: &std::path::Path) -> Runc {
         env,
         Duration::from_secs(config.criu_timeout_secs + 60),
     )
-}
-
-enum RestoreFrom {
-    /// A directory of CRIU images on this node.
-    Images(PathBuf),
-    /// An archive (or a key naming the newest one) on the share.
-    Archive(String),
-}
-
-/// What to restore from, if this Create is a restore: containerd's
-/// checkpoint (CreateTaskRequest.checkpoint) or our annotation.
-fn restore_source(
-    req: &api::CreateTaskRequest,
-    bundle: &std::path::Path,
-) -> Result<Option<RestoreFrom>> {
-    if !req.checkpoint.is_empty() {
-        return Ok(Some(RestoreFrom::Images(PathBuf::from(&req.checkpoint))));
-    }
-    let spec = Spec::read(bundle);
-    match spec.restore_from() {
-        None => Ok(None),
-        Some(from) if from.starts_with('/') => {
-            let path = PathBuf::from(from);
-            if !path.join("inventory.img").is_file() {
-                return Err(Error::InvalidArgument(format!(
-                    "{}={from}: no CRIU images there (inventory.img missing); \
-                     name an archive on the share, or a checkpoint's image directory",
-                    criu_shim_config::ANNOTATION_RESTORE_FROM
-                )));
-            }
-            Ok(Some(RestoreFrom::Images(path)))
-        }
-        Some(reference) => Ok(Some(RestoreFrom::Archive(migrate::fetch::per_container(
-            reference,
-            spec.container_name(),
-        )))),
-    }
 }
 
 fn exit_or_now(p: &Process) -> Exit {

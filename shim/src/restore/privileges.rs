@@ -1,0 +1,465 @@
+//! A restore is a privilege boundary: the restored processes must never get
+//! more than the spec of the container they land in allows.
+//!
+//! CRIU restores each process with the credentials its images record:
+//! uids and gids, every capability set, no_new_privs, seccomp, LSM label,
+//! and, for each namespace the process shared with the node that dumped
+//! it, the restoring node's namespace. runc does not re-apply the target
+//! spec's process settings on restore. Images can come from anyone who can
+//! write where they are read from (a pod that wrote fake images into its
+//! own writable layer, an archive built by hand), and `spec.dump` in an
+//! archive is written by the same hand. So the decision is taken from the
+//! images CRIU will read ([`criu_sys::images`]), compared with the target
+//! spec that containerd wrote for this container, before CRIU runs.
+//!
+//! What is compared, per thread:
+//! - every capability set (bounding, permitted, effective, inheritable,
+//!   ambient) must be a subset of the target's;
+//! - uids, gids and supplementary groups must be the target's, unless the
+//!   target itself may change them (CAP_SETUID / CAP_SETGID permitted);
+//! - the target's no_new_privs, seccomp (a filter must be in force; its
+//!   program is not compared, see SECURITY.md) and LSM label must hold;
+//! - no namespace the target spec gives the container may be one the
+//!   process shared with its dumping node (host PID, network, ...).
+//! Same or weaker privileges pass; anything more is refused with the
+//! difference named.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use criu_sys::images::{self, CapSet, Creds, NsKind, SeccompMode, ThreadState};
+use oci_spec::runtime::{Capabilities, LinuxNamespaceType, Spec};
+
+use crate::error::{Error, Result};
+
+/// Capability names by number (linux/capability.h).
+const CAP_NAMES: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+const CAP_SETGID: u32 = 6;
+const CAP_SETUID: u32 = 7;
+
+/// What the target container's spec allows its processes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allowed {
+    pub bounding: CapSet,
+    pub permitted: CapSet,
+    pub effective: CapSet,
+    pub inheritable: CapSet,
+    pub ambient: CapSet,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub no_new_privs: bool,
+    pub seccomp: bool,
+    /// AppArmor profile or SELinux label the spec asks for.
+    pub lsm_label: Option<String>,
+    /// Namespaces the container gets of its own (or joins by path).
+    pub namespaces: Vec<NsKind>,
+}
+
+impl Allowed {
+    /// From the target bundle's `config.json`.
+    pub fn from_bundle(bundle: &Path) -> Result<Allowed> {
+        let path = bundle.join("config.json");
+        let spec = Spec::load(&path).map_err(|e| {
+            Error::InvalidArgument(format!(
+                "cannot read the container spec {}: {e}",
+                path.display()
+            ))
+        })?;
+        Self::from_spec(&spec)
+    }
+
+    pub fn from_spec(spec: &Spec) -> Result<Allowed> {
+        let mut a = Allowed::default();
+        if let Some(p) = spec.process() {
+            a.uid = p.user().uid();
+            a.gid = p.user().gid();
+            a.groups = p.user().additional_gids().clone().unwrap_or_default();
+            a.no_new_privs = p.no_new_privileges().unwrap_or(false);
+            a.lsm_label = p
+                .apparmor_profile()
+                .clone()
+                .or_else(|| p.selinux_label().clone())
+                .filter(|s| !s.is_empty());
+            if let Some(c) = p.capabilities() {
+                a.bounding = cap_set(c.bounding())?;
+                a.permitted = cap_set(c.permitted())?;
+                a.effective = cap_set(c.effective())?;
+                a.inheritable = cap_set(c.inheritable())?;
+                a.ambient = cap_set(c.ambient())?;
+            }
+        }
+        if let Some(linux) = spec.linux() {
+            a.seccomp = linux.seccomp().is_some();
+            a.namespaces = linux
+                .namespaces()
+                .iter()
+                .flatten()
+                .map(|n| ns_kind(n.typ()))
+                .collect();
+        }
+        Ok(a)
+    }
+}
+
+fn ns_kind(t: LinuxNamespaceType) -> NsKind {
+    match t {
+        LinuxNamespaceType::Mount => NsKind::Mount,
+        LinuxNamespaceType::Cgroup => NsKind::Cgroup,
+        LinuxNamespaceType::Uts => NsKind::Uts,
+        LinuxNamespaceType::Ipc => NsKind::Ipc,
+        LinuxNamespaceType::User => NsKind::User,
+        LinuxNamespaceType::Pid => NsKind::Pid,
+        LinuxNamespaceType::Network => NsKind::Net,
+        LinuxNamespaceType::Time => NsKind::Time,
+    }
+}
+
+fn cap_set(caps: &Option<Capabilities>) -> Result<CapSet> {
+    let mut set = 0u64;
+    for c in caps.iter().flatten() {
+        let name = serde_json::to_value(c)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let n = CAP_NAMES.iter().position(|k| *k == name).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "the container spec names an unknown capability {name:?}"
+            ))
+        })?;
+        set |= 1 << n;
+    }
+    Ok(CapSet(set))
+}
+
+fn names(set: CapSet) -> String {
+    let v: Vec<String> = set
+        .numbers()
+        .map(|n| {
+            CAP_NAMES
+                .get(n as usize)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| format!("capability {n}"))
+        })
+        .collect();
+    v.join(", ")
+}
+
+/// Checks the images in `images_dir` against `allowed`; the error names
+/// every difference found in the first offending thread.
+pub fn check(images_dir: &Path, allowed: &Allowed) -> Result<()> {
+    let refuse = |why: String| {
+        Error::FailedPrecondition(format!(
+            "restore refused: {why}. A restore never gives a process more than the \
+             container's spec allows: restore into a container whose spec grants it, \
+             or checkpoint a container with the same privileges"
+        ))
+    };
+    let unreadable = |e: images::ImageError| {
+        Error::InvalidArgument(format!("restore refused: {e}; the checkpoint is unusable"))
+    };
+    let threads = images::threads(images_dir).map_err(unreadable)?;
+    for t in &threads {
+        let why = thread_excess(t, allowed);
+        if !why.is_empty() {
+            return Err(refuse(format!(
+                "the archived process (thread {}) {}",
+                t.tid,
+                why.join("; ")
+            )));
+        }
+    }
+    for (pid, shared) in images::host_namespaces(images_dir).map_err(unreadable)? {
+        let host: Vec<String> = allowed
+            .namespaces
+            .iter()
+            .filter(|k| shared.contains(k))
+            .map(|k| k.to_string())
+            .collect();
+        if !host.is_empty() {
+            return Err(refuse(format!(
+                "the archived process {pid} ran in its node's own {} namespace(s), \
+                 and CRIU would restore it into this node's; the container's spec gives it \
+                 its own",
+                host.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What `t` would have beyond `allowed`, in words; empty when nothing.
+fn thread_excess(t: &ThreadState, allowed: &Allowed) -> Vec<String> {
+    let Some(c) = &t.creds else {
+        return vec!["records no credentials (CRIU would keep root's)".into()];
+    };
+    let mut why = Vec::new();
+    let sets = [
+        ("bounding", c.bounding, allowed.bounding),
+        ("permitted", c.permitted, allowed.permitted),
+        ("effective", c.effective, allowed.effective),
+        ("inheritable", c.inheritable, allowed.inheritable),
+        ("ambient", c.ambient.unwrap_or_default(), allowed.ambient),
+    ];
+    for (set, has, may) in sets {
+        let extra = has.beyond(may);
+        if !extra.is_empty() {
+            why.push(format!(
+                "has {} in its {set} set, the container spec does not",
+                names(extra)
+            ));
+        }
+    }
+    why.extend(id_excess(c, allowed));
+    if allowed.no_new_privs && !c.no_new_privs {
+        why.push("runs without no_new_privs, the container spec sets it".into());
+    }
+    if allowed.seccomp && !matches!(t.seccomp, SeccompMode::Filter | SeccompMode::Strict) {
+        why.push("runs without seccomp, the container spec has a seccomp profile".into());
+    }
+    if let Some(label) = &allowed.lsm_label {
+        if !lsm_matches(c.lsm_profile.as_deref(), label) {
+            why.push(format!(
+                "runs with LSM label {:?}, the container spec asks for {label:?}",
+                c.lsm_profile.as_deref().unwrap_or("none")
+            ));
+        }
+    }
+    why
+}
+
+fn id_excess(c: &Creds, allowed: &Allowed) -> Vec<String> {
+    let mut why = Vec::new();
+    let may_setuid = allowed.permitted.0 & (1 << CAP_SETUID) != 0;
+    let may_setgid = allowed.permitted.0 & (1 << CAP_SETGID) != 0;
+    if !may_setuid && c.uids.iter().any(|u| *u != allowed.uid) {
+        let mut s = String::new();
+        let _ = write!(
+            s,
+            "runs as uid {:?}, the container spec says {}",
+            c.uids, allowed.uid
+        );
+        why.push(s);
+    }
+    if !may_setgid {
+        if c.gids.iter().any(|g| *g != allowed.gid) {
+            why.push(format!(
+                "runs as gid {:?}, the container spec says {}",
+                c.gids, allowed.gid
+            ));
+        }
+        let extra: Vec<u32> = c
+            .groups
+            .iter()
+            .copied()
+            .filter(|g| *g != allowed.gid && !allowed.groups.contains(g))
+            .collect();
+        if !extra.is_empty() {
+            why.push(format!(
+                "is in groups {extra:?}, the container spec does not list them"
+            ));
+        }
+    }
+    why
+}
+
+/// AppArmor reports `profile (enforce)`; SELinux a full context.
+fn lsm_matches(has: Option<&str>, want: &str) -> bool {
+    match has {
+        Some(h) => h == want || h.split(" (").next() == Some(want),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use criu_sys::images::encode_core;
+
+    /// runc's default capabilities (containerd's default spec).
+    const DEFAULT_CAPS: u64 = 0xa80425fb;
+    const ALL_CAPS: u64 = 0x1ff_ffff_ffff;
+
+    fn allowed() -> Allowed {
+        let caps = CapSet(DEFAULT_CAPS);
+        Allowed {
+            bounding: caps,
+            permitted: caps,
+            effective: caps,
+            seccomp: true,
+            no_new_privs: false,
+            namespaces: vec![NsKind::Pid, NsKind::Mount, NsKind::Net],
+            ..Default::default()
+        }
+    }
+
+    fn creds(caps: u64) -> Creds {
+        Creds {
+            bounding: CapSet(caps),
+            permitted: CapSet(caps),
+            effective: CapSet(caps),
+            ..Default::default()
+        }
+    }
+
+    fn images(dir: &Path, c: Option<&Creds>, seccomp: SeccompMode) {
+        std::fs::write(dir.join("core-1.img"), encode_core(c, seccomp)).unwrap();
+    }
+
+    #[test]
+    fn the_same_or_fewer_privileges_pass() {
+        let a = allowed();
+        for caps in [DEFAULT_CAPS, 0, 1 << 10] {
+            let t = ThreadState {
+                tid: 1,
+                creds: Some(creds(caps)),
+                seccomp: SeccompMode::Filter,
+            };
+            assert!(thread_excess(&t, &a).is_empty(), "{caps:#x}");
+        }
+    }
+
+    #[test]
+    fn a_privileged_process_is_refused_with_the_difference_named() {
+        let dir = tempfile::tempdir().unwrap();
+        images(dir.path(), Some(&creds(ALL_CAPS)), SeccompMode::Disabled);
+        let err = check(dir.path(), &allowed()).unwrap_err().to_string();
+        for part in [
+            "CAP_SYS_ADMIN",
+            "effective set",
+            "without seccomp",
+            "container's spec allows",
+        ] {
+            assert!(err.contains(part), "{part} not in: {err}");
+        }
+        assert!(!err.contains("CAP_CHOWN"), "allowed caps listed: {err}");
+    }
+
+    #[test]
+    fn ids_groups_nnp_lsm_and_missing_credentials() {
+        let mut a = allowed();
+        a.uid = 1000;
+        a.gid = 1000;
+        a.permitted = CapSet(0);
+        a.effective = CapSet(0);
+        a.bounding = CapSet(0);
+        a.no_new_privs = true;
+        a.lsm_label = Some("cri-containerd.apparmor.d".into());
+        let c = Creds {
+            uids: [1000, 0, 1000, 1000],
+            gids: [1000; 4],
+            groups: vec![1000, 6],
+            lsm_profile: Some("unconfined".into()),
+            ..Default::default()
+        };
+        let t = ThreadState {
+            tid: 1,
+            creds: Some(c),
+            seccomp: SeccompMode::Filter,
+        };
+        let why = thread_excess(&t, &a).join("; ");
+        for part in ["uid [1000, 0", "groups [6]", "no_new_privs", "LSM label"] {
+            assert!(why.contains(part), "{part} not in: {why}");
+        }
+        let t = ThreadState {
+            tid: 1,
+            creds: None,
+            seccomp: SeccompMode::Filter,
+        };
+        assert!(thread_excess(&t, &a)[0].contains("no credentials"));
+        assert!(lsm_matches(
+            Some("cri-containerd.apparmor.d (enforce)"),
+            "cri-containerd.apparmor.d"
+        ));
+    }
+
+    #[test]
+    fn a_root_container_may_hold_other_ids() {
+        let mut a = allowed();
+        a.permitted = CapSet(a.permitted.0 | 1 << CAP_SETUID | 1 << CAP_SETGID);
+        let c = Creds {
+            uids: [65534; 4],
+            gids: [65534; 4],
+            groups: vec![65534],
+            ..Default::default()
+        };
+        let t = ThreadState {
+            tid: 1,
+            creds: Some(c),
+            seccomp: SeccompMode::Filter,
+        };
+        assert!(thread_excess(&t, &a).is_empty());
+    }
+
+    #[test]
+    fn the_target_spec_is_read_from_the_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {
+                "user": {"uid": 0, "gid": 0, "additionalGids": [10]},
+                "cwd": "/",
+                "noNewPrivileges": true,
+                "capabilities": {
+                    "bounding": ["CAP_CHOWN", "CAP_KILL"],
+                    "effective": ["CAP_KILL"],
+                    "permitted": ["CAP_CHOWN", "CAP_KILL"]
+                }
+            },
+            "root": {"path": "rootfs"},
+            "linux": {
+                "namespaces": [{"type": "pid"}, {"type": "network", "path": "/var/run/netns/x"}],
+                "seccomp": {"defaultAction": "SCMP_ACT_ERRNO"}
+            }
+        });
+        std::fs::write(dir.path().join("config.json"), spec.to_string()).unwrap();
+        let a = Allowed::from_bundle(dir.path()).unwrap();
+        assert_eq!(a.bounding, CapSet(1 | 1 << 5));
+        assert_eq!(a.effective, CapSet(1 << 5));
+        assert_eq!(a.groups, vec![10]);
+        assert!(a.no_new_privs && a.seccomp);
+        assert_eq!(a.namespaces, vec![NsKind::Pid, NsKind::Net]);
+    }
+}
