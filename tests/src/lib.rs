@@ -634,3 +634,45 @@ pub fn pids_matching(needle: &str) -> Vec<i32> {
     }
     out
 }
+
+pub fn empty_dir(p: &Path) -> bool {
+    std::fs::read_dir(p)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(true)
+}
+
+/// A ctr node must be exactly as before a failed restore of `id`: no task,
+/// no runc state, no mounts, nothing in staging, no cgroup.
+pub fn assert_clean(node: &Containerd, id: &str) {
+    assert!(node.task_status(id).is_none(), "a task {id} is left");
+    assert!(
+        !Path::new("/run/containerd/runc")
+            .join(&node.ns)
+            .join(id)
+            .exists(),
+        "runc state of {id} left"
+    );
+    let bundle = node
+        .dir
+        .path()
+        .join("state/io.containerd.runtime.v2.task")
+        .join(&node.ns)
+        .join(id);
+    assert!(
+        mounts_containing(&bundle.display().to_string()).is_empty(),
+        "mounts of {id} left"
+    );
+    assert!(
+        empty_dir(&node.staging()),
+        "staging files left: {:?}",
+        std::fs::read_dir(node.staging())
+            .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+    );
+    assert!(
+        !Path::new("/sys/fs/cgroup/memory")
+            .join(&node.ns)
+            .join(id)
+            .exists(),
+        "cgroup of {id} left"
+    );
+}

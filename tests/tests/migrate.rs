@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use criu_shim_tests::{
-    mounts_containing, text, unique, wait_until, Containerd, SmallShare, IMAGE, RUNTIME,
+    assert_clean, empty_dir, text, unique, wait_until, Containerd, SmallShare, IMAGE, RUNTIME,
 };
 
 fn share() -> tempfile::TempDir {
@@ -34,47 +34,6 @@ fn archives(share: &Path, key: &str) -> Vec<PathBuf> {
         !n.starts_with('.') && n.ends_with(".criu.tar.zst")
     });
     v
-}
-
-fn empty_dir(p: &Path) -> bool {
-    std::fs::read_dir(p)
-        .map(|mut d| d.next().is_none())
-        .unwrap_or(true)
-}
-
-/// Node B must be exactly as before a failed restore of `id`.
-fn assert_clean(node: &Containerd, id: &str) {
-    assert!(node.task_status(id).is_none(), "a task {id} is left");
-    assert!(
-        !Path::new("/run/containerd/runc")
-            .join(&node.ns)
-            .join(id)
-            .exists(),
-        "runc state of {id} left"
-    );
-    let bundle = node
-        .dir
-        .path()
-        .join("state/io.containerd.runtime.v2.task")
-        .join(&node.ns)
-        .join(id);
-    assert!(
-        mounts_containing(&bundle.display().to_string()).is_empty(),
-        "mounts of {id} left"
-    );
-    assert!(
-        empty_dir(&node.staging()),
-        "staging files left: {:?}",
-        std::fs::read_dir(node.staging())
-            .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
-    );
-    assert!(
-        !Path::new("/sys/fs/cgroup/memory")
-            .join(&node.ns)
-            .join(id)
-            .exists(),
-        "cgroup of {id} left"
-    );
 }
 
 #[test]
