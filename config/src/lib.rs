@@ -39,6 +39,12 @@ pub const ANNOTATION_CHECKPOINT_POD: &str = "criu-shim.io/checkpoint-pod";
 /// CRI's annotation carrying the pod sandbox id; containers of one pod share a shim.
 pub const ANNOTATION_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 
+/// CRI's annotation with the Kubernetes namespace of the container's pod:
+/// the tenant its checkpoints belong to. containerd sets it; pod authors
+/// cannot (only `criu-shim.io/*` pod annotations should be passed through,
+/// see `pod_annotations` in containerd-config.toml).
+pub const ANNOTATION_SANDBOX_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
+
 /// CRI's annotation with the container's name in its pod (the name in the
 /// pod manifest, the same on every node).
 pub const ANNOTATION_CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
@@ -60,6 +66,7 @@ pub mod env {
     pub const FETCH_WAIT_SECS: &str = "CRIU_SHIM_FETCH_WAIT";
     pub const ARCHIVE_KEY_FILE: &str = "CRIU_SHIM_ARCHIVE_KEY_FILE";
     pub const LOCAL_IMAGES_DIR: &str = "CRIU_SHIM_LOCAL_IMAGES_DIR";
+    pub const ALLOW_CROSS_TENANT: &str = "CRIU_SHIM_ALLOW_CROSS_TENANT";
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -115,6 +122,9 @@ pub struct ShimConfig {
     /// operator's tool: whoever can write there can restore anything the
     /// target spec allows).
     pub local_images_dir: Option<PathBuf>,
+    /// Off by default: restores accept only archives made for the
+    /// restoring container's tenant (its Kubernetes namespace).
+    pub allow_cross_tenant: bool,
 }
 
 impl ShimConfig {
@@ -136,6 +146,7 @@ impl ShimConfig {
             fetch_wait_secs: 30,
             archive_key_file: None,
             local_images_dir: None,
+            allow_cross_tenant: false,
         }
     }
 
@@ -213,6 +224,19 @@ impl ShimConfig {
                 });
             }
             c.local_images_dir = Some(path);
+        }
+        if let Some(v) = env(env::ALLOW_CROSS_TENANT) {
+            c.allow_cross_tenant = match v.as_str() {
+                "true" | "1" => true,
+                "false" | "0" | "" => false,
+                _ => {
+                    return Err(ConfigError::BadValue {
+                        name: env::ALLOW_CROSS_TENANT,
+                        value: v,
+                        why: "expected true or false",
+                    })
+                }
+            };
         }
         for (what, path) in [
             ("runc root", &c.runc_root),

@@ -26,6 +26,7 @@ use containerd_shim::protos::shim::oci::CheckpointOptions;
 use crate::container::{Container, DumpStats};
 use crate::criu_front::env as front_env;
 use crate::error::{Error, Result};
+use crate::migrate::share::{self, Share, Tenant};
 use crate::migrate::{self, archive::Compression, stage::Staging, Report};
 use crate::process::Status;
 use crate::runc::CriuArgs;
@@ -115,7 +116,7 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
     let mut _staging = None;
     let (mut args, publish_to, exit_after, compression) = match &ours {
         Some(r) => {
-            let to = r.destination(&spec)?;
+            let to = Destination::of(c, &spec, &r.destination(&spec)?)?;
             let staging = Staging::new(&c.config.staging_dir, &format!("dump-{}", c.id))?;
             let args = r.staged_args(&staging);
             _staging = Some(staging);
@@ -123,7 +124,10 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
         }
         None => {
             let args = containerd_args(req, &c.bundle)?;
-            let to = spec.checkpoint_to().map(str::to_string);
+            let to = spec
+                .checkpoint_to()
+                .map(|key| Destination::of(c, &spec, key))
+                .transpose()?;
             let exit_after = to.is_some() && !args.leave_running;
             (args, to, exit_after, DEFAULT_COMPRESSION)
         }
@@ -140,7 +144,6 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
     let Some(to) = publish_to else {
         return Ok(None);
     };
-    let to = migrate::fetch::per_container(&to, spec.container_name());
     match publish(c, &args, &dump, &to, compression) {
         Ok(report) => {
             if exit_after {
@@ -206,6 +209,11 @@ fn pod_checkpoint(
         .first()
         .ok_or_else(|| Error::FailedPrecondition("the pod has no running containers".into()))?;
     let key = r.destination(&Spec::read(&first.bundle))?;
+    // Every member's destination checked before anything is frozen.
+    let destinations = members
+        .iter()
+        .map(|c| Destination::of(c, &Spec::read(&c.bundle), &key))
+        .collect::<Result<Vec<_>>>()?;
     let started = Instant::now();
     let mut frozen = Frozen::default();
     for c in members {
@@ -228,9 +236,8 @@ fn pod_checkpoint(
         dumps.push((c, staging, args, stats));
     }
     let mut published: Vec<Report> = Vec::new();
-    for (c, _, args, stats) in &dumps {
-        let to = migrate::fetch::per_container(&key, Spec::read(&c.bundle).container_name());
-        match publish(c, args, stats, &to, r.compression()) {
+    for ((c, _, args, stats), to) in dumps.iter().zip(&destinations) {
+        match publish(c, args, stats, to, r.compression()) {
             Ok(report) => published.push(report),
             Err(e) => {
                 // All or nothing: a partial pod must not be restorable.
@@ -240,7 +247,7 @@ fn pod_checkpoint(
                         c.id,
                         p.archive.display()
                     );
-                    migrate::unpublish(&p.archive);
+                    migrate::unpublish(p);
                 }
                 return Err(e);
             }
@@ -316,20 +323,45 @@ fn dump(c: &Container, args: &CriuArgs, env: &[(&str, &str)]) -> Result<DumpStat
     Ok(stats)
 }
 
+/// Where a container's checkpoint goes, checked before anything is
+/// frozen: a name inside the share, in the container's tenant's part, on a
+/// share that is there, with a usable key if one is configured.
+struct Destination {
+    tenant: Tenant,
+    name: String,
+    mac_key: Option<Vec<u8>>,
+}
+
+impl Destination {
+    fn of(c: &Container, spec: &Spec, key: &str) -> Result<Destination> {
+        let name = share::per_container(key, spec.container_name());
+        share::check_name(&name)?;
+        let tenant = spec.tenant()?;
+        Share::open(&c.config.share_dir)?.tenant(&tenant, true)?;
+        let mac_key = migrate::mac::configured(c.config.archive_key_file.as_deref())?;
+        Ok(Destination {
+            tenant,
+            name,
+            mac_key,
+        })
+    }
+}
+
 /// stage -> archive -> publish the images `args` points at, as `to`.
 fn publish(
     c: &Container,
     args: &CriuArgs,
     dump: &DumpStats,
-    to: &str,
+    to: &Destination,
     compression: Compression,
 ) -> Result<Report> {
     let target = migrate::Target {
         share: c.config.share_dir.clone(),
-        name: to.to_string(),
+        tenant: to.tenant.clone(),
+        name: to.name.clone(),
         compression,
         staging_root: c.config.staging_dir.clone(),
-        mac_key: migrate::mac::configured(c.config.archive_key_file.as_deref())?,
+        mac_key: to.mac_key.clone(),
     };
     let criu_version = criu_sys::Criu::new(&c.config.criu)
         .version()

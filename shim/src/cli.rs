@@ -22,7 +22,8 @@ use containerd_shim::protos::shim::shim_ttrpc::TaskClient;
 use containerd_shim::protos::ttrpc;
 
 use crate::checkpoint::{CheckpointRequest, CHECKPOINT_REQUEST_TYPE, REPORT_FILE};
-use crate::migrate::{self, fetch, manifest::Manifest, unpack, verify};
+use crate::migrate::share::{self, Share};
+use crate::migrate::{self, manifest::Manifest, unpack, verify};
 
 pub const COMMANDS: [&str; 4] = ["checkpoint", "inspect", "list", "gc"];
 
@@ -202,12 +203,20 @@ fn rpc_message(e: ttrpc::Error) -> String {
     }
 }
 
-fn resolve_archive(share: &Path, name: &str) -> Result<PathBuf, Failure> {
+/// An archive the operator names: a file on this machine, or a name on
+/// the share (as `list` prints it).
+fn open_archive(share: &Path, name: &str) -> Result<(PathBuf, std::fs::File, u64), Failure> {
     let p = Path::new(name);
     if p.is_absolute() || p.exists() {
-        return Ok(p.to_path_buf());
+        let f = std::fs::File::open(p).map_err(|e| failed(format!("open {name}: {e}")))?;
+        let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+        return Ok((p.to_path_buf(), f, size));
     }
-    fetch::resolve(share, name).map_err(failed)
+    let archive = Share::open(share)
+        .and_then(|s| s.resolve(name))
+        .map_err(failed)?;
+    let (f, size) = archive.open().map_err(failed)?;
+    Ok((archive.path(), f, size))
 }
 
 fn inspect(raw: &[String]) -> Result<(), Failure> {
@@ -215,8 +224,7 @@ fn inspect(raw: &[String]) -> Result<(), Failure> {
     let [name] = a.positional.as_slice() else {
         return Err(usage("inspect takes one archive"));
     };
-    let path = resolve_archive(&share_dir(&a), name)?;
-    let (file, size) = fetch::open(&path).map_err(failed)?;
+    let (path, file, size) = open_archive(&share_dir(&a), name)?;
     let scratch = tempfile::tempdir().map_err(failed)?;
     let what = path.display().to_string();
     let progress = Progress::start(format!("verifying {what}"));
@@ -249,6 +257,10 @@ fn print_manifest(path: &Path, size: u64, m: &Manifest) {
         m.compression
     );
     println!("container:    {}", m.container_id);
+    println!(
+        "tenant:       {}",
+        m.tenant.as_deref().unwrap_or("(none recorded)")
+    );
     println!("created:      {} (unix)", m.created);
     println!(
         "criu:         {}   kernel: {}   shim: {}",
@@ -277,38 +289,40 @@ fn print_manifest(path: &Path, size: u64, m: &Manifest) {
 
 fn list(raw: &[String]) -> Result<(), Failure> {
     let a = Args::parse(raw, &["share"]).map_err(usage)?;
-    let share = share_dir(&a);
-    migrate::publish::check_share(&share).map_err(failed)?;
-    let keys = keys(&share, a.positional.first().map(String::as_str))?;
-    for key in keys {
-        for p in fetch::list(&share.join(&key)) {
-            let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-            let rel = p.strip_prefix(&share).unwrap_or(&p);
+    let share = Share::open(&share_dir(&a)).map_err(failed)?;
+    for key in keys(&share, a.positional.first().map(String::as_str))? {
+        let Some(dir) = share.dir(&key).map_err(failed)? else {
+            continue;
+        };
+        for name in share::list(&dir).map_err(failed)? {
+            let size = dir.stat(&name).map(|s| s.size).unwrap_or(0);
             println!(
-                "{:>10.1} MiB  {}",
-                size as f64 / (1024.0 * 1024.0),
-                rel.display()
+                "{:>10.1} MiB  {key}/{name}",
+                size as f64 / (1024.0 * 1024.0)
             );
         }
     }
     Ok(())
 }
 
-/// The keys (directories) to look at: one given, or every one on the share.
-fn keys(share: &Path, key: Option<&str>) -> Result<Vec<String>, Failure> {
-    if let Some(k) = key {
-        migrate::publish::check_name(k).map_err(failed)?;
-        return Ok(vec![k.to_string()]);
+/// The keys (directories holding archives, pods' per-container ones
+/// included, tenants' parts included) to look at: one given, or all.
+fn keys(share: &Share, key: Option<&str>) -> Result<Vec<String>, Failure> {
+    match key {
+        Some(k) => {
+            share::check_name(k).map_err(failed)?;
+            let mut under: Vec<String> = match share.dir(k).map_err(failed)? {
+                Some(dir) => Share::from_dir(dir).keys().map_err(failed)?,
+                None => Vec::new(),
+            }
+            .into_iter()
+            .map(|sub| format!("{k}/{sub}"))
+            .collect();
+            under.insert(0, k.to_string());
+            Ok(under)
+        }
+        None => share.keys().map_err(failed),
     }
-    let mut keys: Vec<String> = std::fs::read_dir(share)
-        .map_err(failed)?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with('.'))
-        .collect();
-    keys.sort();
-    Ok(keys)
 }
 
 fn gc(raw: &[String]) -> Result<(), Failure> {
@@ -318,34 +332,34 @@ fn gc(raw: &[String]) -> Result<(), Failure> {
         .ok_or_else(|| usage("gc needs --keep N"))?
         .parse()
         .map_err(|_| usage("--keep takes a number"))?;
-    let share = share_dir(&a);
-    migrate::publish::check_share(&share).map_err(failed)?;
+    let share = Share::open(&share_dir(&a)).map_err(failed)?;
     let mut removed = 0;
     for key in keys(&share, a.positional.first().map(String::as_str))? {
-        let dir = share.join(&key);
-        let archives = fetch::list(&dir);
+        let Some(dir) = share.dir(&key).map_err(failed)? else {
+            continue;
+        };
+        let archives = share::list(&dir).map_err(failed)?;
         let old = archives.len().saturating_sub(keep);
-        for p in &archives[..old] {
-            std::fs::remove_file(p).map_err(|e| failed(format!("remove {}: {e}", p.display())))?;
-            println!("removed {}", p.strip_prefix(&share).unwrap_or(p).display());
+        for name in &archives[..old] {
+            dir.remove(name)
+                .map_err(|e| failed(format!("remove {key}/{name}: {e}")))?;
+            println!("removed {key}/{name}");
             removed += 1;
         }
         // Sequence markers of removed archives (the newest one stays).
         for m in migrate::sequence::orphans(&dir) {
-            let _ = std::fs::remove_file(&m);
+            let _ = dir.remove(&m);
         }
         // Leftovers of publishers that died mid-write, after an hour.
-        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            let stale = e
-                .metadata()
-                .and_then(|m| m.modified())
-                .map(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(3600))
+        for (name, _) in dir.entries().map_err(failed)? {
+            let stale = dir
+                .stat(&name)
+                .map(|s| s.modified.elapsed().unwrap_or_default() > Duration::from_secs(3600))
                 .unwrap_or(false);
-            let leftover = n.contains(".partial-") || n.starts_with(".seq-new-");
-            if n.starts_with('.') && leftover && stale {
-                let _ = std::fs::remove_file(e.path());
-                println!("removed stale {}/{n}", key);
+            let leftover = name.contains(".partial-") || name.starts_with(".seq-new-");
+            if name.starts_with('.') && leftover && stale {
+                let _ = dir.remove(&name);
+                println!("removed stale {key}/{name}");
                 removed += 1;
             }
         }

@@ -6,6 +6,9 @@ use std::path::Path;
 
 use criu_shim_config as cfg;
 
+use crate::error::Result;
+use crate::migrate::share::Tenant;
+
 pub struct Spec(serde_json::Value);
 
 impl Spec {
@@ -56,6 +59,16 @@ impl Spec {
         self.annotation(cfg::ANNOTATION_SANDBOX_ID)
     }
 
+    /// Whose checkpoints this container's are: its pod's Kubernetes
+    /// namespace, or containerd's own users for containers made without
+    /// the CRI.
+    pub fn tenant(&self) -> Result<Tenant> {
+        match self.annotation(cfg::ANNOTATION_SANDBOX_NAMESPACE) {
+            Some(ns) => Tenant::namespace(ns),
+            None => Ok(Tenant::Containerd),
+        }
+    }
+
     fn ours(&self, name: &str) -> Option<&str> {
         if self.is_pod_sandbox() {
             None
@@ -91,5 +104,10 @@ mod tests {
         assert_eq!(app.checkpoint_to(), None, "empty means unset");
         assert_eq!(app.container_name(), Some("web"));
         assert_eq!(Spec::read(Path::new("/nonexistent")).restore_from(), None);
+        assert_eq!(app.tenant().unwrap(), Tenant::Containerd);
+        let pod = spec(serde_json::json!({"io.kubernetes.cri.sandbox-namespace": "team-a"}));
+        assert_eq!(pod.tenant().unwrap(), Tenant::Namespace("team-a".into()));
+        let bad = spec(serde_json::json!({"io.kubernetes.cri.sandbox-namespace": "../x"}));
+        assert!(bad.tenant().is_err());
     }
 }

@@ -17,6 +17,10 @@ use std::time::{Duration, Instant};
 pub const IMAGE: &str = "criu-shim.test/testapp:latest";
 pub const PAUSE_IMAGE: &str = "criu-shim.test/pause:latest";
 pub const RUNTIME: &str = "io.containerd.criu.v2";
+/// Where on the share the checkpoints of plain containerd containers go.
+pub const CTR_TENANT: &str = "containerd";
+/// Where on the share the checkpoints of pods in namespace `default` go.
+pub const POD_TENANT: &str = "k8s-default";
 pub const NAMESPACE: &str = "e2e";
 
 pub fn prefix() -> PathBuf {

@@ -8,7 +8,7 @@ use criu_shim_tests::cri::{container_config, pod_config, ContainerState, Cri, Po
 use criu_shim_tests::sshfs::SshfsShare;
 use criu_shim_tests::{
     http_count, http_count_within, mounts_containing, pids_matching, wait_until, Containerd,
-    SmallShare, IMAGE,
+    SmallShare, IMAGE, POD_TENANT,
 };
 
 #[test]
@@ -143,7 +143,7 @@ fn a_pod_migrates_between_nodes_through_the_cri() {
     ca.checkpoint_container(&ids_a[0], &export)
         .expect("CheckpointContainer");
     assert_eq!(
-        listed_archives(&share.path().join("counter-job/counter")),
+        listed_archives(&share.path().join(POD_TENANT).join("counter-job/counter")),
         1
     );
     remove_pod(&mut ca, &pod_a);
@@ -201,13 +201,13 @@ fn a_missing_or_corrupt_archive_fails_the_container_and_leaves_the_node_clean() 
     http_count_within(&ca.pod_ip(&pod_a).unwrap(), PORT, Duration::from_secs(30));
     ca.checkpoint_container(&ids_a[0], &share.path().join("export.tar"))
         .expect("CheckpointContainer");
-    let good = std::fs::read_dir(share.path().join("good/counter"))
+    let good = std::fs::read_dir(share.path().join(POD_TENANT).join("good/counter"))
         .unwrap()
         .flatten()
         .map(|e| e.path())
         .find(|p| p.to_string_lossy().ends_with(".criu.tar.zst"))
         .expect("the published archive");
-    let bad_dir = share.path().join("bad/counter");
+    let bad_dir = share.path().join(POD_TENANT).join("bad/counter");
     std::fs::create_dir_all(&bad_dir).unwrap();
     let bad = bad_dir.join(good.file_name().unwrap());
     std::fs::copy(&good, &bad).unwrap();
@@ -317,7 +317,10 @@ fn a_two_container_pod_migrates_with_both_states_through_a_pod_checkpoint() {
     let out = a.cli_checkpoint(&ids_a[1], &["--pod", "--leave-running", "--to", "duo-warm"]);
     assert!(out.status.success(), "{}", criu_shim_tests::text(&out));
     assert_eq!(http_count(&ip_a, 8080).unwrap(), 4);
-    assert_eq!(listed_archives(&share.path().join("duo-warm/sidecar")), 1);
+    assert_eq!(
+        listed_archives(&share.path().join(POD_TENANT).join("duo-warm/sidecar")),
+        1
+    );
 
     // Our CLI, naming either container: the whole pod, frozen together,
     // stopped once both archives are on the share.
@@ -328,7 +331,7 @@ fn a_two_container_pod_migrates_with_both_states_through_a_pod_checkpoint() {
         "both frozen before the dumps"
     );
     for name in ["counter", "sidecar"] {
-        let n = listed_archives(&share.path().join("duo-job").join(name));
+        let n = listed_archives(&share.path().join(POD_TENANT).join("duo-job").join(name));
         assert_eq!(n, 1, "one archive for {name}");
     }
     for id in &ids_a {
@@ -391,7 +394,7 @@ fn a_pod_migrates_over_an_sshfs_share_whose_listings_are_stale() {
     // A first checkpoint, which node B's mount lists (and caches).
     ca.checkpoint_container(&ids_a[0], &share.dir.path().join("export-1.tar"))
         .expect("CheckpointContainer");
-    let on_b = share.mount_point(1).join("job/counter");
+    let on_b = share.mount_point(1).join(POD_TENANT).join("job/counter");
     assert_eq!(listed_archives(&on_b), 1);
 
     // More state, and the real move: exit-mode checkpoint with our CLI.
@@ -399,7 +402,10 @@ fn a_pod_migrates_over_an_sshfs_share_whose_listings_are_stale() {
     assert_eq!(http_count(&ip_a, PORT).unwrap(), 3);
     let out = a.cli_checkpoint(&ids_a[0], &[]);
     assert!(out.status.success(), "{}", criu_shim_tests::text(&out));
-    assert_eq!(listed_archives(&share.export().join("job/counter")), 2);
+    assert_eq!(
+        listed_archives(&share.export().join(POD_TENANT).join("job/counter")),
+        2
+    );
     let stale = listed_archives(&on_b) == 1;
     eprintln!("node B's listing of the key is stale: {stale}");
     assert!(
@@ -423,12 +429,13 @@ fn a_pod_migrates_over_an_sshfs_share_whose_listings_are_stale() {
     assert_eq!(code, 0, "{err}");
 
     // Nothing half-written on the server.
-    let hidden: Vec<String> = std::fs::read_dir(share.export().join("job/counter"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".partial-") || n.starts_with(".seq-new"))
-        .collect();
+    let hidden: Vec<String> =
+        std::fs::read_dir(share.export().join(POD_TENANT).join("job/counter"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".partial-") || n.starts_with(".seq-new"))
+            .collect();
     assert!(hidden.is_empty(), "leftovers on the share: {hidden:?}");
     remove_pod(&mut cb, &pod_b);
     assert_node_clean(&b, &mut cb, &[&pod_b, &ids_b[0]]);
@@ -539,7 +546,7 @@ fn a_pod_checkpoint_that_fails_half_way_publishes_nothing_and_the_pod_runs_on() 
         "a-small's archive was published, then taken back"
     );
     for name in ["a-small", "b-random"] {
-        let left: Vec<_> = std::fs::read_dir(share.path().join("half").join(name))
+        let left: Vec<_> = std::fs::read_dir(share.path().join(POD_TENANT).join("half").join(name))
             .map(|d| d.flatten().map(|e| e.file_name()).collect())
             .unwrap_or_default();
         assert!(left.is_empty(), "{name}: left on the share: {left:?}");
@@ -593,7 +600,7 @@ fn the_kubelet_checkpoint_api_checkpoints_a_whole_pod_when_annotated() {
     assert!(a.log().contains("froze 2 containers"), "frozen together");
     for name in ["web", "cache"] {
         assert_eq!(
-            listed_archives(&share.path().join("whole").join(name)),
+            listed_archives(&share.path().join(POD_TENANT).join("whole").join(name)),
             1,
             "{name}"
         );

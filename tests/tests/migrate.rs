@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use criu_shim_tests::{
-    assert_clean, empty_dir, text, unique, wait_until, Containerd, SmallShare, IMAGE, RUNTIME,
+    assert_clean, empty_dir, text, unique, wait_until, Containerd, SmallShare, CTR_TENANT, IMAGE,
+    RUNTIME,
 };
 
 fn share() -> tempfile::TempDir {
@@ -19,7 +20,7 @@ fn share() -> tempfile::TempDir {
 
 /// Every file under `key` on the share (archives, markers, partials).
 fn entries(share: &Path, key: &str) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(share.join(key))
+    let mut v: Vec<PathBuf> = std::fs::read_dir(share.join(CTR_TENANT).join(key))
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     v.sort();
@@ -253,7 +254,7 @@ fn bad_archives_fail_create_with_a_clear_error_and_leave_node_b_clean() {
     let bytes = std::fs::read(&good).unwrap();
     let b = Containerd::node(share.path(), &[]);
     let put = |name: &str, data: &[u8]| {
-        let dir = share.path().join(name);
+        let dir = share.path().join(CTR_TENANT).join(name);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("x.criu.tar.zst"), data).unwrap();
     };
@@ -418,7 +419,7 @@ fn a_full_share_fails_the_checkpoint_and_the_source_keeps_running() {
     assert_eq!(a.task_status("full").as_deref(), Some("RUNNING"));
     assert_eq!(a.count("full"), 2, "the source keeps its state and serves");
     assert!(
-        empty_dir(&share.path().join("full")),
+        empty_dir(&share.path().join(CTR_TENANT).join("full")),
         "a partial archive was left on the share"
     );
     assert!(empty_dir(&a.staging()), "staging left behind");

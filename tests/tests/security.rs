@@ -21,7 +21,11 @@ fn run_restored_with(node: &Containerd, id: &str, reference: &str, flags: &[&str
     args.extend_from_slice(flags);
     args.extend_from_slice(&[IMAGE, id]);
     let out = node.ctr(&args);
-    assert!(!out.status.success() || flags.contains(&"--privileged"), "{}", text(&out));
+    assert!(
+        !out.status.success() || flags.contains(&"--privileged"),
+        "{}",
+        text(&out)
+    );
     if out.status.success() {
         String::new()
     } else {
@@ -55,7 +59,11 @@ fn a_privileged_archive_is_refused_in_an_unprivileged_container() {
     assert!(out.status.success(), "{}", text(&out));
 
     let err = run_restored_with(&b, "app", "priv", &[]);
-    for part in ["restore refused", "CAP_SYS_ADMIN", "container spec does not"] {
+    for part in [
+        "restore refused",
+        "CAP_SYS_ADMIN",
+        "container spec does not",
+    ] {
         assert!(err.contains(part), "{part:?} not in: {err}");
     }
     let _ = b.ctr(&["container", "rm", "app"]);
@@ -101,7 +109,11 @@ fn restore_from_a_node_path_is_refused_unless_the_operator_allows_it() {
     for (i, (path, why)) in cases.iter().enumerate() {
         let id = format!("app{i}");
         let err = run_restored_with(&operator, &id, &path.display().to_string(), &[]);
-        assert!(err.contains(why), "{}: {why:?} not in: {err}", path.display());
+        assert!(
+            err.contains(why),
+            "{}: {why:?} not in: {err}",
+            path.display()
+        );
         let _ = operator.ctr(&["container", "rm", &id]);
         assert_clean(&operator, &id);
     }

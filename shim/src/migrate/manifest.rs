@@ -31,6 +31,10 @@ pub struct Manifest {
     pub format: String,
     pub version: u32,
     pub container_id: String,
+    /// Whose checkpoint ([`super::share::Tenant::id`]); a restore for
+    /// another tenant is refused. Absent in archives of older shims.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     /// Seconds since the epoch.
     pub created: u64,
     pub criu_version: String,

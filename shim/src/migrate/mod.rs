@@ -3,11 +3,12 @@
 //! Checkpoint: CRIU dumps (through runc and our CRIU front) into a local
 //! staging directory -> [`stage`] adds the container's spec and writable-layer
 //! changes -> [`archive`] streams everything as one tar (zstd by default)
-//! with a manifest of SHA-256 digests -> [`publish`] writes it to the share
+//! with a manifest of SHA-256 digests -> [`share`] writes it to the share
 //! under a temporary name and renames it into place, so a reader never sees
 //! half an archive.
 //!
-//! Restore: [`fetch`] opens the archive on the share -> [`unpack`] extracts
+//! Restore: [`share`] finds and opens the archive in the container's
+//! tenant's part of the share -> [`unpack`] extracts
 //! it into staging, refusing anything that could write outside -> [`verify`]
 //! checks every member against the manifest before anything is used ->
 //! [`rootfs`] applies the writable-layer changes to the new container's
@@ -16,13 +17,12 @@
 //! The archive format is documented in `docs/archive-format.md`.
 
 pub mod archive;
-pub mod fetch;
 mod hash_thread;
 pub mod mac;
 pub mod manifest;
-pub mod publish;
 pub mod rootfs;
 pub mod sequence;
+pub mod share;
 pub mod stage;
 pub mod unpack;
 pub mod verify;
@@ -48,12 +48,15 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use archive::Compression;
 use manifest::Manifest;
+use share::{Share, Tenant};
 use stage::Staging;
 
 /// Where and how a checkpoint is published.
 #[derive(Debug, Clone)]
 pub struct Target {
     pub share: PathBuf,
+    /// Whose part of the share; recorded in the manifest.
+    pub tenant: Tenant,
     /// A key (`job`: a new timestamped archive under `job/`) or an exact
     /// archive name (`job/x.criu.tar.zst`).
     pub name: String,
@@ -67,6 +70,10 @@ pub struct Target {
 #[derive(Debug, Clone)]
 pub struct Report {
     pub archive: PathBuf,
+    /// The archive's name within its tenant's part of the share.
+    pub name: String,
+    pub share: PathBuf,
+    pub tenant: Tenant,
     pub archive_bytes: u64,
     pub images_bytes: u64,
     pub publish_time: Duration,
@@ -107,6 +114,10 @@ pub struct Dumped<'a> {
 /// stage -> archive -> publish, after CRIU has dumped into `d.images`.
 pub fn publish_checkpoint(d: &Dumped, t: &Target) -> Result<Report> {
     let started = Instant::now();
+    // The destination first: nothing is staged for a share we cannot use.
+    let share = Share::open(&t.share)?
+        .tenant(&t.tenant, true)?
+        .ok_or_else(|| Error::Other("tenant directory not created".into()))?;
     let staging = Staging::new(&t.staging_root, &format!("publish-{}", d.container_id))?;
     let dir = staging.path();
     std::fs::copy(d.bundle.join("config.json"), dir.join(members::SPEC))
@@ -144,6 +155,7 @@ pub fn publish_checkpoint(d: &Dumped, t: &Target) -> Result<Report> {
         format: manifest::FORMAT.into(),
         version: manifest::VERSION,
         container_id: d.container_id.to_string(),
+        tenant: Some(t.tenant.id()),
         created: unix_now(),
         criu_version: d.criu_version.clone(),
         kernel: manifest::kernel_release(),
@@ -157,13 +169,13 @@ pub fn publish_checkpoint(d: &Dumped, t: &Target) -> Result<Report> {
         },
         members: Vec::new(),
     };
-    let name = if fetch::is_archive_name(&t.name) {
+    let name = if share::is_archive_name(&t.name) {
         t.name.clone()
     } else {
-        publish::new_name(&t.name, t.compression != Compression::None)
+        share::new_name(&t.name, t.compression != Compression::None)
     };
     let mut result = None;
-    let published = publish::publish(&t.share, &name, |w| {
+    let published = share.publish(&name, |w| {
         result = Some(archive::write(
             w,
             &sources,
@@ -173,10 +185,15 @@ pub fn publish_checkpoint(d: &Dumped, t: &Target) -> Result<Report> {
         )?);
         Ok(())
     })?;
-    let (manifest, _) = result.expect("written");
+    let Some((manifest, _)) = result else {
+        return Err(Error::Other("the archive writer did not run".into()));
+    };
     drop(staging);
     Ok(Report {
         archive: published.path,
+        name: published.name,
+        share: t.share.clone(),
+        tenant: t.tenant.clone(),
         archive_bytes: published.size,
         // Every archived file's size is in the manifest already.
         images_bytes: manifest.total_size(),
@@ -187,12 +204,11 @@ pub fn publish_checkpoint(d: &Dumped, t: &Target) -> Result<Report> {
 
 /// Takes a published archive back (a pod checkpoint that failed half-way):
 /// the archive and its sequence marker.
-pub fn unpublish(archive: &Path) {
-    if let Err(e) = std::fs::remove_file(archive) {
-        log::warn!("remove {}: {e}", archive.display());
-    }
-    if let Some(dir) = archive.parent() {
-        sequence::forget(dir, archive);
+pub fn unpublish(r: &Report) {
+    match Share::open(&r.share).and_then(|s| s.tenant(&r.tenant, false)) {
+        Ok(Some(share)) => share.unpublish(&r.name),
+        Ok(None) => {}
+        Err(e) => log::warn!("take back {}: {e}", r.archive.display()),
     }
 }
 
@@ -209,26 +225,64 @@ impl Fetched {
     }
 }
 
+/// What to fetch, for whom, and how.
+pub struct FetchRequest<'a> {
+    pub share: &'a Path,
+    /// The restoring container's tenant: the key resolves in its part of
+    /// the share, and the archive must have been made for it.
+    pub tenant: &'a Tenant,
+    pub reference: &'a str,
+    pub staging_root: &'a Path,
+    /// The restoring container's id (names its staging).
+    pub id: &'a str,
+    pub wait: Duration,
+    pub mac_key: Option<&'a [u8]>,
+    /// Operator setting: accept archives made for another tenant.
+    pub cross_tenant: bool,
+}
+
 /// fetch -> unpack -> verify. On error nothing is left in staging.
-pub fn fetch_archive(
-    share: &Path,
-    reference: &str,
-    staging_root: &Path,
-    id: &str,
-    wait: Duration,
-    mac_key: Option<&[u8]>,
-) -> Result<Fetched> {
-    let path = fetch::resolve_waiting(share, reference, wait)?;
-    let (file, _size) = fetch::open(&path)?;
-    let staging = Staging::new(staging_root, &format!("restore-{id}"))?;
+pub fn fetch_archive(r: &FetchRequest) -> Result<Fetched> {
+    let share = Share::open(r.share)?
+        .tenant(r.tenant, false)?
+        .ok_or_else(|| {
+            Error::NotFound(format!(
+                "no archive under {}/ on the share {}: nothing was ever checkpointed for {}",
+                r.reference,
+                r.share.display(),
+                r.tenant
+            ))
+        })?;
+    let archive = share.resolve_waiting(r.reference, r.wait)?;
+    let (file, _size) = archive.open()?;
+    let path = archive.path();
+    let staging = Staging::new(r.staging_root, &format!("restore-{}", r.id))?;
     let what = path.display().to_string();
     let unpacked = unpack::unpack(file, staging.path(), unpack::Limits::default(), &what)?;
-    let manifest = verify::verify(&unpacked, &what, mac_key)?;
+    let manifest = verify::verify(&unpacked, &what, r.mac_key)?;
+    check_tenant(&manifest, r.tenant, r.cross_tenant, &what)?;
     Ok(Fetched {
         staging,
         manifest,
         archive: path,
     })
+}
+
+/// An archive belongs to the tenant it was made for (recorded in the
+/// manifest, which the cluster key signs).
+fn check_tenant(m: &Manifest, tenant: &Tenant, cross_tenant: bool, what: &str) -> Result<()> {
+    let id = tenant.id();
+    if cross_tenant || m.tenant.as_deref() == Some(id.as_str()) {
+        return Ok(());
+    }
+    Err(Error::FailedPrecondition(format!(
+        "archive {what} was made for {}, not for {tenant}; restores across tenants are refused \
+         unless the operator sets {}=true",
+        m.tenant
+            .as_deref()
+            .unwrap_or("no tenant (an older archive)"),
+        criu_shim_config::env::ALLOW_CROSS_TENANT
+    )))
 }
 
 fn unix_now() -> u64 {
@@ -257,6 +311,30 @@ mod tests {
         (bundle, images, work)
     }
 
+    /// fetch_archive for the containerd tenant, as most tests want.
+    fn fetch(
+        share: &Path,
+        reference: &str,
+        staging_root: &Path,
+        mac_key: Option<&[u8]>,
+    ) -> Result<Fetched> {
+        fetch_archive(&FetchRequest {
+            share,
+            tenant: &Tenant::Containerd,
+            reference,
+            staging_root,
+            id: "c2",
+            wait: Duration::ZERO,
+            mac_key,
+            cross_tenant: false,
+        })
+    }
+
+    /// Where the containerd tenant's key `key` lives on `share`.
+    fn key_dir(share: &Path, key: &str) -> PathBuf {
+        share.join(Tenant::Containerd.dir_name()).join(key)
+    }
+
     fn publish_one(dir: &Path, share: &Path, compression: Compression) -> Report {
         publish_signed(dir, share, compression, None)
     }
@@ -281,6 +359,7 @@ mod tests {
         };
         let t = Target {
             share: share.to_path_buf(),
+            tenant: Tenant::Containerd,
             name: "job".into(),
             compression,
             staging_root: dir.join("staging"),
@@ -301,20 +380,13 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let share = tempfile::tempdir().unwrap();
             let report = publish_one(dir.path(), share.path(), compression);
-            assert!(report.archive.starts_with(share.path().join("job")));
+            assert!(report.archive.starts_with(key_dir(share.path(), "job")));
             assert!(std::fs::read_dir(dir.path().join("staging"))
                 .unwrap()
                 .next()
                 .is_none());
-            let f = fetch_archive(
-                share.path(),
-                "job",
-                &dir.path().join("rst"),
-                "c2",
-                Duration::ZERO,
-                None,
-            )
-            .unwrap();
+            let f = fetch(share.path(), "job", &dir.path().join("rst"), None).unwrap();
+            assert_eq!(f.manifest.tenant.as_deref(), Some("containerd"));
             assert_eq!(f.manifest.container_id, "c1");
             assert_eq!(f.manifest.stats.pages_bytes, 3 << 20);
             assert_eq!(
@@ -359,10 +431,10 @@ mod tests {
             ("empty", Vec::new()),
         ];
         for (name, data) in cases {
-            std::fs::create_dir_all(share.path().join(name)).unwrap();
-            std::fs::write(share.path().join(name).join("x.criu.tar.zst"), data).unwrap();
+            std::fs::create_dir_all(key_dir(share.path(), name)).unwrap();
+            std::fs::write(key_dir(share.path(), name).join("x.criu.tar.zst"), data).unwrap();
             let staging = dir.path().join(format!("rst-{name}"));
-            let err = fetch_archive(share.path(), name, &staging, "c", Duration::ZERO, None)
+            let err = fetch(share.path(), name, &staging, None)
                 .err()
                 .unwrap_or_else(|| panic!("{name} accepted"));
             assert!(matches!(err, Error::InvalidArgument(_)), "{name}: {err}");
@@ -384,18 +456,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let share = tempfile::tempdir().unwrap();
         let fetch = |reference: &str, k: Option<&[u8]>, staging: &str| {
-            fetch_archive(
-                share.path(),
-                reference,
-                &dir.path().join(staging),
-                "c",
-                Duration::ZERO,
-                k,
-            )
+            fetch(share.path(), reference, &dir.path().join(staging), k)
         };
         let signed = publish_signed(dir.path(), share.path(), zstd, Some(&key));
-        let name = signed.archive.strip_prefix(share.path()).unwrap();
-        let name = name.to_str().unwrap();
+        let name = signed.name.as_str();
         assert!(fetch(name, Some(&key), "ok").is_ok());
         // A node without a key reads signed archives too.
         assert!(fetch(name, None, "nokey").is_ok());
@@ -403,22 +467,56 @@ mod tests {
         assert!(err.to_string().contains("does not verify"), "{err}");
 
         // Unsigned, or forged: valid digests, but no MAC under our key.
-        std::fs::remove_dir_all(share.path().join("job")).unwrap();
+        std::fs::remove_dir_all(key_dir(share.path(), "job")).unwrap();
         let unsigned = publish_signed(dir.path(), share.path(), zstd, None);
-        let name = unsigned.archive.strip_prefix(share.path()).unwrap();
-        let err = fetch(name.to_str().unwrap(), Some(&key), "unsigned")
+        let err = fetch(&unsigned.name, Some(&key), "unsigned")
             .err()
             .expect("unsigned archive accepted");
         assert!(err.to_string().contains("not signed"), "{err}");
-        std::fs::remove_dir_all(share.path().join("job")).unwrap();
+        std::fs::remove_dir_all(key_dir(share.path(), "job")).unwrap();
         let forged = publish_signed(dir.path(), share.path(), zstd, Some(&other));
-        let name = forged.archive.strip_prefix(share.path()).unwrap();
-        assert!(fetch(name.to_str().unwrap(), Some(&key), "forged").is_err());
+        assert!(fetch(&forged.name, Some(&key), "forged").is_err());
         for staging in ["other", "unsigned", "forged"] {
             let left = std::fs::read_dir(dir.path().join(staging))
                 .map(|d| d.count())
                 .unwrap_or(0);
             assert_eq!(left, 0, "{staging}: staging left");
         }
+    }
+
+    #[test]
+    fn an_archive_belongs_to_its_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let share = tempfile::tempdir().unwrap();
+        let report = publish_one(dir.path(), share.path(), Compression::None);
+        let team_a = Tenant::namespace("team-a").unwrap();
+        // Another tenant does not even see the key...
+        let request = |tenant: &Tenant, reference: &str, cross_tenant: bool| {
+            fetch_archive(&FetchRequest {
+                share: share.path(),
+                tenant,
+                reference,
+                staging_root: &dir.path().join("rst"),
+                id: "c",
+                wait: Duration::ZERO,
+                mac_key: None,
+                cross_tenant,
+            })
+        };
+        let err = request(&team_a, "job", false).err().unwrap();
+        assert!(matches!(err, Error::NotFound(_)), "{err}");
+        // ...and an archive copied into its part is refused by its manifest
+        // unless the operator allows it.
+        let theirs = key_dir(share.path(), "job");
+        let ours = share.path().join(team_a.dir_name()).join("job");
+        std::fs::create_dir_all(&ours).unwrap();
+        let file = report.archive.file_name().unwrap();
+        std::fs::copy(theirs.join(file), ours.join(file)).unwrap();
+        let err = request(&team_a, "job", false).err().unwrap().to_string();
+        assert!(
+            err.contains("made for containerd") && err.contains("CRIU_SHIM_ALLOW_CROSS_TENANT"),
+            "{err}"
+        );
+        assert!(request(&team_a, "job", true).is_ok());
     }
 }

@@ -51,6 +51,11 @@ fn open_dir(path: &Path) -> Result<OwnedFd> {
 /// Splits a container path into its components, refusing anything but
 /// plain names.
 fn components(path: &str) -> Result<Vec<&OsStr>> {
+    if path.contains('\0') {
+        return Err(Error::InvalidArgument(format!(
+            "rootfs change {path:?} refused: a NUL byte in the path"
+        )));
+    }
     let mut out = Vec::new();
     for c in Path::new(path).components() {
         match c {
@@ -105,8 +110,11 @@ fn parent_of(
     Ok(Some(dir))
 }
 
-fn cname(n: &OsStr) -> CString {
-    CString::new(n.as_bytes()).expect("path components have no NUL")
+/// A path component for libc; [`components`] has already refused NULs,
+/// so the error is only a second line of defence.
+fn cname(n: &OsStr) -> Result<CString> {
+    CString::new(n.as_bytes())
+        .map_err(|_| Error::InvalidArgument(format!("rootfs change {n:?} refused: a NUL byte")))
 }
 
 /// Removes `path` (file, symlink or whole directory) inside the rootfs.
@@ -119,7 +127,7 @@ fn delete(root: &OwnedFd, path: &str) -> Result<()> {
 }
 
 fn remove_at(dir: &OwnedFd, name: &OsStr) -> Result<()> {
-    let c = cname(name);
+    let c = cname(name)?;
     // SAFETY: unlinkat on a name relative to a directory fd we own.
     if unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) } == 0 {
         return Ok(());
@@ -163,7 +171,11 @@ fn extract_diff(root: &OwnedFd, input: impl Read) -> Result<()> {
         let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let comps = components(&path)?;
         let name = comps[comps.len() - 1];
-        let dir = parent_of(root, &comps, true, &path)?.expect("created");
+        let Some(dir) = parent_of(root, &comps, true, &path)? else {
+            return Err(Error::Other(format!(
+                "rootfs change {path:?}: parent not created"
+            )));
+        };
         let attrs = match entry.pax_extensions() {
             Ok(Some(records)) => {
                 let records: Vec<(Vec<u8>, Vec<u8>)> = records

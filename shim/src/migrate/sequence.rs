@@ -12,20 +12,24 @@
 //! names the newest archive.
 //!
 //! Markers are written after their archive is in place, so a marker always
-//! names a complete archive. Their content comes from the share and is
-//! checked like any other name from it: one plain archive file name.
+//! names a complete archive. They come from the share: each is read
+//! through [`Dir`] (no symlinks, regular files only), at most
+//! [`MAX_MARKER`] bytes, and must hold one plain archive file name.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
 
-use super::fetch::is_archive_name;
-use super::publish::rename_noreplace;
+use super::share::{is_archive_name, Dir, Kind};
 use crate::error::{Error, Result};
 
 const PREFIX: &str = ".seq-";
+/// A marker holds one file name.
+const MAX_MARKER: u64 = 255;
+/// How far past the listing a reader probes (a stale listing lags by a
+/// few publishes, not thousands).
+const MAX_PROBES: u64 = 10_000;
 
-fn marker(dir: &Path, n: u64) -> PathBuf {
-    dir.join(format!("{PREFIX}{n:010}"))
+fn marker(n: u64) -> String {
+    format!("{PREFIX}{n:010}")
 }
 
 fn number(file_name: &str) -> Option<u64> {
@@ -33,42 +37,38 @@ fn number(file_name: &str) -> Option<u64> {
 }
 
 /// Sequence numbers of the markers a listing of `dir` shows (maybe stale).
-pub fn listed(dir: &Path) -> Vec<u64> {
-    let mut out: Vec<u64> = std::fs::read_dir(dir)
+pub fn listed(dir: &Dir) -> Vec<u64> {
+    let mut out: Vec<u64> = dir
+        .entries()
+        .unwrap_or_default()
         .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| number(&e.file_name().to_string_lossy()))
+        .filter_map(|(n, _)| number(&n))
         .collect();
     out.sort_unstable();
     out
 }
 
-/// Records `archive` (a file in `dir`) as the newest of its key.
-pub fn record(dir: &Path, archive: &Path) -> Result<u64> {
-    let name = archive
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".seq-new-{}", std::process::id()));
-    let result = write_marker(&tmp, &name).and_then(|()| claim_next(dir, &tmp));
-    let _ = std::fs::remove_file(&tmp);
+/// Records the archive `name` (a file in `dir`) as the newest of its key.
+pub fn record(dir: &Dir, name: &str) -> Result<u64> {
+    let tmp = format!(".seq-new-{}", std::process::id());
+    let result = write_marker(dir, &tmp, name).and_then(|()| claim_next(dir, &tmp));
+    let _ = dir.remove(&tmp);
     result
 }
 
-fn write_marker(tmp: &Path, name: &str) -> Result<()> {
-    let mut f = std::fs::File::create(tmp)
-        .map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
+fn write_marker(dir: &Dir, tmp: &str, name: &str) -> Result<()> {
+    let _ = dir.remove(tmp);
+    let mut f = dir.create_new(tmp)?;
     f.write_all(name.as_bytes())
         .and_then(|()| f.sync_all())
-        .map_err(|e| Error::io(format!("write {}", tmp.display()), e))
+        .map_err(|e| Error::io(format!("write {}", dir.path().join(tmp).display()), e))
 }
 
 /// Moves `tmp` to the first free marker number above the highest seen.
-fn claim_next(dir: &Path, tmp: &Path) -> Result<u64> {
+fn claim_next(dir: &Dir, tmp: &str) -> Result<u64> {
     let mut n = newest_number(dir) + 1;
-    for _ in 0..10_000 {
-        match rename_noreplace(tmp, &marker(dir, n)) {
+    for _ in 0..MAX_PROBES {
+        match dir.rename_noreplace(tmp, &marker(n)) {
             Ok(()) => return Ok(n),
             Err(Error::AlreadyExists(_)) => n += 1,
             Err(e) => return Err(e),
@@ -76,104 +76,114 @@ fn claim_next(dir: &Path, tmp: &Path) -> Result<u64> {
     }
     Err(Error::Other(format!(
         "no free sequence marker in {}",
-        dir.display()
+        dir.path().display()
     )))
 }
 
 /// The highest marker number that exists: the listing's highest, then
 /// probed upward by name (lookups are not served from a stale listing).
-fn newest_number(dir: &Path) -> u64 {
+fn newest_number(dir: &Dir) -> u64 {
     let mut n = listed(dir).last().copied().unwrap_or(0);
-    while marker(dir, n + 1).symlink_metadata().is_ok() {
+    for _ in 0..MAX_PROBES {
+        if dir.stat(&marker(n + 1)).is_none() {
+            break;
+        }
         n += 1;
     }
     n
 }
 
-/// The newest archive in `dir` by its markers; None without markers or
-/// when the newest marker's archive is gone.
-pub fn newest(dir: &Path) -> Result<Option<PathBuf>> {
+/// The newest archive's name in `dir` by its markers; None without
+/// markers or when the newest marker's archive is gone.
+pub fn newest(dir: &Dir) -> Result<Option<String>> {
     let n = newest_number(dir);
     if n == 0 {
         return Ok(None);
     }
-    let path = marker(dir, n);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
+    let Some(name) = read_marker(dir, n)? else {
+        return Ok(None);
     };
-    let name = String::from_utf8(bytes).unwrap_or_default();
-    let plain = !name.is_empty() && !name.contains('/') && !name.starts_with('.');
-    if !plain || !is_archive_name(&name) || name.len() > 255 {
-        return Err(Error::InvalidArgument(format!(
-            "sequence marker {} does not name an archive; remove it",
-            path.display()
-        )));
-    }
-    let archive = dir.join(name);
-    Ok(archive.is_file().then_some(archive))
+    let is_file = dir.stat(&name).map(|s| s.kind) == Some(Kind::File);
+    Ok(is_file.then_some(name))
 }
 
-/// Removes the markers naming `archive` (an archive taken back).
-pub fn forget(dir: &Path, archive: &Path) {
-    let Some(name) = archive
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-    else {
-        return;
+/// A marker's content, checked to be one plain archive file name.
+fn read_marker(dir: &Dir, n: u64) -> Result<Option<String>> {
+    let bad = || {
+        Error::InvalidArgument(format!(
+            "sequence marker {} does not name an archive; remove it",
+            dir.path().join(marker(n)).display()
+        ))
     };
+    let bytes = match dir.read_small(&marker(n), MAX_MARKER) {
+        Ok(Some(b)) => b,
+        Ok(None) => return Ok(None),
+        Err(Error::InvalidArgument(_)) => return Err(bad()),
+        Err(e) => return Err(e),
+    };
+    let name = String::from_utf8(bytes).map_err(|_| bad())?;
+    let plain =
+        !name.is_empty() && !name.contains('/') && !name.contains('\0') && !name.starts_with('.');
+    if !plain || !is_archive_name(&name) {
+        return Err(bad());
+    }
+    Ok(Some(name))
+}
+
+/// Removes the markers naming the archive `name` (an archive taken back).
+pub fn forget(dir: &Dir, name: &str) {
     for n in listed(dir) {
-        let m = marker(dir, n);
-        if std::fs::read_to_string(&m)
-            .map(|s| s.trim() == name)
-            .unwrap_or(false)
-        {
-            let _ = std::fs::remove_file(&m);
+        if matches!(read_marker(dir, n), Ok(Some(m)) if m == name) {
+            let _ = dir.remove(&marker(n));
         }
     }
 }
 
 /// Markers whose archive is gone, except the newest (it keeps the count).
-pub fn orphans(dir: &Path) -> Vec<PathBuf> {
+pub fn orphans(dir: &Dir) -> Vec<String> {
     let all = listed(dir);
     let Some((_, older)) = all.split_last() else {
         return Vec::new();
     };
     older
         .iter()
-        .map(|&n| marker(dir, n))
-        .filter(|m| {
-            std::fs::read_to_string(m)
-                .map(|name| !dir.join(name.trim()).is_file())
-                .unwrap_or(false)
+        .filter(|&&n| match read_marker(dir, n) {
+            Ok(Some(name)) => dir.stat(&name).is_none(),
+            _ => false,
         })
+        .map(|&n| marker(n))
         .collect()
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::share::Share;
     use super::*;
+
+    fn dir(path: &std::path::Path) -> Dir {
+        Share::open(path).unwrap().create_dir("k").unwrap()
+    }
 
     #[test]
     fn markers_count_up_and_name_the_newest_archive() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        assert_eq!(newest(d).unwrap(), None);
+        let root = tempfile::tempdir().unwrap();
+        let d = dir(root.path());
+        let p = root.path().join("k");
+        assert_eq!(newest(&d).unwrap(), None);
         for name in ["b.criu.tar.zst", "a.criu.tar.zst"] {
-            std::fs::write(d.join(name), b"x").unwrap();
+            std::fs::write(p.join(name), b"x").unwrap();
         }
-        assert_eq!(record(d, &d.join("b.criu.tar.zst")).unwrap(), 1);
+        assert_eq!(record(&d, "b.criu.tar.zst").unwrap(), 1);
         // Published later, even if its name sorts first.
-        assert_eq!(record(d, &d.join("a.criu.tar.zst")).unwrap(), 2);
-        assert_eq!(newest(d).unwrap(), Some(d.join("a.criu.tar.zst")));
+        assert_eq!(record(&d, "a.criu.tar.zst").unwrap(), 2);
+        assert_eq!(newest(&d).unwrap().as_deref(), Some("a.criu.tar.zst"));
         // A marker the listing does not show yet is still found by name.
-        std::fs::write(d.join("c.criu.tar.zst"), b"x").unwrap();
-        std::fs::write(marker(d, 3), "c.criu.tar.zst").unwrap();
-        assert_eq!(newest_number(d), 3);
-        assert_eq!(newest(d).unwrap(), Some(d.join("c.criu.tar.zst")));
+        std::fs::write(p.join("c.criu.tar.zst"), b"x").unwrap();
+        std::fs::write(p.join(marker(3)), "c.criu.tar.zst").unwrap();
+        assert_eq!(newest_number(&d), 3);
+        assert_eq!(newest(&d).unwrap().as_deref(), Some("c.criu.tar.zst"));
         // Only markers are left: no temporary files.
-        let hidden: Vec<_> = std::fs::read_dir(d)
+        let hidden: Vec<_> = std::fs::read_dir(&p)
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -184,17 +194,33 @@ mod tests {
 
     #[test]
     fn hostile_markers_are_refused_and_orphans_found() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        std::fs::write(marker(d, 1), "gone.criu.tar.zst").unwrap();
-        std::fs::write(marker(d, 2), "../../etc/passwd.criu.tar.zst").unwrap();
-        let err = newest(d).unwrap_err();
+        let root = tempfile::tempdir().unwrap();
+        let d = dir(root.path());
+        let p = root.path().join("k");
+        std::fs::write(p.join(marker(1)), "gone.criu.tar.zst").unwrap();
+        std::fs::write(p.join(marker(2)), "../../etc/passwd.criu.tar.zst").unwrap();
+        let err = newest(&d).unwrap_err();
         assert!(
             err.to_string().contains("does not name an archive"),
             "{err}"
         );
-        assert_eq!(orphans(d), vec![marker(d, 1)]);
-        forget(d, &d.join("gone.criu.tar.zst"));
-        assert_eq!(listed(d), vec![2]);
+        assert_eq!(orphans(&d), vec![marker(1)]);
+        forget(&d, "gone.criu.tar.zst");
+        assert_eq!(listed(&d), vec![2]);
+        // A marker that is a symlink to an endless file, or a FIFO, is
+        // refused without reading it.
+        std::fs::remove_file(p.join(marker(2))).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", p.join(marker(2))).unwrap();
+        assert!(newest(&d).is_err());
+        std::fs::remove_file(p.join(marker(2))).unwrap();
+        nix::unistd::mkfifo(
+            &p.join(marker(2)),
+            nix::sys::stat::Mode::from_bits(0o600).unwrap(),
+        )
+        .unwrap();
+        assert!(newest(&d).is_err());
+        std::fs::remove_file(p.join(marker(2))).unwrap();
+        std::fs::write(p.join(marker(2)), vec![b'a'; 4096]).unwrap();
+        assert!(newest(&d).is_err());
     }
 }

@@ -24,6 +24,7 @@ use containerd_shim::api;
 use criu_shim_config::ShimConfig;
 
 use crate::error::Result;
+use crate::migrate::share::Tenant;
 use crate::migrate::{self, Fetched};
 use crate::runc::CriuArgs;
 use source::Source;
@@ -59,7 +60,8 @@ pub fn prepare(
             _fetched: None,
         },
         Source::Archive(reference) => {
-            let f = fetch(&reference, &req.id, config)?;
+            let tenant = crate::spec::Spec::read(bundle).tenant()?;
+            let f = fetch(&reference, &tenant, &req.id, config)?;
             Prepared {
                 args: CriuArgs {
                     image_path: f.images(),
@@ -75,16 +77,19 @@ pub fn prepare(
     Ok(Some(prepared))
 }
 
-fn fetch(reference: &str, id: &str, config: &ShimConfig) -> Result<Fetched> {
+fn fetch(reference: &str, tenant: &Tenant, id: &str, config: &ShimConfig) -> Result<Fetched> {
     let started = Instant::now();
-    let f = migrate::fetch_archive(
-        &config.share_dir,
+    let key = migrate::mac::configured(config.archive_key_file.as_deref())?;
+    let f = migrate::fetch_archive(&migrate::FetchRequest {
+        share: &config.share_dir,
+        tenant,
         reference,
-        &config.staging_dir,
+        staging_root: &config.staging_dir,
         id,
-        Duration::from_secs(config.fetch_wait_secs),
-        migrate::mac::configured(config.archive_key_file.as_deref())?.as_deref(),
-    )?;
+        wait: Duration::from_secs(config.fetch_wait_secs),
+        mac_key: key.as_deref(),
+        cross_tenant: config.allow_cross_tenant,
+    })?;
     log::info!(
         "fetched and verified {} for {id} in {:?} (checkpoint of {}, CRIU {})",
         f.archive.display(),

@@ -38,7 +38,7 @@ pub fn of(
         Some(from) if from.starts_with('/') => {
             local_images(Path::new(from), config.local_images_dir.as_deref()).map(Some)
         }
-        Some(reference) => Ok(Some(Source::Archive(migrate::fetch::per_container(
+        Some(reference) => Ok(Some(Source::Archive(migrate::share::per_container(
             reference,
             spec.container_name(),
         )))),

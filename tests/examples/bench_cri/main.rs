@@ -242,7 +242,7 @@ fn migrate(
         way.name()
     );
     remove_pod(&mut cb, &pod_b);
-    let _ = std::fs::remove_dir_all(share.join(&key));
+    let _ = std::fs::remove_dir_all(share.join(criu_shim_tests::POD_TENANT).join(&key));
     let _ = std::fs::remove_file(&tar);
     Sample {
         failed,
