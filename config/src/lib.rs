@@ -67,6 +67,8 @@ pub mod env {
     pub const ARCHIVE_KEY_FILE: &str = "CRIU_SHIM_ARCHIVE_KEY_FILE";
     pub const LOCAL_IMAGES_DIR: &str = "CRIU_SHIM_LOCAL_IMAGES_DIR";
     pub const ALLOW_CROSS_TENANT: &str = "CRIU_SHIM_ALLOW_CROSS_TENANT";
+    pub const MAX_ARCHIVE_BYTES: &str = "CRIU_SHIM_MAX_ARCHIVE_BYTES";
+    pub const MAX_ARCHIVE_MEMBERS: &str = "CRIU_SHIM_MAX_ARCHIVE_MEMBERS";
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -125,6 +127,11 @@ pub struct ShimConfig {
     /// Off by default: restores accept only archives made for the
     /// restoring container's tenant (its Kubernetes namespace).
     pub allow_cross_tenant: bool,
+    /// Most bytes an archive may unpack to (all members together); a
+    /// restore also needs that much free space in staging.
+    pub max_archive_bytes: u64,
+    /// Most members an archive may have.
+    pub max_archive_members: usize,
 }
 
 impl ShimConfig {
@@ -147,6 +154,8 @@ impl ShimConfig {
             archive_key_file: None,
             local_images_dir: None,
             allow_cross_tenant: false,
+            max_archive_bytes: 256 << 30,
+            max_archive_members: 50_000,
         }
     }
 
@@ -234,6 +243,30 @@ impl ShimConfig {
                         name: env::ALLOW_CROSS_TENANT,
                         value: v,
                         why: "expected true or false",
+                    })
+                }
+            };
+        }
+        if let Some(v) = env(env::MAX_ARCHIVE_BYTES) {
+            c.max_archive_bytes = match v.parse::<u64>() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    return Err(ConfigError::BadValue {
+                        name: env::MAX_ARCHIVE_BYTES,
+                        value: v,
+                        why: "expected a number of bytes > 0",
+                    })
+                }
+            };
+        }
+        if let Some(v) = env(env::MAX_ARCHIVE_MEMBERS) {
+            c.max_archive_members = match v.parse::<usize>() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    return Err(ConfigError::BadValue {
+                        name: env::MAX_ARCHIVE_MEMBERS,
+                        value: v,
+                        why: "expected a number > 0",
                     })
                 }
             };

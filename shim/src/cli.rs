@@ -23,7 +23,7 @@ use containerd_shim::protos::ttrpc;
 
 use crate::checkpoint::{CheckpointRequest, CHECKPOINT_REQUEST_TYPE, REPORT_FILE};
 use crate::migrate::share::{self, Share};
-use crate::migrate::{self, manifest::Manifest, unpack, verify};
+use crate::migrate::{self, manifest::Manifest, unpack};
 
 pub const COMMANDS: [&str; 4] = ["checkpoint", "inspect", "list", "gc"];
 
@@ -228,13 +228,15 @@ fn inspect(raw: &[String]) -> Result<(), Failure> {
     let scratch = tempfile::tempdir().map_err(failed)?;
     let what = path.display().to_string();
     let progress = Progress::start(format!("verifying {what}"));
-    let unpacked = unpack::unpack(file, scratch.path(), unpack::Limits::default(), &what);
-    drop(progress);
     let key_file = std::env::var_os(criu_shim_config::env::ARCHIVE_KEY_FILE).map(PathBuf::from);
     let key = migrate::mac::configured(key_file.as_deref()).map_err(failed)?;
-    let m = unpacked
-        .and_then(|u| verify::verify(&u, &what, key.as_deref()))
-        .map_err(failed)?;
+    let options = unpack::Options {
+        key: key.as_deref(),
+        ..Default::default()
+    };
+    let unpacked = unpack::unpack(file, scratch.path(), &what, &options);
+    drop(progress);
+    let m = unpacked.map_err(failed)?;
     print_manifest(&path, size, &m);
     println!(
         "verification: OK ({} members, all SHA-256 digests match{})",

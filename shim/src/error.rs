@@ -17,6 +17,8 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     Unimplemented(String),
+    #[error("{0}")]
+    DeadlineExceeded(String),
     #[error("runc {op} failed: {message}")]
     Runc { op: &'static str, message: String },
     #[error(transparent)]
@@ -61,6 +63,7 @@ impl Error {
             Error::InvalidArgument(_) | Error::Config(_) => Code::INVALID_ARGUMENT,
             Error::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             Error::Unimplemented(_) => Code::UNIMPLEMENTED,
+            Error::DeadlineExceeded(_) => Code::DEADLINE_EXCEEDED,
             Error::Criu(criu_sys::Error::Timeout { .. }) => Code::DEADLINE_EXCEEDED,
             Error::Criu(criu_sys::Error::BinaryNotFound { .. })
             | Error::Criu(criu_sys::Error::TooOld { .. })

@@ -28,6 +28,7 @@ use crate::container::{Container, CreateOpts, Mount};
 use crate::criu_front::env as front_env;
 use crate::error::{Error, Result};
 use crate::events::{Event, Events};
+use crate::migrate::unpack::Deadline;
 use crate::process::{Exit, Process, Status};
 use crate::reaper::MonitorReaper;
 use crate::restore;
@@ -152,7 +153,11 @@ impl Service {
             .ok_or_else(|| Error::NotFound(format!("container {id} not found")))
     }
 
-    fn do_create(self: &Arc<Self>, req: &api::CreateTaskRequest) -> Result<u32> {
+    fn do_create(
+        self: &Arc<Self>,
+        req: &api::CreateTaskRequest,
+        deadline: Deadline,
+    ) -> Result<u32> {
         if self.containers.lock().unwrap().contains_key(&req.id) {
             return Err(Error::AlreadyExists(format!(
                 "container {} already exists",
@@ -165,7 +170,7 @@ impl Service {
         save_shim_state(&bundle, &config);
         let runc = runc_for(&config, &bundle);
         // Holds a fetched archive's staging until the restore is done.
-        let prepared = restore::prepare(req, &bundle, &config)?;
+        let prepared = restore::prepare(req, &bundle, &config, deadline)?;
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -381,6 +386,13 @@ fn save_shim_state(bundle: &std::path::Path, config: &ShimConfig) {
     }
 }
 
+/// The caller's deadline, when containerd sent one (ttrpc carries the
+/// context's deadline as a timeout): work past it is wasted.
+fn deadline(ctx: &TtrpcContext) -> Deadline {
+    let nanos = u64::try_from(ctx.timeout_nano).unwrap_or(0);
+    Deadline((nanos > 0).then(|| Instant::now() + Duration::from_nanos(nanos)))
+}
+
 fn rpc<T>(r: Result<T>) -> TtrpcResult<T> {
     r.map_err(Into::into)
 }
@@ -392,10 +404,10 @@ pub struct TaskService(pub Arc<Service>);
 impl Task for TaskService {
     fn create(
         &self,
-        _ctx: &TtrpcContext,
+        ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
-        let pid = rpc(self.0.do_create(&req))?;
+        let pid = rpc(self.0.do_create(&req, deadline(ctx)))?;
         Ok(api::CreateTaskResponse {
             pid,
             ..Default::default()

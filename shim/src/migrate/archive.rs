@@ -2,6 +2,14 @@
 //! zstd on every core by default, each member hashed (SHA-256) as it goes
 //! out, and the manifest appended last.
 //!
+//! Readers must authenticate the manifest before they write anything
+//! (see [`super::unpack`]), so a compressed archive keeps it findable
+//! without decompressing the rest: the members are one zstd frame, the
+//! manifest (and its MAC, and tar's end) a second one, and a last,
+//! skippable frame ([`INDEX_MAGIC`]) holds the second frame's offset. Any
+//! zstd decoder skips that frame, so `zstd -d | tar` and checkpointctl
+//! still see one plain tar.
+//!
 //! Everything streams: pages go from the staging directory through tar and
 //! zstd straight into the (temporary) file on the share, so a checkpoint
 //! never needs room for a second copy.
@@ -16,6 +24,14 @@ use super::unpack::read_full;
 use super::manifest::{Manifest, Member};
 use super::members;
 use crate::error::{Error, Result};
+
+/// A zstd skippable frame's magic (0x184D2A50..5F are skippable); ours
+/// holds [`INDEX_TAG`] and the little-endian u64 offset of the manifest's
+/// frame.
+pub const INDEX_MAGIC: u32 = 0x184D_2A5C;
+pub const INDEX_TAG: &[u8; 8] = b"CRSHIDX1";
+/// Bytes of the index frame at the end of a compressed archive.
+pub const INDEX_LEN: u64 = 24;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -77,37 +93,60 @@ pub fn write<W: Write>(
     mac_key: Option<&[u8]>,
 ) -> Result<(Manifest, u64)> {
     let counted = Counting { inner: out, n: 0 };
+    manifest.compression = compression.name().into();
     match compression {
         Compression::None => {
-            let (m, c) = write_tar(counted, sources, manifest, mac_key)?;
-            Ok((m, c.n))
+            let (members, mut c) = write_members(counted, sources, manifest.created)?;
+            manifest.members = members;
+            write_trailer(&mut c, &manifest, mac_key)?;
+            Ok((manifest, c.n))
         }
         Compression::Zstd { level, workers } => {
-            manifest.compression = compression.name().into();
-            let mut enc = zstd::stream::write::Encoder::new(counted, level)
-                .map_err(|e| Error::io("start zstd", e))?;
-            enc.include_checksum(true)
-                .map_err(|e| Error::io("zstd checksum", e))?;
-            if workers > 1 {
-                enc.multithread(workers)
-                    .map_err(|e| Error::io("zstd workers", e))?;
-            }
-            let (m, enc) = write_tar(enc, sources, manifest, mac_key)?;
-            let c = enc
+            let enc = encoder(counted, level, workers)?;
+            let (members, enc) = write_members(enc, sources, manifest.created)?;
+            manifest.members = members;
+            let counted = enc
+                .finish()
+                .map_err(|e| write_error("the archive's members", e))?;
+            // The manifest's own frame, single-threaded: it is small.
+            let offset = counted.n;
+            let mut enc = encoder(counted, level, 1)?;
+            write_trailer(&mut enc, &manifest, mac_key)?;
+            let mut counted = enc
                 .finish()
                 .map_err(|e| write_error("the end of the archive", e))?;
-            Ok((m, c.n))
+            let mut index = Vec::with_capacity(INDEX_LEN as usize);
+            index.extend(INDEX_MAGIC.to_le_bytes());
+            index.extend(16u32.to_le_bytes());
+            index.extend(INDEX_TAG);
+            index.extend(offset.to_le_bytes());
+            counted
+                .write_all(&index)
+                .map_err(|e| write_error("the archive's index", e))?;
+            Ok((manifest, counted.n))
         }
     }
 }
 
-fn write_tar<W: Write>(
-    mut out: W,
-    sources: &[Source],
-    mut manifest: Manifest,
-    mac_key: Option<&[u8]>,
-) -> Result<(Manifest, W)> {
-    manifest.members.clear();
+fn encoder<W: Write>(
+    out: W,
+    level: i32,
+    workers: u32,
+) -> Result<zstd::stream::write::Encoder<'static, W>> {
+    let mut enc =
+        zstd::stream::write::Encoder::new(out, level).map_err(|e| Error::io("start zstd", e))?;
+    enc.include_checksum(true)
+        .map_err(|e| Error::io("zstd checksum", e))?;
+    if workers > 1 {
+        enc.multithread(workers)
+            .map_err(|e| Error::io("zstd workers", e))?;
+    }
+    Ok(enc)
+}
+
+/// Every source as a tar member; their manifest entries.
+fn write_members<W: Write>(mut out: W, sources: &[Source], mtime: u64) -> Result<(Vec<Member>, W)> {
+    let mut members = Vec::with_capacity(sources.len());
     for s in sources {
         let file =
             File::open(&s.path).map_err(|e| Error::io(format!("open {}", s.path.display()), e))?;
@@ -115,43 +154,38 @@ fn write_tar<W: Write>(
             .metadata()
             .map_err(|e| Error::io(format!("stat {}", s.path.display()), e))?
             .len();
-        let sha256 =
-            append_file(&mut out, &s.name, file, size, manifest.created).map_err(|e| match e {
-                Error::Io { .. } => e,
-                other => Error::Other(format!("{}: {other}", s.path.display())),
-            })?;
-        manifest.members.push(Member {
+        let sha256 = append_file(&mut out, &s.name, file, size, mtime).map_err(|e| match e {
+            Error::Io { .. } => e,
+            other => Error::Other(format!("{}: {other}", s.path.display())),
+        })?;
+        members.push(Member {
             path: s.name.clone(),
             size,
             sha256,
         });
     }
-    let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
-    write_header(
-        &mut out,
-        members::MANIFEST,
-        json.len() as u64,
-        manifest.created,
-    )?;
-    out.write_all(&json)
-        .and_then(|()| pad(&mut out, json.len() as u64))
-        .map_err(|e| write_error(members::MANIFEST, e))?;
+    Ok((members, out))
+}
+
+/// The manifest, its MAC when signing, and tar's end-of-archive.
+fn write_trailer<W: Write>(out: &mut W, manifest: &Manifest, mac_key: Option<&[u8]>) -> Result<()> {
+    let json =
+        serde_json::to_vec_pretty(manifest).map_err(|e| Error::Other(format!("manifest: {e}")))?;
+    write_small(out, members::MANIFEST, &json, manifest.created)?;
     if let Some(key) = mac_key {
         let mac = super::mac::sign(key, &json);
-        write_header(
-            &mut out,
-            members::MANIFEST_MAC,
-            mac.len() as u64,
-            manifest.created,
-        )?;
-        out.write_all(mac.as_bytes())
-            .and_then(|()| pad(&mut out, mac.len() as u64))
-            .map_err(|e| write_error(members::MANIFEST_MAC, e))?;
+        write_small(out, members::MANIFEST_MAC, mac.as_bytes(), manifest.created)?;
     }
     // The end of a tar archive: two zero blocks.
     out.write_all(&[0u8; 1024])
-        .map_err(|e| write_error("the end of the archive", e))?;
-    Ok((manifest, out))
+        .map_err(|e| write_error("the end of the archive", e))
+}
+
+fn write_small<W: Write>(out: &mut W, name: &str, data: &[u8], mtime: u64) -> Result<()> {
+    write_header(out, name, data.len() as u64, mtime)?;
+    out.write_all(data)
+        .and_then(|()| pad(out, data.len() as u64))
+        .map_err(|e| write_error(name, e))
 }
 
 /// Size of the chunks a member is read, hashed and written in.
@@ -228,6 +262,12 @@ fn write_error(what: &str, e: std::io::Error) -> Error {
         e,
         "the share (or staging disk) is full; free space and retry",
     )
+}
+
+/// SHA-256 of a small buffer, hashed here (no thread).
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex(&sha2::Sha256::digest(data))
 }
 
 pub fn hex(bytes: &[u8]) -> String {

@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 /// Identifies our archives (and not just any tar).
 pub const FORMAT: &str = "criu-shim.checkpoint";
 /// Bumped on incompatible changes; readers refuse newer versions.
-pub const VERSION: u32 = 1;
+/// 2: the tenant is recorded, and compressed archives end with an index
+/// frame that finds the manifest without decompressing the members.
+pub const VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
@@ -48,10 +50,6 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    pub fn member(&self, path: &str) -> Option<&Member> {
-        self.members.iter().find(|m| m.path == path)
-    }
-
     pub fn total_size(&self) -> u64 {
         self.members.iter().map(|m| m.size).sum()
     }

@@ -239,6 +239,9 @@ pub struct FetchRequest<'a> {
     pub mac_key: Option<&'a [u8]>,
     /// Operator setting: accept archives made for another tenant.
     pub cross_tenant: bool,
+    pub limits: unpack::Limits,
+    /// Stop when containerd has given up on the Create.
+    pub deadline: unpack::Deadline,
 }
 
 /// fetch -> unpack -> verify. On error nothing is left in staging.
@@ -258,8 +261,12 @@ pub fn fetch_archive(r: &FetchRequest) -> Result<Fetched> {
     let path = archive.path();
     let staging = Staging::new(r.staging_root, &format!("restore-{}", r.id))?;
     let what = path.display().to_string();
-    let unpacked = unpack::unpack(file, staging.path(), unpack::Limits::default(), &what)?;
-    let manifest = verify::verify(&unpacked, &what, r.mac_key)?;
+    let options = unpack::Options {
+        limits: r.limits,
+        key: r.mac_key,
+        deadline: r.deadline,
+    };
+    let manifest = unpack::unpack(file, staging.path(), &what, &options)?;
     check_tenant(&manifest, r.tenant, r.cross_tenant, &what)?;
     Ok(Fetched {
         staging,
@@ -327,6 +334,8 @@ mod tests {
             wait: Duration::ZERO,
             mac_key,
             cross_tenant: false,
+            limits: Default::default(),
+            deadline: Default::default(),
         })
     }
 
@@ -501,6 +510,8 @@ mod tests {
                 wait: Duration::ZERO,
                 mac_key: None,
                 cross_tenant,
+                limits: Default::default(),
+                deadline: Default::default(),
             })
         };
         let err = request(&team_a, "job", false).err().unwrap();
@@ -518,5 +529,406 @@ mod tests {
             "{err}"
         );
         assert!(request(&team_a, "job", true).is_ok());
+    }
+
+    /// A hand-made archive: `members` (name, size, a reader of the data),
+    /// then `manifest` and an optional MAC, as one zstd frame (as older
+    /// shims wrote them, or as an attacker would).
+    fn craft(
+        members: Vec<(&str, u64, Box<dyn std::io::Read>)>,
+        manifest: &Manifest,
+        mac_key: Option<&[u8]>,
+    ) -> Vec<u8> {
+        let enc = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+        let mut b = tar::Builder::new(enc);
+        let add = |b: &mut tar::Builder<_>, name: &str, size: u64, data: &mut dyn std::io::Read| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(size);
+            h.set_mode(0o600);
+            h.set_entry_type(tar::EntryType::Regular);
+            b.append_data(&mut h, name, data).unwrap();
+        };
+        for (name, size, mut data) in members {
+            add(&mut b, name, size, &mut data);
+        }
+        let json = serde_json::to_vec(manifest).unwrap();
+        add(
+            &mut b,
+            members::MANIFEST,
+            json.len() as u64,
+            &mut json.as_slice(),
+        );
+        if let Some(key) = mac_key {
+            let mac = mac::sign(key, &json);
+            add(
+                &mut b,
+                members::MANIFEST_MAC,
+                mac.len() as u64,
+                &mut mac.as_bytes(),
+            );
+        }
+        b.into_inner().unwrap().finish().unwrap()
+    }
+
+    fn manifest_of(members: &[(&str, u64, &str)]) -> Manifest {
+        Manifest {
+            format: manifest::FORMAT.into(),
+            version: manifest::VERSION,
+            container_id: "evil".into(),
+            tenant: Some(Tenant::Containerd.id()),
+            created: 0,
+            criu_version: String::new(),
+            kernel: String::new(),
+            shim_version: String::new(),
+            compression: "zstd".into(),
+            tcp_established: false,
+            stats: Default::default(),
+            members: members
+                .iter()
+                .map(|(p, size, sha)| manifest::Member {
+                    path: p.to_string(),
+                    size: *size,
+                    sha256: sha.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Puts `bytes` on the share as the containerd tenant's key `key`.
+    fn plant(share: &Path, key: &str, bytes: &[u8]) {
+        let dir = key_dir(share, key);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("x.criu.tar.zst"), bytes).unwrap();
+    }
+
+    fn staged_bytes(root: &Path) -> u64 {
+        fn walk(p: &Path) -> u64 {
+            std::fs::read_dir(p)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| {
+                            let m = e.metadata().unwrap();
+                            if m.is_dir() {
+                                walk(&e.path())
+                            } else {
+                                m.len()
+                            }
+                        })
+                        .sum()
+                })
+                .unwrap_or(0)
+        }
+        walk(root)
+    }
+
+    #[test]
+    fn a_bomb_is_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let share = tempfile::tempdir().unwrap();
+        // 4 GiB of zeros compress to almost nothing; the manifest says so
+        // (digest irrelevant): refused by the limit, from the manifest.
+        let huge = 4u64 << 30;
+        let m = manifest_of(&[
+            ("checkpoint/inventory.img", 1, "00"),
+            ("checkpoint/pages-1.img", huge, "00"),
+        ]);
+        let bomb = craft(
+            vec![
+                ("checkpoint/inventory.img", 1, Box::new(&b"x"[..])),
+                (
+                    "checkpoint/pages-1.img",
+                    huge,
+                    Box::new(std::io::Read::take(std::io::repeat(0), huge)),
+                ),
+            ],
+            &m,
+            None,
+        );
+        assert!(bomb.len() < 1 << 20, "{}", bomb.len());
+        plant(share.path(), "bomb", &bomb);
+        let staging = dir.path().join("rst");
+        let limits = unpack::Limits {
+            max_members: 100,
+            max_member_bytes: 64 << 20,
+            max_total_bytes: 64 << 20,
+        };
+        let started = std::time::Instant::now();
+        let err = fetch_archive(&FetchRequest {
+            share: share.path(),
+            tenant: &Tenant::Containerd,
+            reference: "bomb",
+            staging_root: &staging,
+            id: "c",
+            wait: Duration::ZERO,
+            mac_key: None,
+            cross_tenant: false,
+            limits,
+            deadline: Default::default(),
+        })
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("more than the limit"), "{err}");
+        assert_eq!(staged_bytes(&staging), 0);
+        // Found by one decompressing pass that writes nothing; bounded too.
+        assert!(started.elapsed() < Duration::from_secs(30));
+    }
+
+    #[test]
+    fn with_a_key_an_unsigned_archive_is_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let share = tempfile::tempdir().unwrap();
+        let data = vec![1u8; 8 << 20];
+        let sha = archive::sha256_hex(&data);
+        let m = manifest_of(&[("checkpoint/inventory.img", data.len() as u64, &sha)]);
+        let unsigned = craft(
+            vec![(
+                "checkpoint/inventory.img",
+                data.len() as u64,
+                Box::new(std::io::Cursor::new(data)),
+            )],
+            &m,
+            None,
+        );
+        plant(share.path(), "u", &unsigned);
+        let staging = dir.path().join("rst");
+        let err = fetch(share.path(), "u", &staging, Some(&[3u8; 32]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("not signed"), "{err}");
+        assert_eq!(staged_bytes(&staging), 0);
+    }
+
+    #[test]
+    fn members_that_differ_from_the_manifest_stop_the_unpack() {
+        let dir = tempfile::tempdir().unwrap();
+        let share = tempfile::tempdir().unwrap();
+        let inv = b"inventory".to_vec();
+        let sha = archive::sha256_hex(&inv);
+        let cases: Vec<(
+            &str,
+            Manifest,
+            Vec<(&str, u64, Box<dyn std::io::Read>)>,
+            &str,
+        )> = vec![
+            (
+                "extra",
+                manifest_of(&[("checkpoint/inventory.img", 9, &sha)]),
+                vec![
+                    (
+                        "checkpoint/inventory.img",
+                        9,
+                        Box::new(std::io::Cursor::new(inv.clone())),
+                    ),
+                    ("checkpoint/core-1.img", 3, Box::new(&b"abc"[..])),
+                ],
+                "not in the manifest",
+            ),
+            (
+                "resized",
+                manifest_of(&[("checkpoint/inventory.img", 5, &sha)]),
+                vec![(
+                    "checkpoint/inventory.img",
+                    9,
+                    Box::new(std::io::Cursor::new(inv.clone())),
+                )],
+                "size differs",
+            ),
+            (
+                "edited",
+                manifest_of(&[("checkpoint/inventory.img", 9, &sha)]),
+                vec![("checkpoint/inventory.img", 9, Box::new(&b"INVENTORY"[..]))],
+                "checksum mismatch",
+            ),
+            (
+                "missing",
+                manifest_of(&[
+                    ("checkpoint/inventory.img", 9, &sha),
+                    ("checkpoint/core-1.img", 3, "00"),
+                ]),
+                vec![(
+                    "checkpoint/inventory.img",
+                    9,
+                    Box::new(std::io::Cursor::new(inv.clone())),
+                )],
+                "is missing",
+            ),
+            (
+                "traversal",
+                manifest_of(&[
+                    ("checkpoint/inventory.img", 9, &sha),
+                    ("checkpoint/../../etc/x", 3, "00"),
+                ]),
+                vec![(
+                    "checkpoint/inventory.img",
+                    9,
+                    Box::new(std::io::Cursor::new(inv.clone())),
+                )],
+                "path traversal",
+            ),
+        ];
+        for (key, m, members_, why) in cases {
+            plant(share.path(), key, &craft(members_, &m, None));
+            let staging = dir.path().join(key);
+            let err = fetch(share.path(), key, &staging, None)
+                .err()
+                .unwrap_or_else(|| panic!("{key} accepted"))
+                .to_string();
+            assert!(err.contains(why), "{key}: {why:?} not in {err}");
+            assert_eq!(staged_bytes(&staging), 0, "{key}: staging left");
+        }
+    }
+
+    #[test]
+    fn a_passed_deadline_stops_the_unpack() {
+        let dir = tempfile::tempdir().unwrap();
+        let share = tempfile::tempdir().unwrap();
+        publish_one(dir.path(), share.path(), Compression::None);
+        let staging = dir.path().join("rst");
+        let err = fetch_archive(&FetchRequest {
+            share: share.path(),
+            tenant: &Tenant::Containerd,
+            reference: "job",
+            staging_root: &staging,
+            id: "c",
+            wait: Duration::ZERO,
+            mac_key: None,
+            cross_tenant: false,
+            limits: Default::default(),
+            deadline: unpack::Deadline(Some(std::time::Instant::now())),
+        })
+        .err()
+        .unwrap();
+        assert!(matches!(err, Error::DeadlineExceeded(_)), "{err}");
+        assert_eq!(staged_bytes(&staging), 0);
+    }
+
+    #[test]
+    fn compressed_archives_carry_an_index_to_their_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let share = tempfile::tempdir().unwrap();
+        let report = publish_one(
+            dir.path(),
+            share.path(),
+            Compression::Zstd {
+                level: 1,
+                workers: 2,
+            },
+        );
+        let mut f = std::fs::File::open(&report.archive).unwrap();
+        let t = unpack::read_trailer(&mut f, "x", &Default::default()).unwrap();
+        let m: Manifest = serde_json::from_slice(&t.manifest.unwrap()).unwrap();
+        assert_eq!(m.members.len(), report.manifest.members.len());
+        // Plain zstd | tar still reads it whole, manifest last.
+        let dec = zstd::stream::read::Decoder::new(std::fs::File::open(&report.archive).unwrap())
+            .unwrap();
+        let names: Vec<String> = tar::Archive::new(dec)
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        assert_eq!(names.last().map(String::as_str), Some(members::MANIFEST));
+    }
+
+    /// No input panics the reader: every byte of small archives (zstd with
+    /// its index, plain tar, and the older single-frame layout) mutated in
+    /// turn, and bounded random mutations. Extra seeds may be kept in
+    /// `shim/fuzz/corpus/` (any file there is used as a starting point).
+    #[test]
+    fn mutated_archives_never_panic_the_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let share = tempfile::tempdir().unwrap();
+        let mut seeds: Vec<Vec<u8>> = Vec::new();
+        for compression in [
+            Compression::Zstd {
+                level: 1,
+                workers: 1,
+            },
+            Compression::None,
+        ] {
+            let (bundle, images, work) = fake_dump(&dir.path().join(compression.name()));
+            std::fs::write(images.join("pages-1.img"), b"small pages").unwrap();
+            let d = Dumped {
+                container_id: "c1",
+                bundle: &bundle,
+                rootfs_upper: None,
+                images: &images,
+                work: &work,
+                tcp_established: false,
+                frozen_ms: None,
+                criu_ms: None,
+                criu_version: "4.2.1".into(),
+            };
+            let t = Target {
+                share: share.path().to_path_buf(),
+                tenant: Tenant::Containerd,
+                name: format!("seed-{}", compression.name()),
+                compression,
+                staging_root: dir.path().join("staging"),
+                mac_key: Some(vec![5u8; 32]),
+            };
+            let r = publish_checkpoint(&d, &t).unwrap();
+            seeds.push(std::fs::read(&r.archive).unwrap());
+        }
+        let m = manifest_of(&[("checkpoint/inventory.img", 1, "00")]);
+        seeds.push(craft(
+            vec![("checkpoint/inventory.img", 1, Box::new(&b"x"[..]))],
+            &m,
+            None,
+        ));
+        let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+        for e in std::fs::read_dir(&corpus).into_iter().flatten().flatten() {
+            seeds.push(std::fs::read(e.path()).unwrap());
+        }
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let limits = unpack::Limits {
+            max_members: 64,
+            max_member_bytes: 1 << 20,
+            max_total_bytes: 4 << 20,
+        };
+        let options = unpack::Options {
+            limits,
+            key: Some(&[5u8; 32]),
+            deadline: Default::default(),
+        };
+        let mut tries = 0;
+        for seed in &seeds {
+            let mut variants: Vec<Vec<u8>> = Vec::new();
+            let step = (seed.len() / 400).max(1);
+            for i in (0..seed.len()).step_by(step) {
+                let mut b = seed.clone();
+                b[i] ^= 1 << (next() % 8);
+                variants.push(b);
+            }
+            for _ in 0..200 {
+                let mut b = seed.clone();
+                for _ in 0..(1 + next() % 8) {
+                    let i = (next() as usize) % b.len();
+                    b[i] = next() as u8;
+                }
+                if next() % 4 == 0 {
+                    b.truncate((next() as usize) % b.len());
+                }
+                variants.push(b);
+            }
+            for v in variants {
+                let path = dir.path().join("case");
+                std::fs::write(&path, &v).unwrap();
+                let out = dir.path().join(format!("out-{tries}"));
+                std::fs::create_dir(&out).unwrap();
+                let f = std::fs::File::open(&path).unwrap();
+                let _ = unpack::unpack(f, &out, "fuzz", &options);
+                std::fs::remove_dir_all(&out).unwrap();
+                tries += 1;
+            }
+        }
+        assert!(tries > 1000, "{tries}");
     }
 }

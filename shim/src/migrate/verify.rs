@@ -1,23 +1,56 @@
-//! Verification: with a cluster key, the manifest's MAC must verify (see
-//! [`super::mac`]); the manifest must be ours and of a version we read, and
-//! every member must be listed in it with the same size and SHA-256, with
-//! nothing missing and nothing extra. Only then is anything used.
+//! Verification, before anything is written: with a cluster key, the
+//! manifest's MAC must verify (see [`super::mac`]); the manifest must be
+//! ours, of a version we read, and list only members of our format, each
+//! once, within the limits. The result, [`Expected`], is what
+//! [`super::unpack`] holds every member to as it streams in: listed, of
+//! the declared size, with the declared SHA-256, and nothing missing.
+
+use std::collections::HashMap;
 
 use super::manifest::{Manifest, FORMAT, VERSION};
 use super::members;
-use super::unpack::Unpacked;
+use super::unpack::{Limits, Trailer};
 use crate::error::{Error, Result};
 
-pub fn verify(u: &Unpacked, what: &str, mac_key: Option<&[u8]>) -> Result<Manifest> {
+/// An authenticated manifest, indexed by member path.
+#[derive(Debug)]
+pub struct Expected {
+    pub manifest: Manifest,
+    /// The manifest's exact bytes (the stream must carry the same).
+    pub raw: Vec<u8>,
+    by_path: HashMap<String, (u64, String)>,
+}
+
+impl Expected {
+    /// Size and SHA-256 of `path`, if listed.
+    pub fn member(&self, path: &str) -> Option<(u64, &str)> {
+        self.by_path.get(path).map(|(s, h)| (*s, h.as_str()))
+    }
+
+    pub fn paths(&self) -> impl Iterator<Item = &String> {
+        self.by_path.keys()
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.manifest.total_size()
+    }
+}
+
+pub fn authenticate(
+    t: &Trailer,
+    what: &str,
+    key: Option<&[u8]>,
+    limits: &Limits,
+) -> Result<Expected> {
     let bad =
         |why: String| Error::InvalidArgument(format!("archive {what} failed verification: {why}"));
-    let raw = u
+    let raw = t
         .manifest
         .as_ref()
         .ok_or_else(|| bad(format!("no {} (truncated archive?)", members::MANIFEST)))?;
-    if let Some(key) = mac_key {
+    if let Some(key) = key {
         // Before anything in the manifest is believed.
-        let Some(mac) = &u.manifest_mac else {
+        let Some(mac) = &t.mac else {
             return Err(bad(
                 "it is not signed, and this node only restores archives signed with the \
                  cluster's key (CRIU_SHIM_ARCHIVE_KEY_FILE)"
@@ -46,26 +79,101 @@ pub fn verify(u: &Unpacked, what: &str, mac_key: Option<&[u8]>) -> Result<Manife
             m.version
         )));
     }
+    if m.members.len() > limits.max_members {
+        return Err(bad(format!(
+            "{} members, more than the limit of {}",
+            m.members.len(),
+            limits.max_members
+        )));
+    }
+    let mut by_path = HashMap::with_capacity(m.members.len());
+    let mut total = 0u64;
     for member in &m.members {
-        match u.members.get(&member.path) {
-            None => return Err(bad(format!("{} is missing", member.path))),
-            Some((size, sha)) if *size != member.size || *sha != member.sha256 => {
-                return Err(bad(format!(
-                    "checksum mismatch for {} (the archive is corrupt or was modified)",
-                    member.path
-                )))
-            }
-            Some(_) => {}
+        check_member_path(&member.path)
+            .map_err(|why| bad(format!("member {:?} refused: {why}", member.path)))?;
+        if member.size > limits.max_member_bytes {
+            return Err(bad(format!(
+                "member {} declares {} bytes, more than the limit of {}",
+                member.path, member.size, limits.max_member_bytes
+            )));
+        }
+        total = total.saturating_add(member.size);
+        if by_path
+            .insert(member.path.clone(), (member.size, member.sha256.clone()))
+            .is_some()
+        {
+            return Err(bad(format!("member {} listed twice", member.path)));
         }
     }
-    for path in u.members.keys() {
-        if m.member(path).is_none() {
-            return Err(bad(format!("{path} is not in the manifest")));
-        }
+    if total > limits.max_total_bytes {
+        return Err(bad(format!(
+            "it declares {total} bytes, more than the limit of {}",
+            limits.max_total_bytes
+        )));
     }
     let inventory = format!("{}/inventory.img", members::IMAGES_DIR);
-    if m.member(&inventory).is_none() {
+    if !by_path.contains_key(&inventory) {
         return Err(bad("no CRIU images (checkpoint/inventory.img)".into()));
     }
-    Ok(m)
+    Ok(Expected {
+        manifest: m,
+        raw: raw.clone(),
+        by_path,
+    })
+}
+
+/// Our format's paths only: `checkpoint/<file>` or a known top-level
+/// member (not the manifest and its MAC, which the manifest cannot list).
+pub fn check_member_path(name: &str) -> std::result::Result<(), &'static str> {
+    let top_level = [
+        members::SPEC,
+        members::CONFIG,
+        members::ROOTFS_DIFF,
+        members::DELETED,
+        members::STATS,
+        members::DUMP_LOG,
+    ];
+    if top_level.contains(&name) {
+        return Ok(());
+    }
+    match name.split_once('/') {
+        Some((dir, file))
+            if dir == members::IMAGES_DIR
+                && !file.is_empty()
+                && !file.contains('/')
+                && !file.contains('\0')
+                && file != "."
+                && file != ".." =>
+        {
+            Ok(())
+        }
+        _ if name.starts_with('/') => Err("absolute path"),
+        _ if name.split('/').any(|c| c == "..") => Err("path traversal ('..')"),
+        _ => Err("not a member of the checkpoint format"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_paths_are_our_format_only() {
+        for ok in ["checkpoint/core-1.img", "spec.dump", "rootfs-diff.tar"] {
+            assert!(check_member_path(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "../etc/passwd",
+            "/etc/passwd",
+            "checkpoint/../../x",
+            "checkpoint/a/b",
+            "checkpoint/",
+            "checkpoint/..",
+            "other/file",
+            "etc/cron.d/x",
+            "manifest.json",
+        ] {
+            assert!(check_member_path(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -25,6 +25,7 @@ use criu_shim_config::ShimConfig;
 
 use crate::error::Result;
 use crate::migrate::share::Tenant;
+use crate::migrate::unpack::{Deadline, Limits};
 use crate::migrate::{self, Fetched};
 use crate::runc::CriuArgs;
 use source::Source;
@@ -43,6 +44,7 @@ pub fn prepare(
     req: &api::CreateTaskRequest,
     bundle: &Path,
     config: &ShimConfig,
+    deadline: Deadline,
 ) -> Result<Option<Prepared>> {
     let Some(src) = source::of(req, bundle, config)? else {
         return Ok(None);
@@ -61,7 +63,7 @@ pub fn prepare(
         },
         Source::Archive(reference) => {
             let tenant = crate::spec::Spec::read(bundle).tenant()?;
-            let f = fetch(&reference, &tenant, &req.id, config)?;
+            let f = fetch(&reference, &tenant, &req.id, config, deadline)?;
             Prepared {
                 args: CriuArgs {
                     image_path: f.images(),
@@ -77,7 +79,13 @@ pub fn prepare(
     Ok(Some(prepared))
 }
 
-fn fetch(reference: &str, tenant: &Tenant, id: &str, config: &ShimConfig) -> Result<Fetched> {
+fn fetch(
+    reference: &str,
+    tenant: &Tenant,
+    id: &str,
+    config: &ShimConfig,
+    deadline: Deadline,
+) -> Result<Fetched> {
     let started = Instant::now();
     let key = migrate::mac::configured(config.archive_key_file.as_deref())?;
     let f = migrate::fetch_archive(&migrate::FetchRequest {
@@ -89,6 +97,12 @@ fn fetch(reference: &str, tenant: &Tenant, id: &str, config: &ShimConfig) -> Res
         wait: Duration::from_secs(config.fetch_wait_secs),
         mac_key: key.as_deref(),
         cross_tenant: config.allow_cross_tenant,
+        limits: Limits {
+            max_members: config.max_archive_members,
+            max_member_bytes: config.max_archive_bytes,
+            max_total_bytes: config.max_archive_bytes,
+        },
+        deadline,
     })?;
     log::info!(
         "fetched and verified {} for {id} in {:?} (checkpoint of {}, CRIU {})",
