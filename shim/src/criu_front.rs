@@ -43,6 +43,10 @@ pub mod env {
 pub const FRONT_STATS_FILE: &str = "criu-shim-front.json";
 
 pub fn main(args: &[String]) -> ! {
+    // CRIU writes images (memory, environment, credentials) and logs with
+    // the umask it inherits: only their owner may read them. This process
+    // runs only CRIU; containers never inherit it.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let code = match run(args) {
         Ok(()) => 0,
         Err(e) => {

@@ -290,27 +290,49 @@ fn bad_archives_fail_create_with_a_clear_error_and_leave_node_b_clean() {
         .map(|(n, d)| (n.as_str(), tar::EntryType::Regular, d.as_slice(), None))
         .collect();
     put("badsum", &tar_zst(&lying));
+    // Hostile members, listed in a manifest so that the members
+    // themselves (not a missing manifest) are what gets refused.
+    let with_manifest = |name: &str, kind: tar::EntryType, link: Option<&str>| {
+        let manifest = serde_json::json!({
+            "format": "criu-shim.checkpoint", "version": 2, "container_id": "x",
+            "tenant": "containerd", "created": 0, "criu_version": "", "kernel": "",
+            "shim_version": "", "compression": "zstd", "tcp_established": false,
+            "stats": {"pages_bytes": 0},
+            "members": [
+                {"path": "checkpoint/inventory.img", "size": 1, "sha256": "00"},
+                {"path": name, "size": 0, "sha256": "00"}
+            ]
+        })
+        .to_string();
+        tar_zst(&[
+            (name, kind, b"", link),
+            (
+                "manifest.json",
+                tar::EntryType::Regular,
+                manifest.as_bytes(),
+                None,
+            ),
+        ])
+    };
     put(
         "traversal",
-        &tar_zst(&[(
+        &with_manifest(
             "../../../../tmp/criu-shim-pwned",
             tar::EntryType::Regular,
-            b"x",
             None,
-        )]),
+        ),
     );
     put(
         "symlink",
-        &tar_zst(&[(
+        &with_manifest(
             "checkpoint/core-1.img",
             tar::EntryType::Symlink,
-            b"",
             Some("/etc/shadow"),
-        )]),
+        ),
     );
     put(
         "device",
-        &tar_zst(&[("checkpoint/mem", tar::EntryType::Char, b"", None)]),
+        &with_manifest("checkpoint/mem", tar::EntryType::Char, None),
     );
 
     for (i, (key, expect)) in [
@@ -431,6 +453,7 @@ fn with_a_cluster_key_only_archives_signed_with_it_are_restored() {
     let secrets = tempfile::tempdir().unwrap();
     let key = secrets.path().join("archive.key");
     std::fs::write(&key, [42u8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let key = key.display().to_string();
     let keyed = [("CRIU_SHIM_ARCHIVE_KEY_FILE", key.as_str())];
 

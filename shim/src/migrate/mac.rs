@@ -18,21 +18,54 @@ use crate::error::{Error, Result};
 /// Shortest key accepted (bytes): the hash's own size.
 pub const MIN_KEY_BYTES: usize = 32;
 
-/// Reads the key file; it must exist, be readable and long enough.
+/// Longest key file read (a key is 32+ random bytes; anything this large
+/// is not one).
+pub const MAX_KEY_BYTES: u64 = 4096;
+
+/// Reads the key file. It must be a regular file (not through a symlink),
+/// owned by root, readable by nobody else, and hold 32 to 4096 bytes:
+/// whoever can read it can sign archives every node restores.
 pub fn load_key(path: &Path) -> Result<Vec<u8>> {
-    let key = std::fs::read(path).map_err(|e| {
-        Error::FailedPrecondition(format!(
-            "cannot read the archive key {} ({e}); every node needs the same key file \
-             (for example `head -c 32 /dev/urandom > {}`, copied to all nodes), \
-             or unset CRIU_SHIM_ARCHIVE_KEY_FILE",
-            path.display(),
-            path.display()
-        ))
-    })?;
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let fix = format!(
+        "every node needs the same key file (for example `head -c 32 /dev/urandom > {p}; \
+         chmod 600 {p}`, copied to all nodes), or unset CRIU_SHIM_ARCHIVE_KEY_FILE",
+        p = path.display()
+    );
+    let refuse = |why: String| {
+        Error::FailedPrecondition(format!("the archive key {}: {why}; {fix}", path.display()))
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| refuse(format!("cannot read it ({e})")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| refuse(format!("cannot read it ({e})")))?;
+    if !meta.is_file() {
+        return Err(refuse("not a regular file".into()));
+    }
+    if meta.uid() != 0 {
+        return Err(refuse(format!("owned by uid {}, not root", meta.uid())));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(refuse(format!(
+            "mode {:o} lets group or others read it; chmod 600",
+            meta.mode() & 0o777
+        )));
+    }
+    let mut key = Vec::new();
+    file.take(MAX_KEY_BYTES + 1)
+        .read_to_end(&mut key)
+        .map_err(|e| refuse(format!("cannot read it ({e})")))?;
+    if key.len() as u64 > MAX_KEY_BYTES {
+        return Err(refuse(format!("larger than {MAX_KEY_BYTES} bytes")));
+    }
     if key.len() < MIN_KEY_BYTES {
-        return Err(Error::FailedPrecondition(format!(
-            "the archive key {} has {} bytes; use at least {MIN_KEY_BYTES} random bytes",
-            path.display(),
+        return Err(refuse(format!(
+            "it has {} bytes; use at least {MIN_KEY_BYTES} random bytes",
             key.len()
         )));
     }
@@ -92,15 +125,33 @@ mod tests {
     }
 
     #[test]
-    fn short_or_missing_keys_are_explained() {
+    fn key_files_are_checked_before_use() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let err = load_key(&dir.path().join("none")).unwrap_err();
         assert!(
             err.to_string().contains("every node needs the same key"),
             "{err}"
         );
-        std::fs::write(dir.path().join("short"), b"1234").unwrap();
-        let err = load_key(&dir.path().join("short")).unwrap_err();
+        let write = |name: &str, bytes: &[u8], mode: u32| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            p
+        };
+        let err = load_key(&write("short", b"1234", 0o600)).unwrap_err();
         assert!(err.to_string().contains("at least 32"), "{err}");
+        let err = load_key(&write("open", &[7u8; 32], 0o644)).unwrap_err();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        let err = load_key(&write("big", &[7u8; 8192], 0o600)).unwrap_err();
+        assert!(err.to_string().contains("larger than"), "{err}");
+        let good = write("good", &[7u8; 32], 0o600);
+        assert_eq!(load_key(&good).unwrap(), vec![7u8; 32]);
+        std::os::unix::fs::symlink(&good, dir.path().join("link")).unwrap();
+        assert!(load_key(&dir.path().join("link")).is_err());
+        std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o600)).unwrap();
+        nix::unistd::chown(&good, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+        let err = load_key(&good).unwrap_err();
+        assert!(err.to_string().contains("not root"), "{err}");
     }
 }

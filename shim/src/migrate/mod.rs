@@ -42,6 +42,7 @@ pub mod members {
     pub const MANIFEST_MAC: &str = "manifest.hmac-sha256";
 }
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -120,15 +121,21 @@ pub fn publish_checkpoint(d: &Dumped, t: &Target) -> Result<Report> {
         .ok_or_else(|| Error::Other("tenant directory not created".into()))?;
     let staging = Staging::new(&t.staging_root, &format!("publish-{}", d.container_id))?;
     let dir = staging.path();
-    std::fs::copy(d.bundle.join("config.json"), dir.join(members::SPEC))
+    let spec = std::fs::read(d.bundle.join("config.json"))
         .map_err(|e| Error::io("stage the container spec", e))?;
+    stage::private_file(&dir.join(members::SPEC)).and_then(|mut f| {
+        f.write_all(&spec)
+            .map_err(|e| Error::io("stage the container spec", e))
+    })?;
     let config = serde_json::json!({
         "id": d.container_id,
         "runtime": criu_shim_config::RUNTIME_ID,
         "createdTime": unix_now(),
     });
-    std::fs::write(dir.join(members::CONFIG), config.to_string())
-        .map_err(|e| Error::io("stage config.dump", e))?;
+    stage::private_file(&dir.join(members::CONFIG)).and_then(|mut f| {
+        f.write_all(config.to_string().as_bytes())
+            .map_err(|e| Error::io("stage config.dump", e))
+    })?;
     if let Some(upper) = &d.rootfs_upper {
         stage::write_rootfs_diff(upper, dir)?;
     }

@@ -14,12 +14,18 @@ pub struct Staging {
 }
 
 impl Staging {
-    /// A fresh directory `<root>/<prefix>-XXXXXX` (0700).
+    /// A fresh directory `<root>/<prefix>-XXXXXX` (0700; the root is made
+    /// 0700 too if missing). Memory images hold the container's secrets.
     pub fn new(root: &Path, prefix: &str) -> Result<Staging> {
-        std::fs::create_dir_all(root)
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)
             .map_err(|e| Error::io(format!("create staging root {}", root.display()), e))?;
         let dir = tempfile::Builder::new()
             .prefix(&format!("{prefix}-"))
+            .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir_in(root)
             .map_err(|e| Error::io(format!("create staging dir in {}", root.display()), e))?
             .keep();
@@ -58,8 +64,7 @@ pub fn upperdir(options: &[String]) -> Option<PathBuf> {
 /// and `deleted.files` (what it removed: overlay whiteouts, and opaque
 /// directories whose lower contents it hid) into `dir`.
 pub fn write_rootfs_diff(upper: &Path, dir: &Path) -> Result<()> {
-    let tar_file = File::create(dir.join(members::ROOTFS_DIFF))
-        .map_err(|e| Error::io("create rootfs-diff.tar", e))?;
+    let tar_file = private_file(&dir.join(members::ROOTFS_DIFF))?;
     let mut tar = tar::Builder::new(std::io::BufWriter::new(tar_file));
     tar.follow_symlinks(false);
     let mut deleted = Vec::new();
@@ -68,8 +73,21 @@ pub fn write_rootfs_diff(upper: &Path, dir: &Path) -> Result<()> {
         .and_then(|mut w| std::io::Write::flush(&mut w))
         .map_err(|e| Error::io("write rootfs-diff.tar", e))?;
     let list = serde_json::to_vec(&deleted).expect("strings serialize");
-    std::fs::write(dir.join(members::DELETED), list)
-        .map_err(|e| Error::io("write deleted.files", e))
+    private_file(&dir.join(members::DELETED)).and_then(|mut f| {
+        std::io::Write::write_all(&mut f, &list).map_err(|e| Error::io("write deleted.files", e))
+    })
+}
+
+/// A new file only its owner may read.
+pub fn private_file(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| Error::io(format!("create {}", path.display()), e))
 }
 
 fn walk(
@@ -198,10 +216,14 @@ mod tests {
     }
 
     #[test]
-    fn staging_is_removed_on_drop() {
+    fn staging_is_private_and_removed_on_drop() {
+        use std::os::unix::fs::PermissionsExt;
         let root = tempfile::tempdir().unwrap();
         let p = {
-            let s = Staging::new(root.path(), "ckpt").unwrap();
+            let s = Staging::new(&root.path().join("staging"), "ckpt").unwrap();
+            let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(s.path()), 0o700);
+            assert_eq!(mode(&root.path().join("staging")), 0o700);
             std::fs::write(s.path().join("x"), b"1").unwrap();
             s.path().to_path_buf()
         };
