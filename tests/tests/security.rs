@@ -15,22 +15,25 @@ fn share() -> tempfile::TempDir {
 }
 
 /// `ctr run` of the test app restored from `reference`, with extra flags.
-fn run_restored_with(node: &Containerd, id: &str, reference: &str, flags: &[&str]) -> String {
+fn restore(node: &Containerd, id: &str, reference: &str, flags: &[&str]) -> std::process::Output {
     let ann = format!("criu-shim.io/restore-from={reference}");
     let mut args = vec!["run", "-d", "--runtime", RUNTIME, "--annotation", &ann];
     args.extend_from_slice(flags);
     args.extend_from_slice(&[IMAGE, id]);
-    let out = node.ctr(&args);
+    node.ctr(&args)
+}
+
+/// A restore that must be refused: its error, and the node left clean.
+fn refused(node: &Containerd, id: &str, reference: &str, flags: &[&str]) -> String {
+    let out = restore(node, id, reference, flags);
     assert!(
-        !out.status.success() || flags.contains(&"--privileged"),
-        "{}",
+        !out.status.success(),
+        "restore of {id} succeeded: {}",
         text(&out)
     );
-    if out.status.success() {
-        String::new()
-    } else {
-        text(&out)
-    }
+    let _ = node.ctr(&["container", "rm", id]);
+    assert_clean(node, id);
+    text(&out)
 }
 
 /// Finding 2: a checkpoint of a privileged container restored into an
@@ -58,7 +61,7 @@ fn a_privileged_archive_is_refused_in_an_unprivileged_container() {
     let out = a.cli_checkpoint("app", &["--to", "priv"]);
     assert!(out.status.success(), "{}", text(&out));
 
-    let err = run_restored_with(&b, "app", "priv", &[]);
+    let err = refused(&b, "app", "priv", &[]);
     for part in [
         "restore refused",
         "CAP_SYS_ADMIN",
@@ -66,11 +69,16 @@ fn a_privileged_archive_is_refused_in_an_unprivileged_container() {
     ] {
         assert!(err.contains(part), "{part:?} not in: {err}");
     }
-    let _ = b.ctr(&["container", "rm", "app"]);
-    assert_clean(&b, "app");
+
+    // Every capability, no seccomp, but not the host's devices: the
+    // devices CRIU saved in the source's /dev are refused.
+    let flags = ["--privileged", "--privileged-without-host-devices"];
+    let err = refused(&b, "app1", "priv", &flags);
+    assert!(err.contains("device node"), "{err}");
 
     // Same privileges: the archive is fine.
-    run_restored_with(&b, "app2", "priv", &["--privileged"]);
+    let out = restore(&b, "app2", "priv", &["--privileged"]);
+    assert!(out.status.success(), "{}", text(&out));
     assert_eq!(b.count("app2"), 2, "the count continues on node B");
 }
 
@@ -90,13 +98,11 @@ fn restore_from_a_node_path_is_refused_unless_the_operator_allows_it() {
     std::os::unix::fs::symlink(elsewhere.path(), images.path().join("link")).unwrap();
 
     let plain = Containerd::node(share.path(), &[]);
-    let err = run_restored_with(&plain, "app", &fake.display().to_string(), &[]);
+    let err = refused(&plain, "app", &fake.display().to_string(), &[]);
     assert!(
         err.contains("not allowed") && err.contains("CRIU_SHIM_LOCAL_IMAGES_DIR"),
         "{err}"
     );
-    let _ = plain.ctr(&["container", "rm", "app"]);
-    assert_clean(&plain, "app");
 
     let dir = images.path().display().to_string();
     let operator = Containerd::node(share.path(), &[("CRIU_SHIM_LOCAL_IMAGES_DIR", &dir)]);
@@ -108,14 +114,12 @@ fn restore_from_a_node_path_is_refused_unless_the_operator_allows_it() {
     ];
     for (i, (path, why)) in cases.iter().enumerate() {
         let id = format!("app{i}");
-        let err = run_restored_with(&operator, &id, &path.display().to_string(), &[]);
+        let err = refused(&operator, &id, &path.display().to_string(), &[]);
         assert!(
             err.contains(why),
             "{}: {why:?} not in: {err}",
             path.display()
         );
-        let _ = operator.ctr(&["container", "rm", &id]);
-        assert_clean(&operator, &id);
     }
     assert!(Path::new(&fake).join("inventory.img").exists());
 }

@@ -20,7 +20,11 @@
 //! - the target's no_new_privs, seccomp (a filter must be in force; its
 //!   program is not compared, see SECURITY.md) and LSM label must hold;
 //! - no namespace the target spec gives the container may be one the
-//!   process shared with its dumping node (host PID, network, ...).
+//!   process shared with its dumping node (host PID, network, ...);
+//! - device nodes CRIU would recreate in the container's tmpfs mounts
+//!   (`/dev` of a privileged container holds the host's disks) must be
+//!   ones the target spec creates (its `linux.devices`, or runc's
+//!   defaults).
 //! Same or weaker privileges pass; anything more is refused with the
 //! difference named.
 
@@ -28,7 +32,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use criu_sys::images::{self, CapSet, Creds, NsKind, SeccompMode, ThreadState};
-use oci_spec::runtime::{Capabilities, LinuxNamespaceType, Spec};
+use oci_spec::runtime::{Capabilities, LinuxDeviceType, LinuxNamespaceType, Spec};
 
 use crate::error::{Error, Result};
 
@@ -76,6 +80,20 @@ const CAP_NAMES: [&str; 41] = [
     "CAP_BPF",
     "CAP_CHECKPOINT_RESTORE",
 ];
+/// Devices runc creates in every container's /dev (type, major, minor):
+/// null, zero, full, random, urandom, tty, console, ptmx.
+const RUNC_DEVICES: [(char, i64, i64); 8] = [
+    ('c', 1, 3),
+    ('c', 1, 5),
+    ('c', 1, 7),
+    ('c', 1, 8),
+    ('c', 1, 9),
+    ('c', 5, 0),
+    ('c', 5, 1),
+    ('c', 5, 2),
+];
+/// Bounds on reading the tmpfs contents CRIU saved (gzip'd tar).
+const MAX_TMPFS_ENTRIES: usize = 100_000;
 const CAP_SETGID: u32 = 6;
 const CAP_SETUID: u32 = 7;
 
@@ -96,6 +114,8 @@ pub struct Allowed {
     pub lsm_label: Option<String>,
     /// Namespaces the container gets of its own (or joins by path).
     pub namespaces: Vec<NsKind>,
+    /// Device nodes the container's /dev may hold: (type, major, minor).
+    pub devices: Vec<(char, i64, i64)>,
 }
 
 impl Allowed {
@@ -131,8 +151,17 @@ impl Allowed {
                 a.ambient = cap_set(c.ambient())?;
             }
         }
+        a.devices = RUNC_DEVICES.to_vec();
         if let Some(linux) = spec.linux() {
             a.seccomp = linux.seccomp().is_some();
+            for d in linux.devices().iter().flatten() {
+                let kind = match d.typ() {
+                    LinuxDeviceType::B => 'b',
+                    LinuxDeviceType::C | LinuxDeviceType::U => 'c',
+                    _ => continue,
+                };
+                a.devices.push((kind, d.major(), d.minor()));
+            }
             a.namespaces = linux
                 .namespaces()
                 .iter()
@@ -211,6 +240,26 @@ pub fn check(images_dir: &Path, allowed: &Allowed) -> Result<()> {
             )));
         }
     }
+    let nodes = device_nodes(images_dir)?;
+    let extra: Vec<String> = nodes
+        .iter()
+        .filter(|(kind, major, minor, _)| !allowed.devices.contains(&(*kind, *major, *minor)))
+        .map(|(kind, major, minor, path)| format!("{kind} {major}:{minor} ({path})"))
+        .collect();
+    if !extra.is_empty() {
+        let shown: Vec<&str> = extra.iter().take(8).map(String::as_str).collect();
+        return Err(refuse(format!(
+            "the archive would recreate {} device node(s) the container spec does not \
+             create: {}{}",
+            extra.len(),
+            shown.join(", "),
+            if extra.len() > shown.len() {
+                ", ..."
+            } else {
+                ""
+            }
+        )));
+    }
     for (pid, shared) in images::host_namespaces(images_dir).map_err(unreadable)? {
         let host: Vec<String> = allowed
             .namespaces
@@ -228,6 +277,60 @@ pub fn check(images_dir: &Path, allowed: &Allowed) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Device nodes in the tmpfs contents CRIU saved (`tmpfs-dev-*.tar.gz.img`,
+/// a gzip'd tar per tmpfs mount): (type, major, minor, path).
+fn device_nodes(images_dir: &Path) -> Result<Vec<(char, i64, i64, String)>> {
+    let unusable = |what: &Path, why: String| {
+        Error::InvalidArgument(format!(
+            "restore refused: {} is unreadable ({why}); the checkpoint is unusable",
+            what.display()
+        ))
+    };
+    let mut out = Vec::new();
+    let entries = std::fs::read_dir(images_dir).map_err(|e| unusable(images_dir, e.to_string()))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with("tmpfs-dev-") && name.ends_with(".tar.gz.img")) {
+            continue;
+        }
+        let path = entry.path();
+        let file = open_image(&path).map_err(|e| unusable(&path, e.to_string()))?;
+        let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(file));
+        let mut count = 0;
+        for e in ar.entries().map_err(|e| unusable(&path, e.to_string()))? {
+            let e = e.map_err(|e| unusable(&path, e.to_string()))?;
+            count += 1;
+            if count > MAX_TMPFS_ENTRIES {
+                return Err(unusable(&path, "too many entries".into()));
+            }
+            let h = e.header();
+            let kind = match h.entry_type() {
+                tar::EntryType::Char => 'c',
+                tar::EntryType::Block => 'b',
+                _ => continue,
+            };
+            let major = h.device_major().ok().flatten().unwrap_or(u32::MAX);
+            let minor = h.device_minor().ok().flatten().unwrap_or(u32::MAX);
+            let p = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+            out.push((kind, i64::from(major), i64::from(minor), p));
+        }
+    }
+    Ok(out)
+}
+
+/// An image file, never through a symlink.
+fn open_image(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    Ok(f)
 }
 
 /// What `t` would have beyond `allowed`, in words; empty when nothing.
@@ -461,5 +564,45 @@ mod tests {
         assert_eq!(a.groups, vec![10]);
         assert!(a.no_new_privs && a.seccomp);
         assert_eq!(a.namespaces, vec![NsKind::Pid, NsKind::Net]);
+    }
+
+    #[test]
+    fn host_device_nodes_in_dev_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        images(dir.path(), Some(&creds(DEFAULT_CAPS)), SeccompMode::Filter);
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
+        for (name, major, minor) in [("null", 1, 3), ("sda", 8, 0), ("mem", 1, 1)] {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(if major == 8 {
+                tar::EntryType::Block
+            } else {
+                tar::EntryType::Char
+            });
+            h.set_device_major(major).unwrap();
+            h.set_device_minor(minor).unwrap();
+            h.set_size(0);
+            b.append_data(&mut h, name, std::io::empty()).unwrap();
+        }
+        let gz = b.into_inner().unwrap().finish().unwrap();
+        std::fs::write(dir.path().join("tmpfs-dev-77.tar.gz.img"), gz).unwrap();
+        let err = device_nodes(dir.path()).unwrap();
+        assert_eq!(err.len(), 3);
+        let mut a = allowed();
+        a.devices = RUNC_DEVICES.to_vec();
+        a.namespaces.clear();
+        let err = check(dir.path(), &a).unwrap_err().to_string();
+        assert!(
+            err.contains("b 8:0 (sda)") && err.contains("c 1:1 (mem)"),
+            "{err}"
+        );
+        assert!(!err.contains("null"), "{err}");
+        a.devices.extend([('b', 8, 0), ('c', 1, 1)]);
+        assert!(device_nodes(dir.path())
+            .unwrap()
+            .iter()
+            .all(|(k, ma, mi, _)| a.devices.contains(&(*k, *ma, *mi))));
     }
 }
