@@ -240,8 +240,19 @@ impl Cri {
     }
 }
 
-/// A pod config the way the kubelet fills it in.
+/// A pod config the way the kubelet fills it in, in namespace `default`.
 pub fn pod_config(
+    name: &str,
+    uid: &str,
+    annotations: &[(&str, &str)],
+    host_network: bool,
+) -> PodSandboxConfig {
+    pod_config_in("default", name, uid, annotations, host_network)
+}
+
+/// A pod config in Kubernetes namespace `namespace`.
+pub fn pod_config_in(
+    namespace: &str,
     name: &str,
     uid: &str,
     annotations: &[(&str, &str)],
@@ -251,7 +262,7 @@ pub fn pod_config(
         metadata: Some(cri::PodSandboxMetadata {
             name: name.to_string(),
             uid: uid.to_string(),
-            namespace: "default".into(),
+            namespace: namespace.into(),
             attempt: 0,
         }),
         // No UTS namespace with the host's network: the kubelet sends none.

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use criu_shim_tests::{assert_clean, text, Containerd, IMAGE, RUNTIME};
+use criu_shim_tests::{assert_clean, text, Containerd, CTR_TENANT, IMAGE, RUNTIME};
 
 fn share() -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -122,4 +122,193 @@ fn restore_from_a_node_path_is_refused_unless_the_operator_allows_it() {
         );
     }
     assert!(Path::new(&fake).join("inventory.img").exists());
+}
+
+/// The archives under `dir` (a key's directory on the share).
+fn archives_in(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    v.retain(|p| {
+        let n = p.file_name().unwrap().to_string_lossy().into_owned();
+        !n.starts_with('.') && n.ends_with(".criu.tar.zst")
+    });
+    v.sort();
+    v
+}
+
+/// Finding 3: a pod of another namespace named the victim's key and got
+/// the victim's process (its environment, its files); any pod could
+/// `checkpoint-to` a victim's key. Keys now resolve inside the pod's own
+/// namespace's part of the share.
+#[test]
+fn a_pod_cannot_restore_or_overwrite_another_namespace_s_checkpoints() {
+    use criu_shim_tests::cri::{container_config, pod_config_in};
+    let share = share();
+    let a = Containerd::cri_net_node(share.path(), &[]);
+    let b = Containerd::cri_net_node(share.path(), &[("CRIU_SHIM_FETCH_WAIT", "1")]);
+    let (mut ca, mut cb) = (a.cri(), b.cri());
+    let counter: &[&str] = &["/testapp", "-m", "8"];
+    let run = |cri: &mut criu_shim_tests::cri::Cri, ns: &str, name: &str, ann: (&str, &str)| {
+        let pod = pod_config_in(ns, name, &format!("uid-{ns}-{name}"), &[ann], false);
+        let pod_id = cri.run_pod_sandbox(&pod, "criu").expect("RunPodSandbox");
+        let id = cri
+            .create_container(&pod_id, container_config("counter", IMAGE, counter), &pod)
+            .expect("CreateContainer");
+        let started = cri.start_container(&id);
+        (pod_id, id, started)
+    };
+
+    // The victim, in `default`, checkpoints to `secret-job`.
+    let (victim_pod, victim, started) = run(
+        &mut ca,
+        "default",
+        "victim",
+        ("criu-shim.io/checkpoint-to", "secret-job"),
+    );
+    started.expect("victim starts");
+    criu_shim_tests::http_count_within(
+        &ca.pod_ip(&victim_pod).unwrap(),
+        8080,
+        std::time::Duration::from_secs(30),
+    );
+    ca.checkpoint_container(&victim, &share.path().join("victim.tar"))
+        .expect("CheckpointContainer");
+    let victims = share.path().join("k8s-default/secret-job/counter");
+    assert_eq!(archives_in(&victims).len(), 1);
+
+    // Namespace `mallory` asks for the victim's key: nothing there for it.
+    let (pod, id, started) = run(
+        &mut cb,
+        "mallory",
+        "thief",
+        ("criu-shim.io/restore-from", "secret-job"),
+    );
+    let err = started.expect_err("a restore of another namespace's key");
+    assert!(
+        err.contains("secret-job") && err.contains("mallory"),
+        "{err}"
+    );
+    cb.remove_container(&id).unwrap();
+    cb.stop_pod_sandbox(&pod).unwrap();
+    cb.remove_pod_sandbox(&pod).unwrap();
+
+    // And checkpoints to it: its archive goes to its own part.
+    let (pod, id, started) = run(
+        &mut ca,
+        "mallory",
+        "poisoner",
+        ("criu-shim.io/checkpoint-to", "secret-job"),
+    );
+    started.expect("mallory's pod starts");
+    criu_shim_tests::http_count_within(
+        &ca.pod_ip(&pod).unwrap(),
+        8080,
+        std::time::Duration::from_secs(30),
+    );
+    ca.checkpoint_container(&id, &share.path().join("mallory.tar"))
+        .expect("CheckpointContainer");
+    assert_eq!(
+        archives_in(&victims).len(),
+        1,
+        "the victim's key was written to"
+    );
+    assert_eq!(
+        archives_in(&share.path().join("k8s-mallory/secret-job/counter")).len(),
+        1
+    );
+    for pod in [&pod, &victim_pod] {
+        ca.stop_pod_sandbox(pod).unwrap();
+        ca.remove_pod_sandbox(pod).unwrap();
+    }
+}
+
+/// Finding 4: `share/etcl -> /etc` made `checkpoint --to etcl/x` write
+/// into /etc as root, and a symlinked key read an archive from elsewhere.
+#[test]
+fn symlinks_planted_on_the_share_are_refused() {
+    let share = share();
+    let outside = tempfile::tempdir().unwrap();
+    let a = Containerd::node(share.path(), &[]);
+    a.run_detached("app", &["/testapp", "-m", "8"]);
+    assert_eq!(a.count("app"), 1);
+    // A first, good checkpoint makes the tenant's part of the share.
+    let out = a.cli_checkpoint("app", &["--to", "good", "--leave-running"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let tenant = share.path().join(CTR_TENANT);
+    std::os::unix::fs::symlink(outside.path(), tenant.join("etcl")).unwrap();
+
+    let out = a.cli_checkpoint("app", &["--to", "etcl/x"]);
+    assert!(
+        !out.status.success(),
+        "checkpoint through a symlink succeeded"
+    );
+    assert!(text(&out).contains("symlink"), "{}", text(&out));
+    assert!(
+        std::fs::read_dir(outside.path()).unwrap().next().is_none(),
+        "something was written through the symlink"
+    );
+    assert_eq!(a.task_status("app").as_deref(), Some("RUNNING"));
+    assert_eq!(a.count("app"), 2, "the source keeps counting");
+
+    // A key that is a symlink to a directory holding a real archive.
+    let real = archives_in(&tenant.join("good")).pop().unwrap();
+    std::fs::copy(&real, outside.path().join(real.file_name().unwrap())).unwrap();
+    let b = Containerd::node(share.path(), &[]);
+    let err = refused(&b, "app", "etcl", &[]);
+    assert!(err.contains("symlink"), "{err}");
+}
+
+/// Finding 5: staging was 0755 with images 0644 (memory and environment
+/// readable by any local user); the share's directories and markers too.
+#[test]
+fn what_the_shim_writes_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let share = share();
+    let a = Containerd::node(share.path(), &[]);
+    a.run_detached("app", &["/testapp", "-m", "8"]);
+    assert_eq!(a.count("app"), 1);
+    let out = a.cli_checkpoint("app", &["--to", "job", "--leave-running"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+    let mut seen = 0;
+    let mut stack = vec![share.path().join(CTR_TENANT)];
+    while let Some(p) = stack.pop() {
+        let m = mode(&p);
+        if p.is_dir() {
+            assert_eq!(m, 0o700, "{}", p.display());
+            stack.extend(std::fs::read_dir(&p).unwrap().flatten().map(|e| e.path()));
+        } else {
+            assert_eq!(m, 0o600, "{}", p.display());
+        }
+        seen += 1;
+    }
+    assert!(seen >= 4, "archive, marker and directories: {seen}");
+    assert_eq!(mode(&a.staging()), 0o700);
+}
+
+/// Finding 7: an archive that unpacks to far more than it weighs filled
+/// the node's disk, and 100,001 empty members took 9 minutes to refuse.
+/// The limits now come from the manifest, before anything is written.
+#[test]
+fn archives_beyond_the_limits_are_refused_before_unpacking() {
+    let share = share();
+    let a = Containerd::node(share.path(), &[]);
+    a.run_detached("src", &["/testapp", "-m", "32"]);
+    assert_eq!(a.count("src"), 1);
+    let out = a.cli_checkpoint("src", &["--to", "big"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let b = Containerd::node(
+        share.path(),
+        &[
+            ("CRIU_SHIM_MAX_ARCHIVE_BYTES", "16777216"),
+            ("CRIU_SHIM_MAX_ARCHIVE_MEMBERS", "10"),
+        ],
+    );
+    let err = refused(&b, "app", "big", &[]);
+    assert!(err.contains("more than the limit"), "{err}");
+    assert!(
+        err.contains("CRIU_SHIM_MAX_ARCHIVE") || err.contains("limit of"),
+        "{err}"
+    );
 }
