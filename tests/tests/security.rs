@@ -312,3 +312,99 @@ fn archives_beyond_the_limits_are_refused_before_unpacking() {
         "{err}"
     );
 }
+
+/// Finding 6: a digest-consistent archive whose `deleted.files` held a
+/// path with a NUL panicked the shim, and with it every container of the
+/// pod. Now a clear refusal, and the pod's other container runs on.
+#[test]
+fn a_hostile_rootfs_change_fails_one_container_not_the_pod_s_shim() {
+    use sha2::Digest;
+    use std::io::Read;
+    let share = share();
+    let a = Containerd::node(share.path(), &[]);
+    a.run_detached("src", &["/testapp", "-m", "8"]);
+    assert_eq!(a.count("src"), 1);
+    let out = a.cli_checkpoint("src", &["--to", "good"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let good = archives_in(&share.path().join(CTR_TENANT).join("good"))
+        .pop()
+        .unwrap();
+
+    // The same archive, `deleted.files` replaced, digests made consistent.
+    let mut plain = Vec::new();
+    zstd::stream::read::Decoder::new(std::fs::File::open(&good).unwrap())
+        .unwrap()
+        .read_to_end(&mut plain)
+        .unwrap();
+    let mut members: Vec<(String, Vec<u8>)> = Vec::new();
+    for e in tar::Archive::new(plain.as_slice()).entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().display().to_string();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        members.push((name, data));
+    }
+    let hostile = serde_json::to_vec(&["/etc/a\u{0}b"]).unwrap();
+    let sha = |d: &[u8]| {
+        sha2::Sha256::digest(d)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let mut manifest: serde_json::Value = serde_json::from_slice(
+        &members
+            .iter()
+            .find(|(n, _)| n == "manifest.json")
+            .unwrap()
+            .1,
+    )
+    .unwrap();
+    for m in manifest["members"].as_array_mut().unwrap() {
+        if m["path"] == "deleted.files" {
+            m["size"] = hostile.len().into();
+            m["sha256"] = sha(&hostile).into();
+        }
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in &members {
+        let data = match name.as_str() {
+            "deleted.files" => hostile.clone(),
+            "manifest.json" => serde_json::to_vec(&manifest).unwrap(),
+            _ => data.clone(),
+        };
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o600);
+        h.set_cksum();
+        b.append_data(&mut h, name, data.as_slice()).unwrap();
+    }
+    let dir = share.path().join(CTR_TENANT).join("nul");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bytes = zstd::encode_all(b.into_inner().unwrap().as_slice(), 1).unwrap();
+    std::fs::write(dir.join("x.criu.tar.zst"), bytes).unwrap();
+
+    // Two containers of one "pod" share one shim.
+    let node = Containerd::node(share.path(), &[]);
+    let pod = "io.kubernetes.cri.sandbox-id=pod-1";
+    node.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        pod,
+        IMAGE,
+        "sibling",
+        "/testapp",
+        "-m",
+        "8",
+    ]);
+    assert_eq!(node.count("sibling"), 1);
+    let err = refused(&node, "victim", "nul", &["--annotation", pod]);
+    assert!(err.contains("NUL"), "{err}");
+    assert_eq!(
+        node.count("sibling"),
+        2,
+        "the pod's other container runs on"
+    );
+}
