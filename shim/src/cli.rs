@@ -358,8 +358,7 @@ fn gc(raw: &[String]) -> Result<(), Failure> {
                 .stat(&name)
                 .map(|s| s.modified.elapsed().unwrap_or_default() > Duration::from_secs(3600))
                 .unwrap_or(false);
-            let leftover = name.contains(".partial-") || name.starts_with(".seq-new-");
-            if name.starts_with('.') && leftover && stale {
+            if share::is_leftover(&name) && stale {
                 let _ = dir.remove(&name);
                 println!("removed stale {key}/{name}");
                 removed += 1;

@@ -454,4 +454,78 @@ mod tests {
         let source = std::fs::symlink_metadata(upper.path().join("bin/queue")).unwrap();
         assert_eq!(fifo.permissions().mode(), source.permissions().mode());
     }
+
+    /// No diff panics the applier or writes outside the rootfs: mutations
+    /// of a diff holding every kind it accepts, and of `deleted.files`,
+    /// applied to a rootfs with a symlink pointing out of it.
+    #[test]
+    fn mutated_diffs_never_panic_or_escape() {
+        let seed_tar = diff_tar(|b| {
+            file_entry(b, "data/state", b"42");
+            file_entry(b, "escape/planted", b"x");
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_size(0);
+            h.set_mode(0o755);
+            b.append_data(&mut h, "dir/", std::io::empty()).unwrap();
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            b.append_link(&mut h, "data/link", "../../escape").unwrap();
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Fifo);
+            h.set_size(0);
+            b.append_data(&mut h, "data/fifo", std::io::empty()).unwrap();
+            b.append_pax_extensions([("SCHILY.xattr.user.k", &b"v"[..])])
+                .unwrap();
+            file_entry(b, "data/attr", b"a");
+        });
+        let seed_deleted = br#"["/old","/escape/keep","/dir/x"]"#.to_vec();
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let jail = tempfile::tempdir().unwrap();
+        let outside = jail.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep"), b"1").unwrap();
+        let mutate = |seed: &[u8], next: &mut dyn FnMut() -> u64| {
+            let mut b = seed.to_vec();
+            for _ in 0..(1 + next() % 6) {
+                let i = (next() as usize) % b.len();
+                b[i] = match next() % 4 {
+                    0 => 0,
+                    1 => b'/',
+                    2 => b'.',
+                    _ => next() as u8,
+                };
+            }
+            b
+        };
+        for i in 0..600 {
+            let rootfs = jail.path().join(format!("rootfs-{i}"));
+            std::fs::create_dir(&rootfs).unwrap();
+            std::fs::write(rootfs.join("old"), b"x").unwrap();
+            std::os::unix::fs::symlink(&outside, rootfs.join("escape")).unwrap();
+            let staged = tempfile::tempdir().unwrap();
+            let (tar, deleted) = match i % 3 {
+                0 => (mutate(&seed_tar, &mut next), seed_deleted.clone()),
+                1 => (seed_tar.clone(), mutate(&seed_deleted, &mut next)),
+                _ => (mutate(&seed_tar, &mut next), mutate(&seed_deleted, &mut next)),
+            };
+            std::fs::write(staged.path().join(members::ROOTFS_DIFF), tar).unwrap();
+            std::fs::write(staged.path().join(members::DELETED), deleted).unwrap();
+            let _ = apply(staged.path(), &rootfs);
+            let left: Vec<_> = std::fs::read_dir(&outside)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name())
+                .collect();
+            assert_eq!(left, vec![std::ffi::OsString::from("keep")], "case {i}");
+            std::fs::remove_dir_all(&rootfs).unwrap();
+        }
+    }
 }

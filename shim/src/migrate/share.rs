@@ -660,6 +660,12 @@ impl Share {
     }
 }
 
+/// A publisher's temporary file (archive or marker) on the share: left
+/// behind only by a publisher that died mid-write.
+pub fn is_leftover(name: &str) -> bool {
+    name.starts_with('.') && (name.contains(".partial-") || name.starts_with(".seq-new-"))
+}
+
 /// `a/b/c` -> (Some("a/b"), "c"); `c` -> (None, "c").
 fn split_last(name: &str) -> (Option<&str>, &str) {
     match name.rsplit_once('/') {
