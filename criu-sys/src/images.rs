@@ -336,7 +336,7 @@ fn caps(words: &[u32]) -> Result<CapSet, String> {
             }
         }
     }
-    Ok(set).map(CapSet)
+    Ok(CapSet(set))
 }
 
 /// The first entry of an image that starts with `magics`.

@@ -541,11 +541,10 @@ mod tests {
     /// A hand-made archive: `members` (name, size, a reader of the data),
     /// then `manifest` and an optional MAC, as one zstd frame (as older
     /// shims wrote them, or as an attacker would).
-    fn craft(
-        members: Vec<(&str, u64, Box<dyn std::io::Read>)>,
-        manifest: &Manifest,
-        mac_key: Option<&[u8]>,
-    ) -> Vec<u8> {
+    /// A member of a hand-made archive: name, size, its data.
+    type Crafted<'a> = (&'a str, u64, Box<dyn std::io::Read>);
+
+    fn craft(members: Vec<Crafted>, manifest: &Manifest, mac_key: Option<&[u8]>) -> Vec<u8> {
         let enc = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
         let mut b = tar::Builder::new(enc);
         let add = |b: &mut tar::Builder<_>, name: &str, size: u64, data: &mut dyn std::io::Read| {
@@ -713,12 +712,7 @@ mod tests {
         let share = tempfile::tempdir().unwrap();
         let inv = b"inventory".to_vec();
         let sha = archive::sha256_hex(&inv);
-        let cases: Vec<(
-            &str,
-            Manifest,
-            Vec<(&str, u64, Box<dyn std::io::Read>)>,
-            &str,
-        )> = vec![
+        let cases: Vec<(&str, Manifest, Vec<Crafted>, &str)> = vec![
             (
                 "extra",
                 manifest_of(&[("checkpoint/inventory.img", 9, &sha)]),

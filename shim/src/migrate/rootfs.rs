@@ -475,7 +475,8 @@ mod tests {
             let mut h = tar::Header::new_gnu();
             h.set_entry_type(tar::EntryType::Fifo);
             h.set_size(0);
-            b.append_data(&mut h, "data/fifo", std::io::empty()).unwrap();
+            b.append_data(&mut h, "data/fifo", std::io::empty())
+                .unwrap();
             b.append_pax_extensions([("SCHILY.xattr.user.k", &b"v"[..])])
                 .unwrap();
             file_entry(b, "data/attr", b"a");
@@ -514,7 +515,10 @@ mod tests {
             let (tar, deleted) = match i % 3 {
                 0 => (mutate(&seed_tar, &mut next), seed_deleted.clone()),
                 1 => (seed_tar.clone(), mutate(&seed_deleted, &mut next)),
-                _ => (mutate(&seed_tar, &mut next), mutate(&seed_deleted, &mut next)),
+                _ => (
+                    mutate(&seed_tar, &mut next),
+                    mutate(&seed_deleted, &mut next),
+                ),
             };
             std::fs::write(staged.path().join(members::ROOTFS_DIFF), tar).unwrap();
             std::fs::write(staged.path().join(members::DELETED), deleted).unwrap();

@@ -268,7 +268,7 @@ fn check_room(dest: &Path, need: u64, what: &str) -> Result<()> {
     let Ok(st) = nix::sys::statvfs::statvfs(dest) else {
         return Ok(());
     };
-    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    let free = st.blocks_available().saturating_mul(st.fragment_size());
     if free < need {
         return Err(Error::Other(format!(
             "no space left: archive {what} needs {need} bytes in staging, {} has {free} free; \

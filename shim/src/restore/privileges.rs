@@ -25,6 +25,7 @@
 //!   (`/dev` of a privileged container holds the host's disks) must be
 //!   ones the target spec creates (its `linux.devices`, or runc's
 //!   defaults).
+//!
 //! Same or weaker privileges pass; anything more is refused with the
 //! difference named.
 
