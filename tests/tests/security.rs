@@ -408,3 +408,32 @@ fn a_hostile_rootfs_change_fails_one_container_not_the_pod_s_shim() {
         "the pod's other container runs on"
     );
 }
+
+/// Finding 8: a bad `checkpoint-to` was only found after the container had
+/// been frozen and dumped for nothing. Now it fails first.
+#[test]
+fn a_bad_destination_fails_before_anything_is_frozen() {
+    let share = share();
+    let a = Containerd::node(share.path(), &[]);
+    a.run_detached("app", &["/testapp", "-m", "8"]);
+    assert_eq!(a.count("app"), 1);
+    for to in ["../escape", "/etc/x", ".hidden"] {
+        let out = a.cli_checkpoint("app", &["--to", to]);
+        assert!(!out.status.success(), "{to}: {}", text(&out));
+        assert!(
+            text(&out).contains("relative path inside the share"),
+            "{to}: {}",
+            text(&out)
+        );
+    }
+    assert!(
+        !a.log().contains("checkpointed app"),
+        "a dump ran for a refused destination"
+    );
+    assert_eq!(a.count("app"), 2, "the container runs on");
+    assert!(criu_shim_tests::empty_dir(&a.staging()));
+    // (The log line the assertion above looks for is there for a real one.)
+    let out = a.cli_checkpoint("app", &["--to", "good", "--leave-running"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(a.log().contains("checkpointed app"));
+}
