@@ -230,8 +230,10 @@ fn inspect(raw: &[String]) -> Result<(), Failure> {
     let progress = Progress::start(format!("verifying {what}"));
     let key_file = std::env::var_os(criu_shim_config::env::ARCHIVE_KEY_FILE).map(PathBuf::from);
     let key = migrate::mac::configured(key_file.as_deref()).map_err(failed)?;
+    let config = criu_shim_config::ShimConfig::from_env("default", None).map_err(failed)?;
     let options = unpack::Options {
         key: key.as_deref(),
+        limits: unpack::Limits::from_config(&config),
         ..Default::default()
     };
     let unpacked = unpack::unpack(file, scratch.path(), &what, &options);

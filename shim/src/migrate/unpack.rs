@@ -50,6 +50,17 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// The operator's settings (`CRIU_SHIM_MAX_ARCHIVE_*`).
+    pub fn from_config(c: &criu_shim_config::ShimConfig) -> Limits {
+        Limits {
+            max_members: c.max_archive_members,
+            max_member_bytes: c.max_archive_bytes,
+            max_total_bytes: c.max_archive_bytes,
+        }
+    }
+}
+
 /// When to give up: containerd's deadline for the Create, if it sent one.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Deadline(pub Option<Instant>);
@@ -263,16 +274,20 @@ fn trailer_of_plain_tar(file: &mut File, what: &str, limits: &Limits) -> Result<
     Ok(t)
 }
 
-/// The staging disk must hold what the manifest declares.
+/// The staging disk must hold what the manifest declares, and keep a
+/// reserve (5% of it, at most 1 GiB): an archive may not fill the node's
+/// disk, even one whose declared sizes are all true.
 fn check_room(dest: &Path, need: u64, what: &str) -> Result<()> {
     let Ok(st) = nix::sys::statvfs::statvfs(dest) else {
         return Ok(());
     };
     let free = st.blocks_available().saturating_mul(st.fragment_size());
-    if free < need {
+    let size = st.blocks().saturating_mul(st.fragment_size());
+    let reserve = (size / 20).min(1 << 30);
+    if free < need.saturating_add(reserve) {
         return Err(Error::Other(format!(
-            "no space left: archive {what} needs {need} bytes in staging, {} has {free} free; \
-             free space or set CRIU_SHIM_STAGING_DIR",
+            "no space left: archive {what} needs {need} bytes in staging, {} has {free} free \
+             (and keeps {reserve} in reserve); free space or set CRIU_SHIM_STAGING_DIR",
             dest.display()
         )));
     }

@@ -103,11 +103,7 @@ fn fetch(
         wait: Duration::from_secs(config.fetch_wait_secs),
         mac_key: key.as_deref(),
         cross_tenant: config.allow_cross_tenant,
-        limits: Limits {
-            max_members: config.max_archive_members,
-            max_member_bytes: config.max_archive_bytes,
-            max_total_bytes: config.max_archive_bytes,
-        },
+        limits: Limits::from_config(config),
         deadline,
     })?;
     log::info!(
