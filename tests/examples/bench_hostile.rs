@@ -173,11 +173,16 @@ fn main() {
     let many_listed = at("many-listed.criu.tar.zst");
     archive(&many_listed, &empties(100_001), &listed(100_001));
     let many_unlisted = at("many-unlisted.criu.tar.zst");
-    archive(&many_unlisted, &empties(100_001), &[inv_listed.clone()]);
+    archive(
+        &many_unlisted,
+        &empties(100_001),
+        std::slice::from_ref(&inv_listed),
+    );
     let fifty = at("fifty-thousand.criu.tar.zst");
     archive(&fifty, &empties(49_990), &listed(49_990));
 
-    let cases: [(&str, &Path, Vec<(&str, &str)>); 5] = [
+    type Case<'a> = (&'a str, &'a Path, Vec<(&'a str, &'a str)>);
+    let cases: [Case; 5] = [
         (
             "8 GiB zero bomb (unsigned), node with a cluster key",
             &bomb,
