@@ -211,7 +211,7 @@ fn main() {
             let why = msg
                 .split_once(".criu.tar.zst ")
                 .map_or(msg.as_str(), |(_, w)| w);
-            format!("{}", why.chars().take(100).collect::<String>())
+            why.chars().take(100).collect::<String>()
         } else {
             "accepted".into()
         };
