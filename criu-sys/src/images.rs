@@ -20,12 +20,16 @@ use std::path::{Path, PathBuf};
 
 use protobuf::Message;
 
-use crate::rpc_images::{Core_entry, Inventory_entry, Task_kobj_ids_entry};
+use crate::rpc_images::{Core_entry, Inventory_entry, Mnt_entry, Task_kobj_ids_entry};
 
 /// Magic at the head of every image but the inventory.
 pub const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
 /// The core image's own magic.
 pub const CORE_MAGIC: u32 = 0x5505_3847;
+/// The mounts of a mount namespace (`mountpoints-ID.img`).
+pub const MNTS_MAGIC: u32 = 0x5556_3928;
+/// More mounts than any container has; bounds the work.
+pub const MAX_MOUNTS: usize = 10_000;
 /// A task's namespace ids (`ids-PID.img`).
 pub const IDS_MAGIC: u32 = 0x5443_2030;
 /// The inventory's only magic (it has no common magic before it).
@@ -232,6 +236,94 @@ pub fn host_namespaces(dir: &Path) -> Result<Vec<(u32, Vec<NsKind>)>, ImageError
         });
     }
     Ok(out)
+}
+
+/// A file system type as CRIU records it (`fstype` of mnt.proto).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsType {
+    Proc,
+    Sysfs,
+    Devtmpfs,
+    Tmpfs,
+    Devpts,
+    Cgroup,
+    Cgroup2,
+    Mqueue,
+    /// Another kind (binfmt_misc, debugfs, securityfs, tracefs, ...).
+    Other(u32),
+}
+
+impl From<u32> for FsType {
+    fn from(v: u32) -> Self {
+        match v {
+            1 => FsType::Proc,
+            2 => FsType::Sysfs,
+            3 => FsType::Devtmpfs,
+            5 => FsType::Tmpfs,
+            6 => FsType::Devpts,
+            12 => FsType::Cgroup,
+            14 => FsType::Mqueue,
+            23 => FsType::Cgroup2,
+            n => FsType::Other(n),
+        }
+    }
+}
+
+/// One mount CRIU would make again at restore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub fstype: FsType,
+    /// Where, inside the container (`/proc/sys`).
+    pub mountpoint: String,
+    /// Read-only, as a mount or as a super block.
+    pub read_only: bool,
+    /// Supplied by the restorer (runc) rather than made by CRIU.
+    pub external: bool,
+}
+
+/// Every mount of every dumped mount namespace (`mountpoints-*.img`).
+pub fn mounts(dir: &Path) -> Result<Vec<Mount>, ImageError> {
+    let mut out = Vec::new();
+    for (_, path) in numbered(dir, "mountpoints-")? {
+        let bytes = read_bounded(&path, MAX_CORE_BYTES * 4)?;
+        let bad = |why: String| ImageError::Malformed {
+            path: path.clone(),
+            why,
+        };
+        let mut rest = bytes
+            .get(8..)
+            .filter(|_| bytes.get(..8) == Some(&magics(IMG_COMMON_MAGIC, MNTS_MAGIC)[..]))
+            .ok_or_else(|| bad("wrong magic (not a CRIU mountpoints image)".into()))?;
+        while !rest.is_empty() {
+            if out.len() >= MAX_MOUNTS {
+                return Err(bad(format!("more than {MAX_MOUNTS} mounts")));
+            }
+            let len = rest
+                .get(..4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+                .ok_or_else(|| bad("truncated entry".into()))?;
+            let entry = rest
+                .get(4..4 + len)
+                .ok_or_else(|| bad("truncated entry".into()))?;
+            let m = Mnt_entry::parse_from_bytes(entry)
+                .map_err(|e| bad(format!("mount entry does not decode: {e}")))?;
+            out.push(Mount {
+                fstype: m.fstype.unwrap_or(0).into(),
+                mountpoint: m.mountpoint.clone().unwrap_or_default(),
+                read_only: m.flags.unwrap_or(0) & 1 != 0 || m.sb_flags.unwrap_or(0) & 1 != 0,
+                external: m.ext_mount.unwrap_or(false) || m.ext_key.is_some(),
+            });
+            rest = &rest[4 + len..];
+        }
+    }
+    Ok(out)
+}
+
+fn magics(a: u32, b: u32) -> [u8; 8] {
+    let mut m = [0u8; 8];
+    m[..4].copy_from_slice(&a.to_le_bytes());
+    m[4..].copy_from_slice(&b.to_le_bytes());
+    m
 }
 
 /// `PREFIXnnn.img` files in `dir`, by number (bounded in count).

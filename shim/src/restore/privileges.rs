@@ -24,7 +24,12 @@
 //! - device nodes CRIU would recreate in the container's tmpfs mounts
 //!   (`/dev` of a privileged container holds the host's disks) must be
 //!   ones the target spec creates (its `linux.devices`, or runc's
-//!   defaults).
+//!   defaults);
+//! - the mounts CRIU would make again must not be more open than the
+//!   spec's: sysfs and cgroup read-only where the spec says so, the
+//!   spec's masked and read-only paths (`/proc/sys`, `/proc/kcore`, ...)
+//!   in place, no kernel file systems (debugfs, securityfs, ...) the spec
+//!   does not mount.
 //!
 //! Same or weaker privileges pass; anything more is refused with the
 //! difference named.
@@ -32,7 +37,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use criu_sys::images::{self, CapSet, Creds, NsKind, SeccompMode, ThreadState};
+use criu_sys::images::{self, CapSet, Creds, FsType, Mount, NsKind, SeccompMode, ThreadState};
 use oci_spec::runtime::{Capabilities, LinuxDeviceType, LinuxNamespaceType, Spec};
 
 use crate::error::{Error, Result};
@@ -117,6 +122,13 @@ pub struct Allowed {
     pub namespaces: Vec<NsKind>,
     /// Device nodes the container's /dev may hold: (type, major, minor).
     pub devices: Vec<(char, i64, i64)>,
+    /// File system types the spec mounts (`proc`, `sysfs`, ...), and
+    /// those it mounts read-only.
+    pub fs_types: Vec<String>,
+    pub read_only_fs: Vec<String>,
+    /// `linux.readonlyPaths` and `linux.maskedPaths`.
+    pub readonly_paths: Vec<String>,
+    pub masked_paths: Vec<String>,
 }
 
 impl Allowed {
@@ -153,7 +165,18 @@ impl Allowed {
             }
         }
         a.devices = RUNC_DEVICES.to_vec();
+        for m in spec.mounts().iter().flatten() {
+            let Some(typ) = m.typ().clone() else {
+                continue;
+            };
+            if m.options().iter().flatten().any(|o| o == "ro") {
+                a.read_only_fs.push(typ.clone());
+            }
+            a.fs_types.push(typ);
+        }
         if let Some(linux) = spec.linux() {
+            a.readonly_paths = linux.readonly_paths().clone().unwrap_or_default();
+            a.masked_paths = linux.masked_paths().clone().unwrap_or_default();
             a.seccomp = linux.seccomp().is_some();
             for d in linux.devices().iter().flatten() {
                 let kind = match d.typ() {
@@ -261,6 +284,14 @@ pub fn check(images_dir: &Path, allowed: &Allowed) -> Result<()> {
             }
         )));
     }
+    let mounts = images::mounts(images_dir).map_err(unreadable)?;
+    let why = mount_excess(&mounts, allowed);
+    if !why.is_empty() {
+        return Err(refuse(format!(
+            "the archive's mounts are more open than the container spec's: {}",
+            why.join("; ")
+        )));
+    }
     for (pid, shared) in images::host_namespaces(images_dir).map_err(unreadable)? {
         let host: Vec<String> = allowed
             .namespaces
@@ -278,6 +309,76 @@ pub fn check(images_dir: &Path, allowed: &Allowed) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// CRIU's name of a file system type, as OCI specs name it.
+fn fs_name(t: FsType) -> Option<&'static str> {
+    Some(match t {
+        FsType::Proc => "proc",
+        FsType::Sysfs => "sysfs",
+        FsType::Devtmpfs => "devtmpfs",
+        FsType::Cgroup => "cgroup",
+        FsType::Cgroup2 => "cgroup2",
+        FsType::Other(4) => "binfmt_misc",
+        FsType::Other(8) => "pstore",
+        FsType::Other(9) => "securityfs",
+        FsType::Other(10) => "fusectl",
+        FsType::Other(11) => "debugfs",
+        FsType::Other(19) => "tracefs",
+        _ => return None,
+    })
+}
+
+/// How the mounts CRIU would make are more open than the spec's, in words.
+fn mount_excess(mounts: &[Mount], allowed: &Allowed) -> Vec<String> {
+    let mut why = Vec::new();
+    // External mounts (binds, masks) are runc's, from the new spec.
+    for m in mounts.iter().filter(|m| !m.external) {
+        let Some(name) = fs_name(m.fstype) else {
+            continue;
+        };
+        let kernel_fs = !matches!(
+            m.fstype,
+            FsType::Proc | FsType::Sysfs | FsType::Cgroup | FsType::Cgroup2
+        );
+        if kernel_fs && !allowed.fs_types.iter().any(|t| t == name) {
+            why.push(format!(
+                "{name} at {} (the spec mounts no {name})",
+                m.mountpoint
+            ));
+        } else if !m.read_only
+            && allowed.read_only_fs.iter().any(|t| t == name)
+            && m.fstype != FsType::Proc
+        {
+            why.push(format!(
+                "{name} at {} read-write (the spec mounts {name} read-only)",
+                m.mountpoint
+            ));
+        }
+    }
+    let at = |p: &str| mounts.iter().find(|m| m.mountpoint == p);
+    for p in &allowed.readonly_paths {
+        if matches!(at(p), Some(m) if !m.read_only) {
+            why.push(format!("{p} read-write (the spec makes it read-only)"));
+        }
+    }
+    // A path of the spec's may not exist on the dumping node (no mount
+    // for it then), but a /proc with none of them guarded is a
+    // privileged container's.
+    let guarded: Vec<&String> = allowed
+        .readonly_paths
+        .iter()
+        .chain(&allowed.masked_paths)
+        .collect();
+    let has_proc = mounts.iter().any(|m| m.fstype == FsType::Proc);
+    if has_proc && !guarded.is_empty() && !guarded.iter().any(|p| at(p).is_some()) {
+        why.push(format!(
+            "none of the {} masked and read-only paths the spec asks for (such as {}) is guarded",
+            guarded.len(),
+            guarded[0]
+        ));
+    }
+    why
 }
 
 /// Device nodes in the tmpfs contents CRIU saved (`tmpfs-dev-*.tar.gz.img`,
@@ -605,5 +706,59 @@ mod tests {
             .unwrap()
             .iter()
             .all(|(k, ma, mi, _)| a.devices.contains(&(*k, *ma, *mi))));
+    }
+
+    fn mount(fstype: FsType, at: &str, read_only: bool) -> Mount {
+        Mount {
+            fstype,
+            mountpoint: at.into(),
+            read_only,
+            external: false,
+        }
+    }
+
+    #[test]
+    fn mounts_more_open_than_the_spec_are_refused() {
+        let mut a = allowed();
+        a.fs_types = vec![
+            "proc".into(),
+            "sysfs".into(),
+            "cgroup".into(),
+            "tmpfs".into(),
+        ];
+        a.read_only_fs = vec!["sysfs".into(), "cgroup".into()];
+        a.readonly_paths = vec!["/proc/sys".into(), "/proc/sysrq-trigger".into()];
+        a.masked_paths = vec!["/proc/kcore".into()];
+        // What runc makes for such a spec (sysrq-trigger absent on the
+        // dumping node): fine.
+        let unprivileged = vec![
+            mount(FsType::Proc, "/proc", false),
+            mount(FsType::Proc, "/proc/sys", true),
+            mount(FsType::Sysfs, "/sys", true),
+            mount(FsType::Cgroup, "/sys/fs/cgroup/memory", true),
+            mount(FsType::Tmpfs, "/dev", false),
+        ];
+        assert!(
+            mount_excess(&unprivileged, &a).is_empty(),
+            "{:?}",
+            mount_excess(&unprivileged, &a)
+        );
+        // A privileged container's: rw sysfs, no guards, debugfs.
+        let privileged = vec![
+            mount(FsType::Proc, "/proc", false),
+            mount(FsType::Sysfs, "/sys", false),
+            mount(FsType::Other(11), "/sys/kernel/debug", false),
+        ];
+        let why = mount_excess(&privileged, &a).join("; ");
+        for part in [
+            "sysfs at /sys read-write",
+            "debugfs",
+            "none of the 3 masked",
+        ] {
+            assert!(why.contains(part), "{part:?} not in {why}");
+        }
+        let mut rw_sys = unprivileged.clone();
+        rw_sys[1].read_only = false;
+        assert!(mount_excess(&rw_sys, &a)[0].contains("/proc/sys read-write"));
     }
 }
