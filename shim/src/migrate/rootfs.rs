@@ -160,15 +160,102 @@ fn remove_at(dir: &OwnedFd, name: &OsStr) -> Result<()> {
     }
 }
 
+/// Longest GNU long name or link, or PAX header, accepted. The tar crate
+/// would read any size it is told into memory; we read these entries
+/// ourselves (raw entries), bounded.
+const MAX_EXTENSION: u64 = 1 << 20;
+
+/// Extension entries seen before the entry they describe.
+#[derive(Default)]
+struct Pending {
+    name: Option<Vec<u8>>,
+    link: Option<Vec<u8>>,
+    pax: Option<Vec<u8>>,
+}
+
+fn unreadable(e: impl std::fmt::Display) -> Error {
+    Error::InvalidArgument(format!("rootfs-diff.tar unreadable: {e}"))
+}
+
+fn read_extension(entry: &mut impl Read, size: u64) -> Result<Vec<u8>> {
+    if size > MAX_EXTENSION {
+        return Err(Error::InvalidArgument(format!(
+            "rootfs-diff.tar refused: an extension header of {size} bytes (at most {MAX_EXTENSION})"
+        )));
+    }
+    let mut buf = Vec::with_capacity(size as usize);
+    entry.take(size).read_to_end(&mut buf).map_err(unreadable)?;
+    Ok(buf)
+}
+
+/// PAX records (`LEN KEY=VALUE\n`...) as (key, value) pairs.
+fn pax_records(data: &[u8]) -> Result<Vec<(&[u8], &[u8])>> {
+    let bad = || unreadable("malformed PAX header");
+    let mut out = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let space = rest.iter().position(|b| *b == b' ').ok_or_else(bad)?;
+        let len: usize = std::str::from_utf8(&rest[..space])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(bad)?;
+        if len <= space + 1 || len > rest.len() || rest[len - 1] != b'\n' {
+            return Err(bad());
+        }
+        let record = &rest[space + 1..len - 1];
+        let eq = record.iter().position(|b| *b == b'=').ok_or_else(bad)?;
+        out.push((&record[..eq], &record[eq + 1..]));
+        rest = &rest[len..];
+    }
+    Ok(out)
+}
+
 fn extract_diff(root: &OwnedFd, input: impl Read) -> Result<()> {
     let mut ar = tar::Archive::new(input);
-    let entries = ar
-        .entries()
-        .map_err(|e| Error::InvalidArgument(format!("rootfs-diff.tar unreadable: {e}")))?;
+    let entries = ar.entries().map_err(unreadable)?.raw(true);
+    let mut pending = Pending::default();
     for entry in entries {
-        let mut entry = entry
-            .map_err(|e| Error::InvalidArgument(format!("rootfs-diff.tar unreadable: {e}")))?;
-        let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let mut entry = entry.map_err(unreadable)?;
+        let size = entry.size();
+        match entry.header().entry_type() {
+            tar::EntryType::GNULongName => {
+                pending.name = Some(trim_nul(read_extension(&mut entry, size)?));
+                continue;
+            }
+            tar::EntryType::GNULongLink => {
+                pending.link = Some(trim_nul(read_extension(&mut entry, size)?));
+                continue;
+            }
+            tar::EntryType::XHeader => {
+                pending.pax = Some(read_extension(&mut entry, size)?);
+                continue;
+            }
+            tar::EntryType::XGlobalHeader => {
+                read_extension(&mut entry, size)?;
+                continue;
+            }
+            _ => {}
+        }
+        let pax = pending.pax.take().unwrap_or_default();
+        let records = pax_records(&pax)?;
+        let from_pax = |key: &[u8]| {
+            records
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.to_vec())
+        };
+        if from_pax(b"size").is_some() {
+            return Err(Error::InvalidArgument(
+                "rootfs-diff.tar refused: PAX size records are not supported".into(),
+            ));
+        }
+        let path_bytes = from_pax(b"path")
+            .or(pending.name.take())
+            .unwrap_or_else(|| entry.path_bytes().into_owned());
+        let link = from_pax(b"linkpath")
+            .or(pending.link.take())
+            .or_else(|| entry.link_name_bytes().map(|l| l.into_owned()));
+        let path = String::from_utf8_lossy(&path_bytes).into_owned();
         let comps = components(&path)?;
         let name = comps[comps.len() - 1];
         let Some(dir) = parent_of(root, &comps, true, &path)? else {
@@ -176,24 +263,9 @@ fn extract_diff(root: &OwnedFd, input: impl Read) -> Result<()> {
                 "rootfs change {path:?}: parent not created"
             )));
         };
-        let attrs = match entry.pax_extensions() {
-            Ok(Some(records)) => {
-                let records: Vec<(Vec<u8>, Vec<u8>)> = records
-                    .filter_map(|r| r.ok())
-                    .map(|r| (r.key_bytes().to_vec(), r.value_bytes().to_vec()))
-                    .collect();
-                super::xattrs::from_pax(records.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
-                    .map_err(|why| {
-                    Error::InvalidArgument(format!("rootfs change {path:?} refused: {why}"))
-                })?
-            }
-            Ok(None) => Vec::new(),
-            Err(e) => {
-                return Err(Error::InvalidArgument(format!(
-                    "rootfs-diff.tar unreadable at {path:?}: {e}"
-                )))
-            }
-        };
+        let attrs = super::xattrs::from_pax(records.iter().copied()).map_err(|why| {
+            Error::InvalidArgument(format!("rootfs change {path:?} refused: {why}"))
+        })?;
         let set_attrs = |fd: std::os::fd::BorrowedFd<'_>| {
             super::xattrs::apply(fd, &attrs)
                 .map_err(|e| Error::io(format!("set extended attributes of {path}"), e))
@@ -259,7 +331,7 @@ fn extract_diff(root: &OwnedFd, input: impl Read) -> Result<()> {
                 .map_err(|e| Error::io(format!("chmod {path}"), e.into()))?;
             }
             tar::EntryType::Symlink => {
-                let target = h.link_name_bytes().ok_or_else(|| {
+                let target = link.ok_or_else(|| {
                     Error::InvalidArgument(format!("symlink {path} has no target"))
                 })?;
                 let _ = nix::unistd::unlinkat(&dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir);
@@ -275,6 +347,14 @@ fn extract_diff(root: &OwnedFd, input: impl Read) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A GNU long name's data ends with a NUL.
+fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
+    while v.last() == Some(&0) {
+        v.pop();
+    }
+    v
 }
 
 fn chown_at(dir: &OwnedFd, name: &OsStr, uid: u32, gid: u32, path: &str) -> Result<()> {
@@ -530,6 +610,39 @@ mod tests {
                 .collect();
             assert_eq!(left, vec![std::ffi::OsString::from("keep")], "case {i}");
             std::fs::remove_dir_all(&rootfs).unwrap();
+        }
+    }
+
+    #[test]
+    fn long_names_travel_and_huge_extension_headers_are_refused() {
+        let rootfs = tempfile::tempdir().unwrap();
+        let staged = tempfile::tempdir().unwrap();
+        let deep = format!("{}/file", "d".repeat(120));
+        let tar = diff_tar(|b| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(2);
+            h.set_mode(0o644);
+            b.append_data(&mut h, &deep, &b"ok"[..]).unwrap();
+        });
+        std::fs::write(staged.path().join(members::ROOTFS_DIFF), tar).unwrap();
+        apply(staged.path(), rootfs.path()).unwrap();
+        assert_eq!(std::fs::read(rootfs.path().join(&deep)).unwrap(), b"ok");
+
+        // A GNU long name that claims 64 MiB: refused, not read.
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(64 << 20);
+        h.set_path("././@LongLink").unwrap();
+        h.set_cksum();
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.extend(vec![b'a'; 4096]);
+        std::fs::write(staged.path().join(members::ROOTFS_DIFF), bytes).unwrap();
+        let err = apply(staged.path(), rootfs.path()).unwrap_err().to_string();
+        assert!(err.contains("extension header"), "{err}");
+        assert!(pax_records(b"13 path=/x/y\n").unwrap() == vec![(&b"path"[..], &b"/x/y"[..])]);
+        for bad in [&b"5 a=b"[..], b"99 a=b\n", b"x a=b\n", b"6 ab\n"] {
+            assert!(pax_records(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -209,7 +209,14 @@ fn collect_trailer<R: Read>(
 ) -> Result<Trailer> {
     let mut t = Trailer::default();
     let (mut count, mut bytes) = (0usize, 0u64);
-    for entry in ar.entries().map_err(|e| corrupt(what, &e.to_string()))? {
+    // Raw entries: the tar crate reads GNU long names and PAX headers of
+    // any size into memory; our format has none, so they are refused as
+    // members instead.
+    let entries = ar
+        .entries()
+        .map_err(|e| corrupt(what, &e.to_string()))?
+        .raw(true);
+    for entry in entries {
         let mut entry = entry.map_err(|e| corrupt(what, &e.to_string()))?;
         count += 1;
         let size = entry.size();
@@ -260,7 +267,8 @@ fn trailer_of_plain_tar(file: &mut File, what: &str, limits: &Limits) -> Result<
     let mut count = 0usize;
     let entries = ar
         .entries_with_seek()
-        .map_err(|e| corrupt(what, &e.to_string()))?;
+        .map_err(|e| corrupt(what, &e.to_string()))?
+        .raw(true);
     for entry in entries {
         let mut entry = entry.map_err(|e| corrupt(what, &e.to_string()))?;
         count += 1;
@@ -306,7 +314,11 @@ fn extract(
     let mut ar = tar_stream(input, what)?;
     let mut seen = HashSet::new();
     let mut trailer = Trailer::default();
-    for entry in ar.entries().map_err(|e| corrupt(what, &e.to_string()))? {
+    let entries = ar
+        .entries()
+        .map_err(|e| corrupt(what, &e.to_string()))?
+        .raw(true);
+    for entry in entries {
         deadline.check(what)?;
         let mut entry = entry.map_err(|e| corrupt(what, &e.to_string()))?;
         let name = String::from_utf8(entry.path_bytes().into_owned())

@@ -401,7 +401,13 @@ fn device_nodes(images_dir: &Path) -> Result<Vec<(char, i64, i64, String)>> {
         let file = open_image(&path).map_err(|e| unusable(&path, e.to_string()))?;
         let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(file));
         let mut count = 0;
-        for e in ar.entries().map_err(|e| unusable(&path, e.to_string()))? {
+        // Raw entries: long names and PAX headers are skipped, not read
+        // into memory (their size is the archive's word).
+        let raw = ar
+            .entries()
+            .map_err(|e| unusable(&path, e.to_string()))?
+            .raw(true);
+        for e in raw {
             let e = e.map_err(|e| unusable(&path, e.to_string()))?;
             count += 1;
             if count > MAX_TMPFS_ENTRIES {
