@@ -49,6 +49,9 @@ pub const ANNOTATION_SANDBOX_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namesp
 /// pod manifest, the same on every node).
 pub const ANNOTATION_CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
 
+/// CRI's annotation with the container's image name.
+pub const ANNOTATION_IMAGE_NAME: &str = "io.kubernetes.cri.image-name";
+
 /// CRI's annotation telling a pod's sandbox (`sandbox`) from its
 /// containers (`container`).
 pub const ANNOTATION_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";

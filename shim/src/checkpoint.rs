@@ -367,8 +367,11 @@ fn publish(
         .version()
         .map(|v| v.to_string())
         .unwrap_or_default();
+    let spec = Spec::read(&c.bundle);
     let dumped = migrate::Dumped {
         container_id: &c.id,
+        name: spec.container_name(),
+        image: spec.image_name(),
         bundle: &c.bundle,
         rootfs_upper: c.upperdir.clone(),
         images: &args.image_path,

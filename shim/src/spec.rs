@@ -54,6 +54,11 @@ impl Spec {
         self.annotation(cfg::ANNOTATION_CONTAINER_NAME)
     }
 
+    /// The image the container runs (CRI), for checkpointctl.
+    pub fn image_name(&self) -> Option<&str> {
+        self.annotation(cfg::ANNOTATION_IMAGE_NAME)
+    }
+
     /// The pod a container belongs to (CRI): its sandbox's id.
     pub fn sandbox_id(&self) -> Option<&str> {
         self.annotation(cfg::ANNOTATION_SANDBOX_ID)

@@ -680,3 +680,43 @@ pub fn assert_clean(node: &Containerd, id: &str) {
         "cgroup of {id} left"
     );
 }
+
+/// checkpointctl (from hack/setup) with `args`; asserts it succeeds and
+/// returns what it printed.
+pub fn checkpointctl(args: &[&str]) -> String {
+    let bin = prefix().join("bin/checkpointctl");
+    assert!(bin.exists(), "{} missing: run hack/setup", bin.display());
+    let out = Command::new(&bin)
+        .args(args)
+        .output()
+        .expect("run checkpointctl");
+    assert!(
+        out.status.success(),
+        "checkpointctl {args:?}: {}",
+        text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What operators run on a checkpoint archive, with checkpointctl: `show`,
+/// `inspect` with every option, `memparse`. Returns `show`'s output and
+/// `inspect --ps-tree --files --sockets`'s.
+pub fn checkpointctl_reads(archive: &Path) -> (String, String) {
+    let a = archive.to_str().unwrap();
+    let show = checkpointctl(&["show", a]);
+    checkpointctl(&["inspect", "--all", a]);
+    let inspect = checkpointctl(&["inspect", "--ps-tree", "--files", "--sockets", a]);
+    for option in [
+        "--ps-tree",
+        "--ps-tree-cmd",
+        "--ps-tree-env",
+        "--files",
+        "--sockets",
+        "--mounts",
+        "--stats",
+    ] {
+        checkpointctl(&["inspect", option, a]);
+    }
+    checkpointctl(&["memparse", a]);
+    (show, inspect)
+}

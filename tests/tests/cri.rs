@@ -599,10 +599,25 @@ fn the_kubelet_checkpoint_api_checkpoints_a_whole_pod_when_annotated() {
     );
     assert!(a.log().contains("froze 2 containers"), "frozen together");
     for name in ["web", "cache"] {
-        assert_eq!(
-            listed_archives(&share.path().join(POD_TENANT).join("whole").join(name)),
-            1,
-            "{name}"
+        let dir = share.path().join(POD_TENANT).join("whole").join(name);
+        assert_eq!(listed_archives(&dir), 1, "{name}");
+        // Operators' tools read what the kubelet path published.
+        let archive = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().ends_with(".criu.tar.zst"))
+            .unwrap();
+        let (show, inspect) = criu_shim_tests::checkpointctl_reads(&archive);
+        for part in [name, IMAGE, "io.containerd.criu.v2"] {
+            assert!(
+                show.contains(part),
+                "{part:?} not in checkpointctl show: {show}"
+            );
+        }
+        assert!(
+            inspect.contains("Checkpointed") && inspect.contains("testapp"),
+            "{inspect}"
         );
     }
     remove_pod(&mut ca, &pod_a);

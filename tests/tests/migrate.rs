@@ -276,6 +276,7 @@ fn bad_archives_fail_create_with_a_clear_error_and_leave_node_b_clean() {
     for e in ar.entries().unwrap() {
         let mut e = e.unwrap();
         let name = e.path().unwrap().display().to_string();
+        let kind = e.header().entry_type();
         let mut data = Vec::new();
         e.read_to_end(&mut data).unwrap();
         if name == "manifest.json" {
@@ -283,11 +284,11 @@ fn bad_archives_fail_create_with_a_clear_error_and_leave_node_b_clean() {
             m["members"][0]["sha256"] = serde_json::json!("00".repeat(32));
             data = serde_json::to_vec(&m).unwrap();
         }
-        members.push((name, data));
+        members.push((name, kind, data));
     }
     let lying: Vec<(&str, tar::EntryType, &[u8], Option<&str>)> = members
         .iter()
-        .map(|(n, d)| (n.as_str(), tar::EntryType::Regular, d.as_slice(), None))
+        .map(|(n, k, d)| (n.as_str(), *k, d.as_slice(), None))
         .collect();
     put("badsum", &tar_zst(&lying));
     // Hostile members, listed in a manifest so that the members
@@ -524,4 +525,29 @@ fn an_established_connection_inside_the_container_survives_the_move() {
             out.contains("200 OK")
         },
     );
+}
+
+/// checkpointctl, the tool Kubernetes, Podman and CRI-O users inspect
+/// checkpoints with, reads our archives: `show`, `inspect` (every option),
+/// `memparse`.
+#[test]
+fn checkpointctl_reads_an_archive_of_the_cli() {
+    let share = share();
+    let a = Containerd::node(share.path(), &[]);
+    a.run_detached("app", &["/testapp", "-m", "8"]);
+    assert_eq!(a.count("app"), 1);
+    let out = a.cli_checkpoint("app", &["--to", "job", "--leave-running"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let archive = archives(share.path(), "job").pop().unwrap();
+    let (show, inspect) = criu_shim_tests::checkpointctl_reads(&archive);
+    assert!(
+        show.contains("io.containerd.criu.v2") && show.contains("app"),
+        "{show}"
+    );
+    for part in ["Checkpointed", "testapp", "0.0.0.0:8080"] {
+        assert!(
+            inspect.contains(part),
+            "{part:?} not in checkpointctl inspect: {inspect}"
+        );
+    }
 }

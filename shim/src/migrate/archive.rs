@@ -146,6 +146,15 @@ fn encoder<W: Write>(
 
 /// Every source as a tar member; their manifest entries.
 fn write_members<W: Write>(mut out: W, sources: &[Source], mtime: u64) -> Result<(Vec<Member>, W)> {
+    // checkpointctl looks for the images' directory entry itself.
+    let mut dir = header(0, mtime);
+    dir.set_entry_type(tar::EntryType::Directory);
+    dir.set_mode(0o700);
+    dir.set_path(format!("{}/", members::IMAGES_DIR))
+        .map_err(|e| Error::Other(format!("directory entry: {e}")))?;
+    dir.set_cksum();
+    out.write_all(dir.as_bytes())
+        .map_err(|e| write_error(members::IMAGES_DIR, e))?;
     let mut members = Vec::with_capacity(sources.len());
     for s in sources {
         let file =

@@ -17,6 +17,7 @@
 //! The archive format is documented in `docs/archive-format.md`.
 
 pub mod archive;
+pub mod config_dump;
 mod hash_thread;
 pub mod mac;
 pub mod manifest;
@@ -102,6 +103,9 @@ impl Report {
 /// What the dump left, and about which container.
 pub struct Dumped<'a> {
     pub container_id: &'a str,
+    /// The container's name (in its pod) and image, for config.dump.
+    pub name: Option<&'a str>,
+    pub image: Option<&'a str>,
     pub bundle: &'a Path,
     pub rootfs_upper: Option<PathBuf>,
     pub images: &'a Path,
@@ -127,13 +131,22 @@ pub fn publish_checkpoint(d: &Dumped, t: &Target) -> Result<Report> {
         f.write_all(&spec)
             .map_err(|e| Error::io("stage the container spec", e))
     })?;
-    let config = serde_json::json!({
-        "id": d.container_id,
-        "runtime": criu_shim_config::RUNTIME_ID,
-        "createdTime": unix_now(),
-    });
+    let created = std::fs::metadata(d.bundle.join("config.json"))
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| std::time::SystemTime::now());
+    let config = config_dump::ContainerConfig {
+        id: d.container_id.to_string(),
+        name: d.name.unwrap_or(d.container_id).to_string(),
+        rootfs_image_name: d.image.map(str::to_string),
+        rootfs_image_ref: None,
+        runtime: criu_shim_config::RUNTIME_ID.into(),
+        created_time: config_dump::rfc3339(created),
+        checkpointed_time: config_dump::rfc3339(std::time::SystemTime::now()),
+    };
+    let config =
+        serde_json::to_vec(&config).map_err(|e| Error::Other(format!("config.dump: {e}")))?;
     stage::private_file(&dir.join(members::CONFIG)).and_then(|mut f| {
-        f.write_all(config.to_string().as_bytes())
+        f.write_all(&config)
             .map_err(|e| Error::io("stage config.dump", e))
     })?;
     if let Some(upper) = &d.rootfs_upper {
@@ -364,6 +377,8 @@ mod tests {
         let (bundle, images, work) = fake_dump(dir);
         let d = Dumped {
             container_id: "c1",
+            name: None,
+            image: None,
             bundle: &bundle,
             rootfs_upper: None,
             images: &images,
@@ -852,6 +867,8 @@ mod tests {
             std::fs::write(images.join("pages-1.img"), b"small pages").unwrap();
             let d = Dumped {
                 container_id: "c1",
+                name: None,
+                image: None,
                 bundle: &bundle,
                 rootfs_upper: None,
                 images: &images,

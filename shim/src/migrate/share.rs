@@ -718,7 +718,7 @@ pub fn new_name(key: &str, compressed: bool) -> String {
         .unwrap_or_default();
     let secs = now.as_secs();
     let (days, rem) = (secs / 86400, secs % 86400);
-    let (y, m, d) = civil_from_days(days as i64);
+    let (y, m, d) = super::config_dump::civil_from_days(days as i64);
     format!(
         "{key}/{y:04}{m:02}{d:02}T{:02}{:02}{:02}.{:03}Z{}",
         rem / 3600,
@@ -727,19 +727,6 @@ pub fn new_name(key: &str, compressed: bool) -> String {
         now.subsec_millis(),
         if compressed { SUFFIXES[0] } else { SUFFIXES[1] }
     )
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 #[cfg(test)]
@@ -877,6 +864,7 @@ mod tests {
 
     #[test]
     fn names_sort_by_time() {
+        use super::super::config_dump::civil_from_days;
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(20_454), (2026, 1, 1));
         let n = new_name("job", true);

@@ -329,6 +329,9 @@ fn extract(
             continue;
         }
         let kind = entry.header().entry_type();
+        if kind == tar::EntryType::Directory && is_images_dir(&name) && size == 0 {
+            continue;
+        }
         if !matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous) {
             return Err(refused(
                 what,
@@ -366,6 +369,11 @@ fn extract(
         )));
     }
     finish_stream(ar.into_inner(), what)
+}
+
+/// The images' directory entry (for checkpointctl; nothing to write).
+fn is_images_dir(name: &str) -> bool {
+    name.trim_end_matches('/') == members::IMAGES_DIR
 }
 
 /// The tar reader stops at the end-of-archive marker. Read the rest too:
