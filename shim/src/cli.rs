@@ -1,17 +1,13 @@
-//! The operators' CLI: subcommands of the shim binary.
-//!
-//!   containerd-shim-criu-v2 checkpoint [--namespace NS] [--state DIR] [--to NAME]
-//!                                      [--leave-running] [--tcp-established] [--level N]
-//!                                      [--pod] ID
-//!   containerd-shim-criu-v2 inspect [--share DIR] ARCHIVE
-//!   containerd-shim-criu-v2 list    [--share DIR] [KEY]
-//!   containerd-shim-criu-v2 gc      [--share DIR] --keep N [KEY]
+//! The operators' CLI: subcommands of the shim binary (`checkpoint`,
+//! `inspect`, `list`, `gc`, `version`; `--help` on each), parsed with clap.
+//! containerd's own flags (`-namespace`, `-address`, `start`, `delete`,
+//! ...) never reach it: `main` sends only [`COMMANDS`] here.
 //!
 //! `checkpoint` talks to the container's shim directly over its ttrpc socket
 //! (found in the task's bundle), so the images go straight from CRIU to the
 //! share, without a copy through containerd's content store.
 //!
-//! Exit codes: 0 success, 1 the operation failed, 2 bad usage.
+//! Exit codes: 0 success (and help), 1 the operation failed, 2 bad usage.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -21,110 +17,154 @@ use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::shim::shim_ttrpc::TaskClient;
 use containerd_shim::protos::ttrpc;
 
+use clap::{Args, Parser, Subcommand};
+
 use crate::checkpoint::{CheckpointRequest, CHECKPOINT_REQUEST_TYPE, REPORT_FILE};
 use crate::migrate::share::{self, Share};
 use crate::migrate::{self, manifest::Manifest, unpack};
 
-pub const COMMANDS: [&str; 4] = ["checkpoint", "inspect", "list", "gc"];
+/// Subcommands, and the words that ask for help or the version: these go
+/// to this CLI; everything else is containerd's shim protocol.
+pub const COMMANDS: [&str; 10] = [
+    "checkpoint",
+    "inspect",
+    "list",
+    "gc",
+    "help",
+    "-h",
+    "--help",
+    "-V",
+    "--version",
+    "version",
+];
 
-const USAGE: &str = "usage:
-  containerd-shim-criu-v2 checkpoint [--namespace NS] [--state DIR] [--to NAME] [--leave-running] [--tcp-established] [--level N] [--pod] ID
-  containerd-shim-criu-v2 inspect [--share DIR] ARCHIVE
-  containerd-shim-criu-v2 list [--share DIR] [KEY]
-  containerd-shim-criu-v2 gc [--share DIR] --keep N [KEY]";
-
-struct Args {
-    flags: Vec<(String, Option<String>)>,
-    positional: Vec<String>,
+/// Checkpoint running containers to a shared file system and inspect what
+/// is there. (containerd runs this same binary as its runtime shim,
+/// `io.containerd.criu.v2`; these subcommands are for operators.)
+#[derive(Debug, Parser)]
+#[command(name = "containerd-shim-criu-v2", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
 }
 
-impl Args {
-    /// `--name value` pairs for `valued` flags, bare `--name` otherwise.
-    fn parse(raw: &[String], valued: &[&str]) -> Result<Args, String> {
-        let mut flags = Vec::new();
-        let mut positional = Vec::new();
-        let mut it = raw.iter();
-        while let Some(a) = it.next() {
-            if let Some(name) = a.strip_prefix("--") {
-                if valued.contains(&name) {
-                    let v = it.next().ok_or(format!("--{name} needs a value"))?;
-                    flags.push((name.to_string(), Some(v.clone())));
-                } else {
-                    flags.push((name.to_string(), None));
-                }
-            } else {
-                positional.push(a.clone());
-            }
-        }
-        Ok(Args { flags, positional })
-    }
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Checkpoint a running container (or its whole pod) to the share.
+    ///
+    /// The images go from CRIU straight to the share, without a copy through
+    /// containerd. Without --leave-running the container stops, but only once
+    /// its archive is safely published; if anything fails it keeps running.
+    Checkpoint(CheckpointArgs),
+    /// Show an archive's manifest and verify it completely (digests, and the
+    /// signature with CRIU_SHIM_ARCHIVE_KEY_FILE).
+    Inspect {
+        #[command(flatten)]
+        share: ShareArg,
+        /// An archive file, or a name on the share as `list` prints it
+        /// (a key means its newest archive).
+        archive: String,
+    },
+    /// List the archives on the share (pods' per-container ones included).
+    List {
+        #[command(flatten)]
+        share: ShareArg,
+        /// Only this key (a directory on the share, such as k8s-default/job).
+        key: Option<String>,
+    },
+    /// Remove all but the newest N archives of each key, and what publishers
+    /// that died mid-write left behind.
+    Gc {
+        #[command(flatten)]
+        share: ShareArg,
+        /// How many archives to keep per key.
+        #[arg(long, value_name = "N")]
+        keep: usize,
+        /// Only this key.
+        key: Option<String>,
+    },
+    /// Print the version.
+    Version,
+}
 
-    fn value(&self, name: &str) -> Option<&str> {
-        self.flags
-            .iter()
-            .find(|(n, _)| n == name)
-            .and_then(|(_, v)| v.as_deref())
-    }
+#[derive(Debug, Args)]
+struct ShareArg {
+    /// Where the share is mounted.
+    #[arg(
+        long = "share",
+        value_name = "DIR",
+        env = "CRIU_SHIM_SHARE_DIR",
+        default_value = "/var/lib/criu-shim/share"
+    )]
+    dir: PathBuf,
+}
 
-    fn has(&self, name: &str) -> bool {
-        self.flags.iter().any(|(n, _)| n == name)
-    }
+#[derive(Debug, Args)]
+struct CheckpointArgs {
+    /// The containerd namespace of the container (k8s.io for Kubernetes).
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// containerd's state directory.
+    #[arg(long, value_name = "DIR", default_value = "/run/containerd")]
+    state: PathBuf,
+    /// Key or archive name on the share (default: the container's
+    /// criu-shim.io/checkpoint-to annotation). Resolved inside the
+    /// container's namespace's part of the share.
+    #[arg(long, value_name = "KEY")]
+    to: Option<String>,
+    /// Keep the container running after the checkpoint.
+    #[arg(long)]
+    leave_running: bool,
+    /// Checkpoint established TCP connections.
+    #[arg(long)]
+    tcp_established: bool,
+    /// zstd level (0: no compression).
+    #[arg(long, value_name = "N")]
+    level: Option<i32>,
+    /// Every container of the container's pod, frozen together, published
+    /// all or none.
+    #[arg(long)]
+    pod: bool,
+    /// The container's id.
+    id: String,
 }
 
 pub fn main(args: &[String]) -> ! {
-    let cmd = args[1].as_str();
-    let rest = &args[2..];
-    let result = match cmd {
-        "checkpoint" => checkpoint(rest),
-        "inspect" => inspect(rest),
-        "list" => list(rest),
-        "gc" => gc(rest),
-        _ => Err(Failure::Usage(String::new())),
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        // Help and version print and exit 0; usage errors exit 2.
+        Err(e) => e.exit(),
+    };
+    let (name, result) = match cli.command {
+        Command::Checkpoint(a) => ("checkpoint", checkpoint(a)),
+        Command::Inspect { share, archive } => ("inspect", inspect(&share.dir, &archive)),
+        Command::List { share, key } => ("list", list(&share.dir, key.as_deref())),
+        Command::Gc { share, keep, key } => ("gc", gc(&share.dir, keep, key.as_deref())),
+        Command::Version => {
+            println!("containerd-shim-criu-v2 {}", env!("CARGO_PKG_VERSION"));
+            ("version", Ok(()))
+        }
     };
     match result {
         Ok(()) => std::process::exit(0),
-        Err(Failure::Usage(msg)) => {
-            if !msg.is_empty() {
-                eprintln!("{msg}");
-            }
-            eprintln!("{USAGE}");
-            std::process::exit(2)
-        }
-        Err(Failure::Failed(msg)) => {
-            eprintln!("{cmd}: {msg}");
+        Err(Failure(msg)) => {
+            eprintln!("{name}: {msg}");
             std::process::exit(1)
         }
     }
 }
 
-enum Failure {
-    Usage(String),
-    Failed(String),
-}
-
-fn usage(msg: impl Into<String>) -> Failure {
-    Failure::Usage(msg.into())
-}
+/// Why a command failed, for stderr (exit code 1).
+struct Failure(String);
 
 fn failed(msg: impl std::fmt::Display) -> Failure {
-    Failure::Failed(msg.to_string())
+    Failure(msg.to_string())
 }
 
-fn share_dir(a: &Args) -> PathBuf {
-    a.value("share")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os(criu_shim_config::env::SHARE_DIR).map(PathBuf::from))
-        .unwrap_or_else(|| criu_shim_config::ShimConfig::defaults("default").share_dir)
-}
-
-fn checkpoint(raw: &[String]) -> Result<(), Failure> {
-    let a = Args::parse(raw, &["namespace", "state", "to", "level"]).map_err(usage)?;
-    let [id] = a.positional.as_slice() else {
-        return Err(usage("checkpoint takes one container id"));
-    };
-    let ns = a.value("namespace").unwrap_or("default");
-    let state = a.value("state").unwrap_or("/run/containerd");
-    let bundle = Path::new(state)
+fn checkpoint(a: CheckpointArgs) -> Result<(), Failure> {
+    let (id, ns) = (&a.id, &a.namespace);
+    let bundle = a
+        .state
         .join("io.containerd.runtime.v2.task")
         .join(ns)
         .join(id);
@@ -134,19 +174,12 @@ fn checkpoint(raw: &[String]) -> Result<(), Failure> {
             bundle.display()
         ))
     })?;
-    let level = match a.value("level") {
-        Some(v) => Some(
-            v.parse::<i32>()
-                .map_err(|_| usage("--level takes a number"))?,
-        ),
-        None => None,
-    };
     let request = CheckpointRequest {
-        to: a.value("to").map(str::to_string),
-        leave_running: a.has("leave-running"),
-        tcp_established: a.has("tcp-established"),
-        pod: a.has("pod"),
-        compression_level: level,
+        to: a.to.clone(),
+        leave_running: a.leave_running,
+        tcp_established: a.tcp_established,
+        pod: a.pod,
+        compression_level: a.level,
         ..Default::default()
     };
     let report_dir = tempfile::tempdir().map_err(failed)?;
@@ -219,12 +252,8 @@ fn open_archive(share: &Path, name: &str) -> Result<(PathBuf, std::fs::File, u64
     Ok((archive.path(), f, size))
 }
 
-fn inspect(raw: &[String]) -> Result<(), Failure> {
-    let a = Args::parse(raw, &["share"]).map_err(usage)?;
-    let [name] = a.positional.as_slice() else {
-        return Err(usage("inspect takes one archive"));
-    };
-    let (path, file, size) = open_archive(&share_dir(&a), name)?;
+fn inspect(share: &Path, name: &str) -> Result<(), Failure> {
+    let (path, file, size) = open_archive(share, name)?;
     let scratch = tempfile::tempdir().map_err(failed)?;
     let what = path.display().to_string();
     let progress = Progress::start(format!("verifying {what}"));
@@ -291,10 +320,9 @@ fn print_manifest(path: &Path, size: u64, m: &Manifest) {
     }
 }
 
-fn list(raw: &[String]) -> Result<(), Failure> {
-    let a = Args::parse(raw, &["share"]).map_err(usage)?;
-    let share = Share::open(&share_dir(&a)).map_err(failed)?;
-    for key in keys(&share, a.positional.first().map(String::as_str))? {
+fn list(share: &Path, key: Option<&str>) -> Result<(), Failure> {
+    let share = Share::open(share).map_err(failed)?;
+    for key in keys(&share, key)? {
         let Some(dir) = share.dir(&key).map_err(failed)? else {
             continue;
         };
@@ -329,16 +357,10 @@ fn keys(share: &Share, key: Option<&str>) -> Result<Vec<String>, Failure> {
     }
 }
 
-fn gc(raw: &[String]) -> Result<(), Failure> {
-    let a = Args::parse(raw, &["share", "keep"]).map_err(usage)?;
-    let keep: usize = a
-        .value("keep")
-        .ok_or_else(|| usage("gc needs --keep N"))?
-        .parse()
-        .map_err(|_| usage("--keep takes a number"))?;
-    let share = Share::open(&share_dir(&a)).map_err(failed)?;
+fn gc(share: &Path, keep: usize, key: Option<&str>) -> Result<(), Failure> {
+    let share = Share::open(share).map_err(failed)?;
     let mut removed = 0;
-    for key in keys(&share, a.positional.first().map(String::as_str))? {
+    for key in keys(&share, key)? {
         let Some(dir) = share.dir(&key).map_err(failed)? else {
             continue;
         };
