@@ -350,7 +350,14 @@ fn timestamp(at: Option<SystemTime>) -> Timestamp {
 
 /// containerd's runc options from the create request (`options` Any).
 fn runc_options(req: &api::CreateTaskRequest) -> Result<Option<RuncOptions>> {
-    let Some(any) = req.options.as_ref() else {
+    runc_options_from_any(req.options.as_ref())
+}
+
+/// containerd's runc options from an `Any` (create requests, `-info`).
+pub fn runc_options_from_any(
+    any: Option<&containerd_shim::protos::protobuf::well_known_types::any::Any>,
+) -> Result<Option<RuncOptions>> {
+    let Some(any) = any else {
         return Ok(None);
     };
     if any.value.is_empty() {

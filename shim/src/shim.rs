@@ -9,6 +9,10 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{api, Config, ExitSignal, Flags, Shim, StartOpts};
 use criu_shim_config::ShimConfig;
 
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::protos::types::introspection::{RuntimeInfo, RuntimeVersion};
+
 use crate::events::Events;
 use crate::reaper::MonitorReaper;
 use crate::runc::Runc;
@@ -64,9 +68,62 @@ impl Shim for CriuShim {
         self.exit.wait();
     }
 
+    /// containerd's `-info`: what the runtime supports. containerd 2.2+
+    /// asks every runtime and validates specs against the answer (recursive
+    /// read-only mounts, idmapped mounts); the features are runc's, since
+    /// runc runs the containers.
+    fn runtime_info(
+        runtime_id: &str,
+        options: Option<&containerd_shim::protos::protobuf::well_known_types::any::Any>,
+    ) -> containerd_shim::Result<RuntimeInfo> {
+        let runc = crate::service::runc_options_from_any(options)
+            .ok()
+            .flatten()
+            .map(|o| o.binary_name)
+            .filter(|b| !b.is_empty())
+            .or_else(|| std::env::var(criu_shim_config::env::RUNC).ok())
+            .unwrap_or_else(|| "runc".into());
+        Ok(runtime_info(runtime_id, &runc))
+    }
+
     fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
         let events = Events::start(publisher, self.namespace.clone());
         TaskService(Service::new(&self.namespace, events, self.exit.clone()))
+    }
+}
+
+/// The type URL containerd gives runtime-spec's Features structure.
+pub const FEATURES_TYPE_URL: &str =
+    "types.containerd.io/opencontainers/runtime-spec/1/features/Features";
+
+/// Our name and version, and `runc features` (JSON) when runc answers.
+fn runtime_info(runtime_id: &str, runc: &str) -> RuntimeInfo {
+    let features = std::process::Command::new(runc)
+        .arg("features")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| o.stdout)
+        .filter(|json| serde_json::from_slice::<serde_json::Value>(json).is_ok());
+    if features.is_none() {
+        log::warn!("`{runc} features` gave no answer: containerd gets no runtime features");
+    }
+    RuntimeInfo {
+        name: runtime_id.to_string(),
+        version: MessageField::some(RuntimeVersion {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        }),
+        features: features
+            .map(|value| Any {
+                type_url: FEATURES_TYPE_URL.to_string(),
+                value,
+                ..Default::default()
+            })
+            .into(),
+        ..Default::default()
     }
 }
 

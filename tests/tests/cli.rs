@@ -120,3 +120,33 @@ fn list_and_gc_see_pod_archives() {
         .join("containerd/solo/20260101T000000.000Z.criu.tar.zst")
         .exists());
 }
+
+/// containerd's `-info` (containerd 2.2+ asks every runtime, and validates
+/// recursive read-only and idmapped mounts against the answer): our name
+/// and version, and runc's features, since runc runs the containers.
+#[test]
+fn info_reports_the_runtime_and_runc_s_features() {
+    use containerd_shim_protos::protobuf::Message;
+    use containerd_shim_protos::types::introspection::RuntimeInfo;
+    let out = Command::new(shim_binary())
+        .arg("-info")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let info = RuntimeInfo::parse_from_bytes(&out.stdout).expect("a RuntimeInfo");
+    assert_eq!(info.name, "io.containerd.criu.v2");
+    assert_eq!(info.version.version, env!("CARGO_PKG_VERSION"));
+    let features = info.features.as_ref().expect("features");
+    assert_eq!(
+        features.type_url,
+        "types.containerd.io/opencontainers/runtime-spec/1/features/Features"
+    );
+    let ours: serde_json::Value = serde_json::from_slice(&features.value).unwrap();
+    let runc = Command::new("runc").arg("features").output().unwrap();
+    let runc: serde_json::Value = serde_json::from_slice(&runc.stdout).unwrap();
+    assert_eq!(ours, runc);
+    assert!(ours["mountOptions"]
+        .as_array()
+        .is_some_and(|o| !o.is_empty()));
+}
