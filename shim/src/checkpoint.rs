@@ -26,30 +26,13 @@ use containerd_shim::protos::shim::oci::CheckpointOptions;
 use crate::container::{Container, DumpStats};
 use crate::criu_front::env as front_env;
 use crate::error::{Error, Result};
+use crate::messages::{ArchiveReport, CheckpointReport};
+pub use crate::messages::{CheckpointRequest, CHECKPOINT_REQUEST_TYPE};
 use crate::migrate::share::{self, Share, Tenant};
 use crate::migrate::{self, archive::Compression, stage::Staging, Report};
 use crate::process::Status;
 use crate::runc::CriuArgs;
 use crate::spec::Spec;
-
-/// The `type_url` of our CLI's checkpoint options.
-pub const CHECKPOINT_REQUEST_TYPE: &str = "criu-shim.io/CheckpointRequest";
-
-/// What our CLI asks of a checkpoint (JSON in the options `Any`).
-#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
-pub struct CheckpointRequest {
-    /// Archive name or key on the share (default: the checkpoint-to annotation).
-    pub to: Option<String>,
-    pub leave_running: bool,
-    pub tcp_established: bool,
-    pub file_locks: bool,
-    pub ext_unix_sk: bool,
-    /// zstd level; 0 = no compression.
-    pub compression_level: Option<i32>,
-    /// Every container of the request's pod, frozen together.
-    #[serde(default)]
-    pub pod: bool,
-}
 
 impl CheckpointRequest {
     pub fn from_options(req: &api::CheckpointTaskRequest) -> Result<Option<CheckpointRequest>> {
@@ -105,9 +88,6 @@ const DEFAULT_COMPRESSION: Compression = Compression::Zstd {
     level: 1,
     workers: 2,
 };
-
-/// The report the CLI reads back (`<path>/report.json`).
-pub const REPORT_FILE: &str = "report.json";
 
 /// One container's checkpoint, from containerd or our CLI.
 pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Option<Report>> {
@@ -422,25 +402,26 @@ fn containerd_args(req: &api::CheckpointTaskRequest, bundle: &Path) -> Result<Cr
 }
 
 fn write_report(dir: &Path, reports: &[&Report]) {
-    let archives: Vec<_> = reports
-        .iter()
-        .map(|r| {
-            serde_json::json!({
-                "archive": r.archive,
-                "archive_bytes": r.archive_bytes,
-                "images_bytes": r.images_bytes,
-                "publish_seconds": r.publish_time.as_secs_f64(),
-                "frozen_ms": r.manifest.stats.frozen_ms,
-                "criu_ms": r.manifest.stats.criu_ms,
+    let report = CheckpointReport {
+        archives: reports
+            .iter()
+            .map(|r| ArchiveReport {
+                archive: r.archive.clone(),
+                archive_bytes: r.archive_bytes,
+                images_bytes: r.images_bytes,
+                publish_seconds: r.publish_time.as_secs_f64(),
+                frozen_ms: r.manifest.stats.frozen_ms,
+                criu_ms: r.manifest.stats.criu_ms,
             })
-        })
-        .collect();
-    let summary: Vec<String> = reports.iter().map(|r| r.summary()).collect();
-    let json = serde_json::json!({
-        "archives": archives,
-        "summary": summary.join("\n"),
-    });
-    if let Err(e) = std::fs::write(dir.join(REPORT_FILE), json.to_string()) {
+            .collect(),
+        summary: reports
+            .iter()
+            .map(|r| r.summary())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    };
+    let json = serde_json::to_vec(&report).unwrap_or_default();
+    if let Err(e) = std::fs::write(dir.join(CheckpointReport::FILE), json) {
         log::warn!("cannot write checkpoint report: {e}");
     }
 }

@@ -19,7 +19,7 @@ use containerd_shim::protos::ttrpc;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::checkpoint::{CheckpointRequest, CHECKPOINT_REQUEST_TYPE, REPORT_FILE};
+use crate::messages::{CheckpointReport, CheckpointRequest, CHECKPOINT_REQUEST_TYPE};
 use crate::migrate::share::{self, Share};
 use crate::migrate::{self, manifest::Manifest, unpack};
 
@@ -203,12 +203,12 @@ fn checkpoint(a: CheckpointArgs) -> Result<(), Failure> {
     if let Err(e) = result {
         return Err(failed(rpc_message(e)));
     }
-    let report: serde_json::Value = std::fs::read_to_string(report_dir.path().join(REPORT_FILE))
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default();
-    match report["summary"].as_str() {
-        Some(s) => println!("{id}: {s}"),
+    let report: Option<CheckpointReport> =
+        std::fs::read(report_dir.path().join(CheckpointReport::FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+    match report {
+        Some(r) => println!("{id}: {}", r.summary),
         None => println!(
             "{id}: checkpointed in {:.2} s",
             started.elapsed().as_secs_f64()
@@ -229,9 +229,14 @@ fn shim_address(bundle: &Path) -> std::io::Result<String> {
     std::fs::read_to_string(bundle.join("address")).map(|s| s.trim().to_string())
 }
 
+/// The shim's message, and its error class unless it has none (scripts
+/// can tell a CRIU deadline, `DEADLINE_EXCEEDED`, from a refusal).
 fn rpc_message(e: ttrpc::Error) -> String {
     match e {
-        ttrpc::Error::RpcStatus(s) => s.message().to_string(),
+        ttrpc::Error::RpcStatus(s) => match s.code() {
+            ttrpc::Code::UNKNOWN | ttrpc::Code::OK => s.message().to_string(),
+            code => format!("{} [{code:?}]", s.message()),
+        },
         other => other.to_string(),
     }
 }

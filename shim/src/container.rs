@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
+use crate::messages::{FailureKind, FrontFailure, FrontStats};
 use crate::process::{Process, Status};
 use crate::runc::{CriuArgs, Runc, SpawnOpts};
 use crate::stdio::{ConsoleSocket, ProcessIo, StdioPaths};
@@ -96,10 +97,10 @@ impl Container {
         let make = |stdio| match &o.restore {
             Some(args) => runc
                 .restore(&o.id, &o.bundle, args, &spawn, stdio)
-                .map_err(|e| match criu_error(&args.work_path) {
+                .map_err(|e| match &FrontStats::read(&args.work_path).error {
                     // CRIU's own words beat runc's summary (and its log
                     // goes with the staging).
-                    Some(criu) => Error::Other(format!("restore of {} failed: {criu}", o.id)),
+                    Some(f) => criu_failure(f, &format!("restore of {}", o.id)),
                     None => e,
                 }),
             None => runc.create(&o.id, &o.bundle, &spawn, stdio),
@@ -164,18 +165,18 @@ impl Container {
             .and_then(|_| std::fs::create_dir_all(&args.work_path))
             .map_err(|e| Error::io("create checkpoint directories", e))?;
         let result = self.runc.checkpoint(&self.id, args, env);
-        let stats = front_stats(&args.work_path);
+        let stats = FrontStats::read(&args.work_path);
         if let Err(e) = result {
             self.recover_after_failed_dump();
             // CRIU's own words beat runc's summary of them.
-            return Err(match stats["error"].as_str() {
-                Some(criu) => Error::Other(format!("checkpoint of {} failed: {criu}", self.id)),
+            return Err(match &stats.error {
+                Some(f) => criu_failure(f, &format!("checkpoint of {}", self.id)),
                 None => e,
             });
         }
         Ok(DumpStats {
-            criu_ms: stats["criu_ms"].as_f64(),
-            frozen_ms: stats["frozen_ms"].as_f64(),
+            criu_ms: Some(stats.criu_ms),
+            frozen_ms: stats.frozen_ms,
         })
     }
 
@@ -394,21 +395,20 @@ fn sanitize(id: &str) -> String {
         .collect()
 }
 
+/// A CRIU failure the front reported, as the error containerd should see:
+/// a deadline is DEADLINE_EXCEEDED, a missing or too old CRIU is
+/// FAILED_PRECONDITION.
+fn criu_failure(f: &FrontFailure, what: &str) -> Error {
+    let message = format!("{what} failed: {}", f.message);
+    match f.kind {
+        FailureKind::Timeout => Error::DeadlineExceeded(message),
+        FailureKind::Unsupported => Error::FailedPrecondition(message),
+        FailureKind::Criu => Error::Other(message),
+    }
+}
+
 /// Mounts containerd's rootfs mounts at `target`. Returns whether anything
 /// was mounted (no mounts: the bundle already has its rootfs).
-/// What the CRIU front recorded about its last request in `work`.
-fn front_stats(work: &Path) -> serde_json::Value {
-    std::fs::read_to_string(work.join(crate::criu_front::FRONT_STATS_FILE))
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default()
-}
-
-/// CRIU's own error lines for a failed request, if the front saw them.
-fn criu_error(work: &Path) -> Option<String> {
-    front_stats(work)["error"].as_str().map(str::to_string)
-}
-
 pub fn mount_rootfs(mounts: &[Mount], target: &Path) -> Result<bool> {
     if mounts.is_empty() {
         return Ok(false);

@@ -20,6 +20,8 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
+use crate::messages::{FailureKind, FrontFailure, FrontStats};
+
 use criu_sys::rpc::{CriuReq, CriuReqType, CriuResp};
 use criu_sys::{Action, Criu, Notification, Options, ServiceSocket};
 
@@ -40,7 +42,6 @@ pub mod env {
 }
 
 /// Written into the work dir after a dump: what the front measured.
-pub const FRONT_STATS_FILE: &str = "criu-shim-front.json";
 
 pub fn main(args: &[String]) -> ! {
     // CRIU writes images (memory, environment, credentials) and logs with
@@ -161,8 +162,17 @@ fn relay_with_options(
     };
     let started = Instant::now();
     let result = criu.request(req, Some(&opts), Some(&mut relay));
-    let error = result.as_ref().err().map(|e| e.to_string());
-    write_stats(&work_dir, started.elapsed(), relay.frozen_for, error);
+    if let Some(dir) = &work_dir {
+        FrontStats {
+            criu_ms: started.elapsed().as_secs_f64() * 1000.0,
+            frozen_ms: relay.frozen_for.map(|d| d.as_secs_f64() * 1000.0),
+            error: result.as_ref().err().map(|e| FrontFailure {
+                kind: FailureKind::of(e),
+                message: e.to_string(),
+            }),
+        }
+        .write(dir);
+    }
     Ok(result?)
 }
 
@@ -299,21 +309,4 @@ impl criu_sys::Notify for Relay<'_> {
             None => Err("runc went away".into()),
         }
     }
-}
-
-/// Leaves what the front measured, and CRIU's own reason for a failure
-/// (runc's summary of it is "criu failed: type X errno N"), for the shim.
-fn write_stats(
-    work_dir: &Option<std::path::PathBuf>,
-    took: Duration,
-    frozen: Option<Duration>,
-    error: Option<String>,
-) {
-    let Some(dir) = work_dir else { return };
-    let json = serde_json::json!({
-        "criu_ms": took.as_secs_f64() * 1000.0,
-        "frozen_ms": frozen.map(|d| d.as_secs_f64() * 1000.0),
-        "error": error,
-    });
-    let _ = std::fs::write(dir.join(FRONT_STATS_FILE), json.to_string());
 }

@@ -9,6 +9,7 @@ mod container;
 mod criu_front;
 mod error;
 mod events;
+mod messages;
 mod migrate;
 mod netfix;
 mod oom;

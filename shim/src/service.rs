@@ -28,6 +28,7 @@ use crate::container::{Container, CreateOpts, Mount};
 use crate::criu_front::env as front_env;
 use crate::error::{Error, Result};
 use crate::events::{Event, Events};
+use crate::messages::ShimState;
 use crate::migrate::unpack::Deadline;
 use crate::process::{Exit, Process, Status};
 use crate::reaper::MonitorReaper;
@@ -380,15 +381,13 @@ pub fn runc_options_from_any(
     }))
 }
 
-/// What `shim delete` needs to clean up after a crashed shim.
-pub const SHIM_STATE_FILE: &str = "criu-shim.json";
-
 fn save_shim_state(bundle: &std::path::Path, config: &ShimConfig) {
-    let state = serde_json::json!({
-        "runc": config.runc,
-        "runc_root": config.runc_root,
-    });
-    if let Err(e) = std::fs::write(bundle.join(SHIM_STATE_FILE), state.to_string()) {
+    let state = ShimState {
+        runc: config.runc.clone(),
+        runc_root: config.runc_root.clone(),
+    };
+    let json = serde_json::to_vec(&state).unwrap_or_default();
+    if let Err(e) = std::fs::write(bundle.join(ShimState::FILE), json) {
         log::warn!("cannot save shim state in {}: {e}", bundle.display());
     }
 }

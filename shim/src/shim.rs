@@ -14,9 +14,10 @@ use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::types::introspection::{RuntimeInfo, RuntimeVersion};
 
 use crate::events::Events;
+use crate::messages::ShimState;
 use crate::reaper::MonitorReaper;
 use crate::runc::Runc;
-use crate::service::{Service, TaskService, SHIM_STATE_FILE};
+use crate::service::{Service, TaskService};
 
 pub struct CriuShim {
     namespace: String,
@@ -131,18 +132,13 @@ fn runtime_info(runtime_id: &str, runc: &str) -> RuntimeInfo {
 /// mount it left behind.
 fn cleanup_after_crash(namespace: &str, id: &str, bundle: &Path) {
     let defaults = ShimConfig::defaults(namespace);
-    let saved: serde_json::Value = std::fs::read_to_string(bundle.join(SHIM_STATE_FILE))
+    let saved: Option<ShimState> = std::fs::read(bundle.join(ShimState::FILE))
         .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default();
-    let runc_bin = saved["runc"]
-        .as_str()
-        .map(Into::into)
-        .unwrap_or(defaults.runc);
-    let runc_root = saved["runc_root"]
-        .as_str()
-        .map(Into::into)
-        .unwrap_or(defaults.runc_root);
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let (runc_bin, runc_root) = match saved {
+        Some(s) => (s.runc, s.runc_root),
+        None => (defaults.runc, defaults.runc_root),
+    };
     let runc = Runc::new(
         &runc_bin,
         &runc_root,

@@ -551,3 +551,53 @@ fn checkpointctl_reads_an_archive_of_the_cli() {
         );
     }
 }
+
+/// A dump past `CRIU_SHIM_CRIU_TIMEOUT` is stopped, reaches the caller as
+/// DEADLINE_EXCEEDED (not UNKNOWN), and the source runs on.
+#[test]
+fn a_dump_past_its_deadline_is_deadline_exceeded_and_the_source_runs_on() {
+    let share = share();
+    let dir = tempfile::tempdir().unwrap();
+    // A CRIU that takes 30 s to start serving a dump (the first start
+    // answers runc's version check at once).
+    let wrapper = dir.path().join("criu");
+    let real = criu_shim_tests::prefix().join("bin/criu");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nD={d}\nn=$(cat $D/count 2>/dev/null || echo 0); n=$((n+1)); echo $n > $D/count\n\
+             if [ \"$n\" -ge 2 ] && [ \"$1\" = swrk ]; then sleep 30; fi\nexec {real} \"$@\"\n",
+            d = dir.path().display(),
+            real = real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let a = Containerd::node(
+        share.path(),
+        &[
+            ("CRIU_SHIM_CRIU", wrapper.to_str().unwrap()),
+            ("CRIU_SHIM_CRIU_TIMEOUT", "2"),
+        ],
+    );
+    a.run_detached("slow", &["/testapp", "-m", "8"]);
+    assert_eq!(a.count("slow"), 1);
+    let started = std::time::Instant::now();
+    let out = a.cli_checkpoint("slow", &["--to", "slow"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("DEADLINE_EXCEEDED"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "not stopped at its deadline"
+    );
+    wait_until(Duration::from_secs(10), "the source to run again", || {
+        a.task_status("slow").as_deref() == Some("RUNNING")
+    });
+    assert_eq!(a.count("slow"), 2);
+    assert!(archives(share.path(), "slow").is_empty());
+}
