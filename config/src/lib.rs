@@ -6,7 +6,8 @@
 //! 1. built-in defaults ([`ShimConfig::default`]);
 //! 2. containerd's runc options for the runtime (`[...runtimes.criu.options]`
 //!    in containerd's config: `BinaryName`, `Root`, `SystemdCgroup`,
-//!    `CriuPath`, ...), so an existing runc runtime config carries over;
+//!    `NoPivotRoot`, `NoNewKeyring`), so an existing runc runtime config
+//!    carries over (containerd 2.x has no `CriuPath`: see `CRIU_SHIM_CRIU`);
 //! 3. environment variables of the shim (`CRIU_SHIM_*`), for the settings
 //!    containerd's runc options have no field for.
 //!
@@ -94,7 +95,6 @@ pub struct RuncOptions {
     pub binary_name: String,
     pub root: String,
     pub systemd_cgroup: bool,
-    pub criu_path: String,
     pub no_pivot_root: bool,
     pub no_new_keyring: bool,
 }
@@ -108,6 +108,8 @@ pub struct ShimConfig {
     pub runc_root: PathBuf,
     /// The CRIU binary criu-shim drives (and points runc at).
     pub criu: PathBuf,
+    /// runc's `--systemd-cgroup` (only where systemd is PID 1).
+    pub systemd_cgroup: bool,
     pub no_pivot_root: bool,
     pub no_new_keyring: bool,
     /// Local directory where checkpoints are staged before publishing.
@@ -148,6 +150,7 @@ impl ShimConfig {
             } else {
                 "criu".into()
             },
+            systemd_cgroup: false,
             no_pivot_root: false,
             no_new_keyring: false,
             staging_dir: "/var/lib/criu-shim/staging".into(),
@@ -180,9 +183,7 @@ impl ShimConfig {
             if !o.root.is_empty() {
                 c.runc_root = Path::new(&o.root).join(namespace);
             }
-            if !o.criu_path.is_empty() {
-                c.criu = o.criu_path.clone().into();
-            }
+            c.systemd_cgroup = o.systemd_cgroup;
             c.no_pivot_root = o.no_pivot_root;
             c.no_new_keyring = o.no_new_keyring;
         }
@@ -332,13 +333,12 @@ mod tests {
         let o = RuncOptions {
             binary_name: "/usr/local/bin/runc".into(),
             root: "/run/myrunc".into(),
-            criu_path: "/usr/local/sbin/criu".into(),
             ..Default::default()
         };
         let c = ShimConfig::resolve("default", Some(&o), no_env, false).unwrap();
         assert_eq!(c.runc, Path::new("/usr/local/bin/runc"));
         assert_eq!(c.runc_root, Path::new("/run/myrunc/default"));
-        assert_eq!(c.criu, Path::new("/usr/local/sbin/criu"));
+        assert!(!c.systemd_cgroup);
     }
 
     #[test]

@@ -343,7 +343,10 @@ fn publish(
         staging_root: c.config.staging_dir.clone(),
         mac_key: to.mac_key.clone(),
     };
+    // Inside the shim server containerd-shim reaps every child: CRIU's exit
+    // must come from its monitor, like every other child's.
     let criu_version = criu_sys::Criu::new(&c.config.criu)
+        .with_reaper(Arc::new(crate::reaper::MonitorReaper))
         .version()
         .map(|v| v.to_string())
         .unwrap_or_default();

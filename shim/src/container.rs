@@ -54,6 +54,10 @@ pub struct Container {
     restored: bool,
     /// Where the container's writes land (overlay upperdir), for checkpoints.
     pub upperdir: Option<PathBuf>,
+    /// Kill and Delete of the container, one at a time (as containerd's Go
+    /// shim does): containerd may send both at once, and a Delete that
+    /// lets the shim exit must not cut off a Kill's answer.
+    lifecycle: Mutex<()>,
     pub config: criu_shim_config::ShimConfig,
 }
 
@@ -78,6 +82,7 @@ impl Container {
                 .iter()
                 .find_map(|m| crate::migrate::stage::upperdir(&m.options)),
             config: o.config.clone(),
+            lifecycle: Mutex::new(()),
         };
         if let Some(staged) = &o.rootfs_changes {
             crate::migrate::rootfs::apply(staged, &rootfs)?;
@@ -275,6 +280,7 @@ impl Container {
     }
 
     pub fn kill(&self, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let _one_at_a_time = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
         let p = self.process(exec_id)?;
         if p.status() == Status::Stopped {
             // Same words as containerd's runc shim, which clients match on.
@@ -351,6 +357,7 @@ impl Container {
 
     /// `runc delete` and unmount. Safe to call more than once.
     pub fn destroy(&self) -> Result<()> {
+        let _one_at_a_time = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
         let result = match self.runc.delete(&self.id, true) {
             Err(Error::Runc { message, .. }) if message.contains("does not exist") => Ok(()),
             other => other,

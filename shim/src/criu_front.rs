@@ -41,8 +41,6 @@ pub mod env {
     pub const DUMP_LEAVE_STOPPED: &str = "CRIU_SHIM_FRONT_DUMP_LEAVE_STOPPED";
 }
 
-/// Written into the work dir after a dump: what the front measured.
-
 pub fn main(args: &[String]) -> ! {
     // CRIU writes images (memory, environment, credentials) and logs with
     // the umask it inherits: only their owner may read them. This process

@@ -36,6 +36,7 @@ pub struct Runc {
     criu: Option<PathBuf>,
     criu_env: Vec<(String, String)>,
     criu_timeout: Duration,
+    systemd_cgroup: bool,
     reaper: Arc<dyn Reaper>,
 }
 
@@ -96,8 +97,15 @@ impl Runc {
             criu: None,
             criu_env: Vec::new(),
             criu_timeout: RUNC_TIMEOUT,
+            systemd_cgroup: false,
             reaper,
         }
+    }
+
+    /// runc's `--systemd-cgroup` (containerd's `SystemdCgroup = true`).
+    pub fn with_systemd_cgroup(mut self, on: bool) -> Self {
+        self.systemd_cgroup = on;
+        self
     }
 
     /// Points runc at a CRIU (`runc --criu`) run with these extra variables.
@@ -148,6 +156,9 @@ impl Runc {
             .arg(&self.log)
             .arg("--log-format")
             .arg("json");
+        if self.systemd_cgroup {
+            cmd.arg("--systemd-cgroup");
+        }
         if let Some(criu) = &self.criu {
             cmd.arg("--criu").arg(criu);
             cmd.envs(self.criu_env.iter().map(|(k, v)| (k, v)));
@@ -389,5 +400,34 @@ not json
         let err = runc.start("x").unwrap_err();
         assert!(matches!(err, Error::Runc { op: "start", .. }), "{err}");
         assert!(!err.to_string().ends_with(": "), "{err}");
+    }
+
+    #[test]
+    fn global_options_reach_runc_s_command_line() {
+        let runc = Runc::new(
+            Path::new("runc"),
+            Path::new("/run/r"),
+            Path::new("/b/log.json"),
+            Arc::new(crate::reaper::MonitorReaper),
+        );
+        let args = |r: &Runc| -> Vec<String> {
+            r.command()
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(
+            args(&runc),
+            [
+                "--root",
+                "/run/r",
+                "--log",
+                "/b/log.json",
+                "--log-format",
+                "json"
+            ]
+        );
+        let runc = runc.with_systemd_cgroup(true);
+        assert!(args(&runc).contains(&"--systemd-cgroup".to_string()));
     }
 }

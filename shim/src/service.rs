@@ -323,6 +323,7 @@ fn runc_for(config: &ShimConfig, bundle: &std::path::Path) -> Runc {
         &bundle.join("log.json"),
         Arc::new(MonitorReaper),
     )
+    .with_systemd_cgroup(config.systemd_cgroup)
     .with_criu(
         &front,
         env,
@@ -374,8 +375,6 @@ pub fn runc_options_from_any(
         binary_name: o.binary_name,
         root: o.root,
         systemd_cgroup: o.systemd_cgroup,
-        // containerd 2.x's runc options carry no CRIU path; ours comes from config.
-        criu_path: String::new(),
         no_pivot_root: o.no_pivot_root,
         no_new_keyring: o.no_new_keyring,
     }))

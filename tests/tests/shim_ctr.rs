@@ -305,3 +305,34 @@ fn a_killed_shim_is_cleaned_up_by_shim_delete() {
     let _ = cd.ctr(&["task", "delete", "x"]);
     cd.ctr_ok(&["container", "rm", "x"]);
 }
+
+/// containerd may send Kill and Delete of one container at once (stopping
+/// a pod); each must get its answer, never "ttrpc: closed".
+#[test]
+fn kill_and_delete_at_once_both_answer() {
+    let cd = Containerd::start();
+    for i in 0..5 {
+        let id = format!("race{i}");
+        cd.run_detached(&id, &["/testapp", "-m", "1"]);
+        wait_until(Duration::from_secs(10), "the task to run", || {
+            cd.task_status(&id).as_deref() == Some("RUNNING")
+        });
+        let (kill, delete) = std::thread::scope(|s| {
+            let kill = s.spawn(|| cd.ctr(&["task", "kill", "-s", "SIGKILL", &id]));
+            let delete = s.spawn(|| cd.ctr(&["task", "delete", "--force", &id]));
+            (kill.join().unwrap(), delete.join().unwrap())
+        });
+        for (what, out) in [("kill", &kill), ("delete", &delete)] {
+            assert!(
+                !text(out).contains("ttrpc: closed"),
+                "{what} of {id} got no answer: {}",
+                text(out)
+            );
+        }
+        wait_until(Duration::from_secs(10), "the task to go", || {
+            let _ = cd.ctr(&["task", "delete", "--force", &id]);
+            cd.task_status(&id).is_none()
+        });
+        cd.ctr_ok(&["container", "rm", &id]);
+    }
+}
