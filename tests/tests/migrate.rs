@@ -601,3 +601,37 @@ fn a_dump_past_its_deadline_is_deadline_exceeded_and_the_source_runs_on() {
     assert_eq!(a.count("slow"), 2);
     assert!(archives(share.path(), "slow").is_empty());
 }
+
+/// Ten checkpoints to one key at once: all published, none lost to a name
+/// another took in the same millisecond.
+#[test]
+fn ten_checkpoints_to_one_key_at_once_all_publish() {
+    let share = share();
+    let a = Containerd::node(share.path(), &[]);
+    let ids: Vec<String> = (0..10).map(|i| format!("c{i}")).collect();
+    for id in &ids {
+        a.run_detached(id, &["/testapp", "-m", "1"]);
+    }
+    for id in &ids {
+        assert_eq!(a.count(id), 1);
+    }
+    let outs: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                let a = &a;
+                s.spawn(move || a.cli_checkpoint(id, &["--to", "same", "--leave-running"]))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (id, out) in ids.iter().zip(&outs) {
+        assert!(out.status.success(), "{id}: {}", text(out));
+    }
+    assert_eq!(archives(share.path(), "same").len(), 10);
+    let leftovers: Vec<_> = entries(share.path(), "same")
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

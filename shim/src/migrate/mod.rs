@@ -189,13 +189,14 @@ pub fn publish_checkpoint(d: &Dumped, t: &Target) -> Result<Report> {
         },
         members: Vec::new(),
     };
-    let name = if share::is_archive_name(&t.name) {
+    let exact = share::is_archive_name(&t.name);
+    let name = if exact {
         t.name.clone()
     } else {
         share::new_name(&t.name, t.compression != Compression::None)
     };
     let mut result = None;
-    let published = share.publish(&name, |w| {
+    let published = share.publish(&name, !exact, |w| {
         result = Some(archive::write(
             w,
             &sources,

@@ -603,10 +603,14 @@ impl Share {
         }
     }
 
-    /// Writes an archive named `name` with `write`, atomically.
+    /// Writes an archive named `name` with `write`, atomically. With
+    /// `unique` (a name we made up from the time), a name another publisher
+    /// took meanwhile is not an error: the archive gets the next free
+    /// `<time>_N` name instead, without being written again.
     pub fn publish(
         &self,
         name: &str,
+        unique: bool,
         write: impl FnOnce(&mut dyn Write) -> Result<()>,
     ) -> Result<Published> {
         check_name(name)?;
@@ -615,29 +619,36 @@ impl Share {
             Some(d) => self.create_dir(d)?,
             None => self.root.dup()?,
         };
-        if dir.stat(file_name).is_some() {
+        if !unique && dir.stat(file_name).is_some() {
             return Err(Error::AlreadyExists(format!(
                 "archive {} already exists; it is never overwritten: pick another name or remove it",
                 dir.path.join(file_name).display()
             )));
         }
-        let tmp = format!(".{file_name}.partial-{}", std::process::id());
-        let result = write_then_rename(&dir, &tmp, file_name, write);
+        // Unique per process and per publish: one shim may publish several
+        // archives at once (a pod), to one key.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = format!(".{file_name}.partial-{}-{n}", std::process::id());
+        let result = write_then_rename(&dir, &tmp, file_name, unique, write);
         if result.is_err() {
             let _ = dir.remove(&tmp);
         }
-        let size = result?;
+        let (size, file_name) = result?;
         // The archive is whole and in place; now readers may be pointed at it.
-        if let Err(e) = super::sequence::record(&dir, file_name) {
+        if let Err(e) = super::sequence::record(&dir, &file_name) {
             log::warn!(
                 "published {} but could not record it as the newest of its key ({e}); \
                  restores by key fall back to listing the directory",
-                dir.path.join(file_name).display()
+                dir.path.join(&file_name).display()
             );
         }
         Ok(Published {
-            path: dir.path.join(file_name),
-            name: name.to_string(),
+            path: dir.path.join(&file_name),
+            name: match dir_rel {
+                Some(d) => format!("{d}/{file_name}"),
+                None => file_name,
+            },
             size,
         })
     }
@@ -690,8 +701,9 @@ fn write_then_rename(
     dir: &Dir,
     tmp: &str,
     target: &str,
+    unique: bool,
     write: impl FnOnce(&mut dyn Write) -> Result<()>,
-) -> Result<u64> {
+) -> Result<(u64, String)> {
     let file = dir.create_new(tmp)?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     write(&mut out)?;
@@ -702,9 +714,32 @@ fn write_then_rename(
         .map_err(|e| full_or(e, format!("fsync {}", dir.path.join(tmp).display())))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
     drop(file);
-    dir.rename_noreplace(tmp, target)?;
+    let mut name = target.to_string();
+    for n in 1..=MAX_RENAME_TRIES {
+        match dir.rename_noreplace(tmp, &name) {
+            Err(Error::AlreadyExists(_)) if unique && n < MAX_RENAME_TRIES => {
+                name = numbered_name(target, n);
+            }
+            other => {
+                other?;
+                break;
+            }
+        }
+    }
     dir.sync()?;
-    Ok(size)
+    Ok((size, name))
+}
+
+/// How many names a unique publish tries before it gives up.
+const MAX_RENAME_TRIES: u32 = 100;
+
+/// `T.criu.tar.zst` -> `T_N.criu.tar.zst` ('_' sorts after '.', so the
+/// name still sorts after the one it collided with).
+fn numbered_name(name: &str, n: u32) -> String {
+    match SUFFIXES.iter().find(|s| name.ends_with(*s)) {
+        Some(suffix) => format!("{}_{n}{suffix}", &name[..name.len() - suffix.len()]),
+        None => format!("{name}_{n}"),
+    }
 }
 
 fn full_or(e: std::io::Error, what: String) -> Error {
@@ -747,13 +782,13 @@ mod tests {
     #[test]
     fn publishes_atomically_privately_and_never_overwrites() {
         let (dir, s) = share();
-        let p = s.publish("job/a.criu.tar", write(b"hello")).unwrap();
+        let p = s.publish("job/a.criu.tar", false, write(b"hello")).unwrap();
         assert_eq!(std::fs::read(&p.path).unwrap(), b"hello");
         assert_eq!(p.size, 5);
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&p.path), 0o600);
         assert_eq!(mode(&dir.path().join("job")), 0o700);
-        let err = s.publish("job/a.criu.tar", |_| Ok(())).unwrap_err();
+        let err = s.publish("job/a.criu.tar", false, |_| Ok(())).unwrap_err();
         assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
         assert_eq!(std::fs::read(&p.path).unwrap(), b"hello");
         for m in std::fs::read_dir(dir.path().join("job")).unwrap().flatten() {
@@ -762,10 +797,29 @@ mod tests {
     }
 
     #[test]
+    fn a_taken_generated_name_gets_the_next_free_one() {
+        let (dir, s) = share();
+        let first = s.publish("job/T.criu.tar.zst", true, write(b"1")).unwrap();
+        let second = s.publish("job/T.criu.tar.zst", true, write(b"2")).unwrap();
+        assert_eq!(first.name, "job/T.criu.tar.zst");
+        assert_eq!(second.name, "job/T_1.criu.tar.zst");
+        assert_eq!(std::fs::read(&second.path).unwrap(), b"2");
+        // The later one is the key's newest.
+        assert_eq!(s.resolve("job").unwrap().name, "T_1.criu.tar.zst");
+        let hidden = std::fs::read_dir(dir.path().join("job"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+            .count();
+        assert_eq!(hidden, 0);
+        assert_eq!(numbered_name("a.criu.tar", 3), "a_3.criu.tar");
+    }
+
+    #[test]
     fn a_failed_write_leaves_nothing() {
         let (dir, s) = share();
         let err = s
-            .publish("job/b.criu.tar", |w| {
+            .publish("job/b.criu.tar", false, |w| {
                 w.write_all(b"half").unwrap();
                 Err(Error::Other("CRIU died".into()))
             })
@@ -809,7 +863,9 @@ mod tests {
         )
         .unwrap();
         std::os::unix::fs::symlink(outside.path(), dir.path().join("etcl")).unwrap();
-        let err = s.publish("etcl/x/a.criu.tar", write(b"x")).unwrap_err();
+        let err = s
+            .publish("etcl/x/a.criu.tar", false, write(b"x"))
+            .unwrap_err();
         assert!(err.to_string().contains("symlink"), "{err}");
         let err = s.resolve("etcl/x").unwrap_err();
         assert!(err.to_string().contains("symlink"), "{err}");
@@ -839,7 +895,7 @@ mod tests {
             .tenant(&Tenant::namespace("team-a").unwrap(), true)
             .unwrap()
             .unwrap();
-        a.publish("job/x.criu.tar", write(b"a")).unwrap();
+        a.publish("job/x.criu.tar", false, write(b"a")).unwrap();
         assert!(dir.path().join("k8s-team-a/job/x.criu.tar").is_file());
         let b = s
             .tenant(&Tenant::namespace("team-b").unwrap(), true)
