@@ -88,8 +88,23 @@ impl Shim for CriuShim {
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        sweep_staging(&self.namespace);
         let events = Events::start(publisher, self.namespace.clone());
         TaskService(Service::new(&self.namespace, events, self.exit.clone()))
+    }
+}
+
+/// A new shim first removes what shims killed mid-checkpoint or mid-restore
+/// left in staging (tens of MiB each), and says so in its log.
+fn sweep_staging(namespace: &str) {
+    let Ok(config) = ShimConfig::from_env(namespace, None) else {
+        return;
+    };
+    for dir in crate::migrate::stage::sweep(&config.staging_dir) {
+        log::warn!(
+            "removed {}: staging of a shim that died during a checkpoint or restore",
+            dir.display()
+        );
     }
 }
 

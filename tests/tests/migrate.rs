@@ -635,3 +635,27 @@ fn ten_checkpoints_to_one_key_at_once_all_publish() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// What a shim killed mid-checkpoint left in staging (tens of MiB of
+/// memory images) is removed by the next shim that starts, and logged;
+/// a live shim's staging is not touched.
+#[test]
+fn a_new_shim_sweeps_staging_that_dead_shims_left() {
+    let share = share();
+    let a = Containerd::node(share.path(), &[]);
+    let staging = a.staging();
+    // A pid above the kernel's limit: its owner is certainly gone.
+    let dead = staging.join("dump-app-4194305-AbC123");
+    std::fs::create_dir_all(dead.join("checkpoint")).unwrap();
+    std::fs::write(dead.join("checkpoint/pages-1.img"), vec![1u8; 1 << 20]).unwrap();
+    let live = staging.join(format!("restore-x-{}-XyZ789", std::process::id()));
+    std::fs::create_dir_all(&live).unwrap();
+    a.run_detached("app", &["/testapp", "-m", "1"]);
+    assert_eq!(a.count("app"), 1);
+    assert!(!dead.exists(), "the dead shim's staging is still there");
+    assert!(live.exists(), "a live process's staging was removed");
+    assert!(
+        a.log().contains("staging of a shim that died"),
+        "not logged"
+    );
+}

@@ -14,8 +14,9 @@ pub struct Staging {
 }
 
 impl Staging {
-    /// A fresh directory `<root>/<prefix>-XXXXXX` (0700; the root is made
-    /// 0700 too if missing). Memory images hold the container's secrets.
+    /// A fresh directory `<root>/<prefix>-<pid>-XXXXXX` (0700; the root is
+    /// made 0700 too if missing). Memory images hold the container's
+    /// secrets. The pid says which shim owns it, for [`sweep`].
     pub fn new(root: &Path, prefix: &str) -> Result<Staging> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         std::fs::DirBuilder::new()
@@ -24,7 +25,7 @@ impl Staging {
             .create(root)
             .map_err(|e| Error::io(format!("create staging root {}", root.display()), e))?;
         let dir = tempfile::Builder::new()
-            .prefix(&format!("{prefix}-"))
+            .prefix(&format!("{prefix}-{}-", std::process::id()))
             .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir_in(root)
             .map_err(|e| Error::io(format!("create staging dir in {}", root.display()), e))?
@@ -49,6 +50,43 @@ impl Drop for Staging {
             }
         }
     }
+}
+
+/// Removes what shims that died left in the staging root `root`: the
+/// directories whose owner pid no longer runs (a shim killed in the middle
+/// of a checkpoint or restore). Live shims' directories are left alone.
+/// Returns what was removed, for the log.
+pub fn sweep(root: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = owner(&name) else {
+            continue;
+        };
+        let alive = !matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        );
+        if alive || !e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            continue;
+        }
+        if std::fs::remove_dir_all(e.path()).is_ok() {
+            removed.push(e.path());
+        }
+    }
+    removed
+}
+
+/// `dump-app-1234-AbC123` -> 1234.
+fn owner(name: &str) -> Option<i32> {
+    let mut parts = name.rsplitn(3, '-');
+    let _random = parts.next()?;
+    let pid: i32 = parts.next()?.parse().ok()?;
+    let kind = parts.next()?;
+    let ours = ["dump-", "publish-", "restore-"]
+        .iter()
+        .any(|p| kind.starts_with(p));
+    (ours && pid > 0).then_some(pid)
 }
 
 /// The overlay upper directory of a rootfs mount, where a container's
@@ -213,6 +251,21 @@ mod tests {
             .map(|e| e.unwrap().path().unwrap().display().to_string())
             .collect();
         assert_eq!(names, vec!["data", "data/link", "data/state"]);
+    }
+
+    #[test]
+    fn sweep_removes_only_what_dead_shims_left() {
+        let root = tempfile::tempdir().unwrap();
+        let live = Staging::new(root.path(), "dump-app").unwrap();
+        // A pid that cannot run: above the kernel's pid_max limit.
+        let dead = root.path().join("restore-web-1-2-4194305-AbC123");
+        std::fs::create_dir_all(dead.join("checkpoint")).unwrap();
+        let other = root.path().join("not-ours");
+        std::fs::create_dir(&other).unwrap();
+        assert_eq!(sweep(root.path()), vec![dead.clone()]);
+        assert!(live.path().exists() && other.exists() && !dead.exists());
+        assert_eq!(owner("dump-a-b-77-XyZ123"), Some(77));
+        assert_eq!(owner("dump-77"), None);
     }
 
     #[test]
