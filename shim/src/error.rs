@@ -56,6 +56,20 @@ impl Error {
         }
     }
 
+    /// The same error (and code) with `note` added to its message.
+    pub fn with_note(self, note: &str) -> Self {
+        let add = |m: String| format!("{m} ({note})");
+        match self {
+            Error::NotFound(m) => Error::NotFound(add(m)),
+            Error::AlreadyExists(m) => Error::AlreadyExists(add(m)),
+            Error::InvalidArgument(m) => Error::InvalidArgument(add(m)),
+            Error::FailedPrecondition(m) => Error::FailedPrecondition(add(m)),
+            Error::DeadlineExceeded(m) => Error::DeadlineExceeded(add(m)),
+            Error::Other(m) => Error::Other(add(m)),
+            other => Error::Other(add(other.to_string())),
+        }
+    }
+
     pub fn code(&self) -> Code {
         match self {
             Error::NotFound(_) => Code::NOT_FOUND,

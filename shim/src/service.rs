@@ -197,7 +197,18 @@ impl Service {
             rootfs_changes: prepared.as_ref().and_then(|p| p.rootfs_changes.clone()),
             config: config.clone(),
         };
-        let container = Arc::new(Container::create(opts, runc)?);
+        let container = match Container::create(opts, runc) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                let kept = prepared
+                    .as_ref()
+                    .and_then(|p| p.keep_failed_log(&config.staging_dir, &req.id));
+                return Err(match kept {
+                    Some(log) => e.with_note(&format!("CRIU's log: {}", log.display())),
+                    None => e,
+                });
+            }
+        };
         drop(prepared);
         let pid = container.init.pid();
         self.containers

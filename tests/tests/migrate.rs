@@ -659,3 +659,22 @@ fn a_new_shim_sweeps_staging_that_dead_shims_left() {
         "not logged"
     );
 }
+
+/// A node without a usable CRIU refuses a restore before it fetches and
+/// unpacks the archive, and says which CRIU it looked for.
+#[test]
+fn a_missing_criu_is_found_before_the_archive_is_fetched() {
+    let share = share();
+    published_archive(share.path());
+    let b = Containerd::node(share.path(), &[("CRIU_SHIM_CRIU", "/nonexistent/criu")]);
+    let out = b.run_restored("app", "good");
+    assert!(!out.status.success(), "{}", text(&out));
+    let err = text(&out);
+    assert!(err.contains("/nonexistent/criu"), "{err}");
+    assert!(
+        !b.log().contains("fetched and verified"),
+        "the archive was fetched first"
+    );
+    let _ = b.ctr(&["container", "rm", "app"]);
+    assert_clean(&b, "app");
+}

@@ -49,6 +49,11 @@ pub fn prepare(
     let Some(src) = source::of(req, bundle, config)? else {
         return Ok(None);
     };
+    // A node without a usable CRIU fails here, not after the archive is
+    // fetched and unpacked.
+    criu_sys::Criu::new(&config.criu)
+        .with_reaper(std::sync::Arc::new(crate::reaper::MonitorReaper))
+        .version()?;
     // Read before anything is fetched: a spec we cannot read fails fast.
     let allowed = privileges::Allowed::from_bundle(bundle)?;
     let prepared = match src {
@@ -85,6 +90,54 @@ pub fn prepare(
     Ok(Some(prepared))
 }
 
+/// Most failed-restore logs kept per node, and most bytes of each.
+const KEPT_LOGS: usize = 20;
+const KEPT_LOG_BYTES: u64 = 256 << 10;
+
+impl Prepared {
+    /// After a failed restore: CRIU's log (its last 256 KiB) is kept in
+    /// `<staging>/failed-restores/`, since the staging it was in goes
+    /// away with the failure; only the newest 20 are kept. Returns where.
+    pub fn keep_failed_log(&self, staging_root: &Path, id: &str) -> Option<PathBuf> {
+        let log = self.args.work_path.join("restore.log");
+        let mut f = std::fs::File::open(&log).ok()?;
+        let len = f.metadata().ok()?.len();
+        use std::io::{Read, Seek, SeekFrom};
+        f.seek(SeekFrom::Start(len.saturating_sub(KEPT_LOG_BYTES)))
+            .ok()?;
+        let mut tail = Vec::new();
+        f.take(KEPT_LOG_BYTES).read_to_end(&mut tail).ok()?;
+        let dir = staging_root.join("failed-restores");
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&dir)
+            .ok()?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        let kept = dir.join(format!("{id}-{stamp}.log"));
+        let mut out = crate::migrate::stage::private_file(&kept).ok()?;
+        std::io::Write::write_all(&mut out, &tail).ok()?;
+        prune_logs(&dir);
+        Some(kept)
+    }
+}
+
+/// Only the newest [`KEPT_LOGS`] logs stay.
+fn prune_logs(dir: &Path) {
+    let mut logs: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    logs.sort();
+    let excess = logs.len().saturating_sub(KEPT_LOGS);
+    for (_, p) in &logs[..excess] {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
 fn fetch(
     reference: &str,
     tenant: &Tenant,
@@ -114,4 +167,43 @@ fn fetch(
         f.manifest.criu_version
     );
     Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_restore_s_log_is_kept_bounded_and_the_newest_20_stay() {
+        let root = tempfile::tempdir().unwrap();
+        let work = root.path().join("work");
+        std::fs::create_dir(&work).unwrap();
+        let mut log = vec![b'x'; 300 << 10];
+        log.extend_from_slice(b"Error (criu/cr-restore.c:1): the end");
+        std::fs::write(work.join("restore.log"), &log).unwrap();
+        let p = Prepared {
+            args: CriuArgs {
+                work_path: work.clone(),
+                ..Default::default()
+            },
+            rootfs_changes: None,
+            _fetched: None,
+        };
+        let staging = root.path().join("staging");
+        let kept = p.keep_failed_log(&staging, "app").unwrap();
+        let text = std::fs::read(&kept).unwrap();
+        assert_eq!(text.len() as u64, KEPT_LOG_BYTES);
+        assert!(text.ends_with(b"the end"));
+        for i in 0..25 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            p.keep_failed_log(&staging, &format!("c{i}")).unwrap();
+        }
+        let left = std::fs::read_dir(staging.join("failed-restores"))
+            .unwrap()
+            .count();
+        assert_eq!(left, KEPT_LOGS);
+        // No log (the restore failed before CRIU ran): nothing kept.
+        std::fs::remove_file(work.join("restore.log")).unwrap();
+        assert!(p.keep_failed_log(&staging, "none").is_none());
+    }
 }
