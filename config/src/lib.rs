@@ -46,6 +46,9 @@ pub const ANNOTATION_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 /// see `pod_annotations` in containerd-config.toml).
 pub const ANNOTATION_SANDBOX_NAMESPACE: &str = "io.kubernetes.cri.sandbox-namespace";
 
+/// CRI's annotation with the name of the container's pod.
+pub const ANNOTATION_SANDBOX_NAME: &str = "io.kubernetes.cri.sandbox-name";
+
 /// CRI's annotation with the container's name in its pod (the name in the
 /// pod manifest, the same on every node).
 pub const ANNOTATION_CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";

@@ -101,9 +101,10 @@ struct ShareArg {
 
 #[derive(Debug, Args)]
 struct CheckpointArgs {
-    /// The containerd namespace of the container (k8s.io for Kubernetes).
-    #[arg(long, default_value = "default")]
-    namespace: String,
+    /// The containerd namespace of the container (k8s.io for Kubernetes);
+    /// found by itself when only one namespace has the container.
+    #[arg(long)]
+    namespace: Option<String>,
     /// containerd's state directory.
     #[arg(long, value_name = "DIR", default_value = "/run/containerd")]
     state: PathBuf,
@@ -125,7 +126,9 @@ struct CheckpointArgs {
     /// all or none.
     #[arg(long)]
     pod: bool,
-    /// The container's id.
+    /// The container: its id, a unique prefix of it (what `crictl ps`
+    /// prints), or `containerd://ID`. With --pod also `NAMESPACE/POD`, the
+    /// Kubernetes pod's namespace and name.
     id: String,
 }
 
@@ -162,7 +165,8 @@ fn failed(msg: impl std::fmt::Display) -> Failure {
 }
 
 fn checkpoint(a: CheckpointArgs) -> Result<(), Failure> {
-    let (id, ns) = (&a.id, &a.namespace);
+    let (ns, id) = target(&a)?;
+    let (id, ns) = (&id, &ns);
     let bundle = a
         .state
         .join("io.containerd.runtime.v2.task")
@@ -215,6 +219,84 @@ fn checkpoint(a: CheckpointArgs) -> Result<(), Failure> {
         ),
     }
     Ok(())
+}
+
+/// The (containerd namespace, container id) the operator means: an id, a
+/// unique prefix of one, `containerd://ID`, or (with --pod)
+/// `NAMESPACE/POD`, looked up in the tasks' bundles under --state.
+fn target(a: &CheckpointArgs) -> Result<(String, String), Failure> {
+    let tasks = a.state.join("io.containerd.runtime.v2.task");
+    let wanted = a.id.strip_prefix("containerd://").unwrap_or(&a.id);
+    let pod = a
+        .pod
+        .then(|| wanted.split_once('/'))
+        .flatten()
+        .map(|(ns, name)| (ns.to_string(), name.to_string()));
+    let mut found = Vec::new();
+    let namespaces: Vec<String> = match &a.namespace {
+        Some(ns) => vec![ns.clone()],
+        None => names_in(&tasks),
+    };
+    for ns in &namespaces {
+        for id in names_in(&tasks.join(ns)) {
+            let hit = match &pod {
+                Some((pod_ns, pod_name)) => {
+                    let spec = crate::spec::Spec::read(&tasks.join(ns).join(&id));
+                    !spec.is_pod_sandbox()
+                        && spec.annotation(criu_shim_config::ANNOTATION_SANDBOX_NAMESPACE)
+                            == Some(pod_ns.as_str())
+                        && spec.annotation(criu_shim_config::ANNOTATION_SANDBOX_NAME)
+                            == Some(pod_name.as_str())
+                }
+                None => id == wanted,
+            };
+            if hit {
+                found.push((ns.clone(), id));
+            }
+        }
+    }
+    if found.is_empty() && pod.is_none() {
+        // Not an exact id: a unique prefix (crictl prints 13 characters).
+        for ns in &namespaces {
+            for id in names_in(&tasks.join(ns)) {
+                if id.starts_with(wanted) {
+                    found.push((ns.clone(), id));
+                }
+            }
+        }
+    }
+    match (found.len(), pod.is_some()) {
+        (0, _) => Err(failed(format!(
+            "no running task {wanted} in {} under {}; check the id, --namespace and --state",
+            match &a.namespace {
+                Some(ns) => format!("namespace {ns}"),
+                None => "any namespace".into(),
+            },
+            tasks.display()
+        ))),
+        (1, _) | (_, true) => Ok(found.swap_remove(0)),
+        _ => Err(failed(format!(
+            "{wanted} is ambiguous: {}; give more of the id or --namespace",
+            found
+                .iter()
+                .map(|(ns, id)| format!("{ns}/{id}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// Directory names in `dir`, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
 }
 
 /// The shim's ttrpc address: containerd 2.x keeps it in bootstrap.json,

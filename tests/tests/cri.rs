@@ -314,7 +314,11 @@ fn a_two_container_pod_migrates_with_both_states_through_a_pod_checkpoint() {
     assert_eq!(code, 0, "{err}");
 
     // A pod checkpoint that leaves the pod running: both containers go on.
-    let out = a.cli_checkpoint(&ids_a[1], &["--pod", "--leave-running", "--to", "duo-warm"]);
+    // Named the way an operator knows it: the pod's namespace and name.
+    let out = a.cli_checkpoint(
+        "default/duo",
+        &["--pod", "--leave-running", "--to", "duo-warm"],
+    );
     assert!(out.status.success(), "{}", criu_shim_tests::text(&out));
     assert_eq!(http_count(&ip_a, 8080).unwrap(), 4);
     assert_eq!(
@@ -324,7 +328,8 @@ fn a_two_container_pod_migrates_with_both_states_through_a_pod_checkpoint() {
 
     // Our CLI, naming either container: the whole pod, frozen together,
     // stopped once both archives are on the share.
-    let out = a.cli_checkpoint(&ids_a[0], &["--pod"]);
+    // (by the short id `crictl ps` prints)
+    let out = a.cli_checkpoint(&ids_a[0][..13], &["--pod"]);
     assert!(out.status.success(), "{}", criu_shim_tests::text(&out));
     assert!(
         a.log().contains("froze 2 containers"),

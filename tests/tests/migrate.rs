@@ -678,3 +678,37 @@ fn a_missing_criu_is_found_before_the_archive_is_fetched() {
     let _ = b.ctr(&["container", "rm", "app"]);
     assert_clean(&b, "app");
 }
+
+/// `checkpoint` takes what operators have in hand: `containerd://ID` (as
+/// Kubernetes prints container ids), a unique prefix, no --namespace when
+/// only one has the container; an ambiguous prefix names the candidates.
+#[test]
+fn checkpoint_finds_the_container_operators_name() {
+    let share = share();
+    let a = Containerd::node(share.path(), &[]);
+    for id in ["web-1a2b", "web-3c4d"] {
+        a.run_detached(id, &["/testapp", "-m", "1"]);
+        assert_eq!(a.count(id), 1);
+    }
+    let state = a.dir.path().join("state");
+    let cli = |target: &str| {
+        std::process::Command::new(criu_shim_tests::shim_binary())
+            .args(["checkpoint", "--leave-running", "--to", "ops", "--state"])
+            .arg(&state)
+            .arg(target)
+            .output()
+            .unwrap()
+    };
+    let out = cli("containerd://web-1a2b");
+    assert!(out.status.success(), "{}", text(&out));
+    let out = cli("web-3c");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(archives(share.path(), "ops").len(), 2);
+    let out = cli("web-");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = text(&out);
+    assert!(
+        err.contains("ambiguous") && err.contains("web-1a2b") && err.contains("web-3c4d"),
+        "{err}"
+    );
+}
