@@ -20,12 +20,16 @@ use std::path::{Path, PathBuf};
 
 use protobuf::Message;
 
-use crate::rpc_images::{Core_entry, Inventory_entry, Mnt_entry, Task_kobj_ids_entry};
+use crate::rpc_images::{
+    Core_entry, Inventory_entry, Mnt_entry, Pstree_entry, Task_kobj_ids_entry,
+};
 
 /// Magic at the head of every image but the inventory.
 pub const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
 /// The core image's own magic.
 pub const CORE_MAGIC: u32 = 0x5505_3847;
+/// The process tree (`pstree.img`).
+pub const PSTREE_MAGIC: u32 = 0x5027_3030;
 /// The mounts of a mount namespace (`mountpoints-ID.img`).
 pub const MNTS_MAGIC: u32 = 0x5556_3928;
 /// More mounts than any container has; bounds the work.
@@ -121,6 +125,8 @@ pub struct Creds {
 pub struct ThreadState {
     /// The thread id the image is named after (`core-TID.img`).
     pub tid: u32,
+    /// The command name (`comm`), when the image records one.
+    pub comm: Option<String>,
     /// None when the image records no credentials (CRIU then keeps the
     /// restorer's, which are root's: callers must treat it as the worst).
     pub creds: Option<Creds>,
@@ -234,6 +240,50 @@ pub fn host_namespaces(dir: &Path) -> Result<Vec<(u32, Vec<NsKind>)>, ImageError
             dir: dir.to_path_buf(),
             why: "no task ids images (ids-PID.img)".into(),
         });
+    }
+    Ok(out)
+}
+
+/// One process of the dumped tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeProcess {
+    pub pid: u32,
+    pub ppid: u32,
+    pub threads: Vec<u32>,
+}
+
+/// The processes of `pstree.img`, in CRIU's order (the root first).
+pub fn process_tree(dir: &Path) -> Result<Vec<TreeProcess>, ImageError> {
+    let path = dir.join("pstree.img");
+    let bytes = read_bounded(&path, MAX_CORE_BYTES * 16)?;
+    let bad = |why: String| ImageError::Malformed {
+        path: path.clone(),
+        why,
+    };
+    let mut rest = bytes
+        .get(8..)
+        .filter(|_| bytes.get(..8) == Some(&magics(IMG_COMMON_MAGIC, PSTREE_MAGIC)[..]))
+        .ok_or_else(|| bad("wrong magic (not a CRIU pstree image)".into()))?;
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        if out.len() >= MAX_THREADS {
+            return Err(bad(format!("more than {MAX_THREADS} processes")));
+        }
+        let len = rest
+            .get(..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .ok_or_else(|| bad("truncated entry".into()))?;
+        let entry = rest
+            .get(4..4 + len)
+            .ok_or_else(|| bad("truncated entry".into()))?;
+        let e = Pstree_entry::parse_from_bytes(entry)
+            .map_err(|e| bad(format!("pstree entry does not decode: {e}")))?;
+        out.push(TreeProcess {
+            pid: e.pid.unwrap_or(0),
+            ppid: e.ppid.unwrap_or(0),
+            threads: e.threads.clone(),
+        });
+        rest = &rest[4 + len..];
     }
     Ok(out)
 }
@@ -377,6 +427,7 @@ pub fn read_core(path: &Path) -> Result<ThreadState, ImageError> {
     };
     Ok(ThreadState {
         tid: 0,
+        comm: core.tc.as_ref().and_then(|tc| tc.comm.clone()),
         creds,
         seccomp,
     })

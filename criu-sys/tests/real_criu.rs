@@ -463,3 +463,21 @@ fn images_tell_the_dumped_process_s_credentials_and_namespaces() {
         );
     }
 }
+
+#[test]
+fn images_tell_the_process_tree_and_names() {
+    let c = criu();
+    let counter = Counter::start();
+    let (dir, opts) = images();
+    c.dump(&opts.pid(counter.pid).leave_running(true), None)
+        .unwrap();
+    let tree = criu_sys::images::process_tree(dir.path()).unwrap();
+    assert_eq!(tree[0].pid, counter.pid as u32);
+    assert!(tree[0].threads.contains(&(counter.pid as u32)));
+    let threads = criu_sys::images::threads(dir.path()).unwrap();
+    let main = threads
+        .iter()
+        .find(|t| t.tid == counter.pid as u32)
+        .unwrap();
+    assert_eq!(main.comm.as_deref(), Some("counter"));
+}

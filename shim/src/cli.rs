@@ -61,6 +61,9 @@ enum Command {
     Inspect {
         #[command(flatten)]
         share: ShareArg,
+        /// Print JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
         /// An archive file, or a name on the share as `list` prints it
         /// (a key means its newest archive).
         archive: String,
@@ -69,6 +72,9 @@ enum Command {
     List {
         #[command(flatten)]
         share: ShareArg,
+        /// Print JSON (for scripts) instead of text.
+        #[arg(long)]
+        json: bool,
         /// Only this key (a directory on the share, such as k8s-default/job).
         key: Option<String>,
     },
@@ -126,6 +132,9 @@ struct CheckpointArgs {
     /// all or none.
     #[arg(long)]
     pod: bool,
+    /// Print the report as JSON (for scripts) instead of text.
+    #[arg(long)]
+    json: bool,
     /// The container: its id, a unique prefix of it (what `crictl ps`
     /// prints), or `containerd://ID`. With --pod also `NAMESPACE/POD`, the
     /// Kubernetes pod's namespace and name.
@@ -140,8 +149,12 @@ pub fn main(args: &[String]) -> ! {
     };
     let (name, result) = match cli.command {
         Command::Checkpoint(a) => ("checkpoint", checkpoint(a)),
-        Command::Inspect { share, archive } => ("inspect", inspect(&share.dir, &archive)),
-        Command::List { share, key } => ("list", list(&share.dir, key.as_deref())),
+        Command::Inspect {
+            share,
+            json,
+            archive,
+        } => ("inspect", inspect(&share.dir, &archive, json)),
+        Command::List { share, json, key } => ("list", list(&share.dir, key.as_deref(), json)),
         Command::Gc { share, keep, key } => ("gc", gc(&share.dir, keep, key.as_deref())),
         Command::Version => {
             println!("containerd-shim-criu-v2 {}", env!("CARGO_PKG_VERSION"));
@@ -201,7 +214,7 @@ fn checkpoint(a: CheckpointArgs) -> Result<(), Failure> {
         .map_err(|e| failed(format!("connect to the shim at {}: {e}", address.trim())))?;
     let tasks = TaskClient::new(client);
     let started = Instant::now();
-    let progress = Progress::start(format!("checkpointing {id}"));
+    let progress = (!a.json).then(|| Progress::start(format!("checkpointing {id}")));
     let result = tasks.checkpoint(ttrpc::context::with_timeout(0), &req);
     drop(progress);
     if let Err(e) = result {
@@ -212,6 +225,7 @@ fn checkpoint(a: CheckpointArgs) -> Result<(), Failure> {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
     match report {
+        Some(r) if a.json => println!("{}", serde_json::to_string_pretty(&r).map_err(failed)?),
         Some(r) => println!("{id}: {}", r.summary),
         None => println!(
             "{id}: checkpointed in {:.2} s",
@@ -339,11 +353,37 @@ fn open_archive(share: &Path, name: &str) -> Result<(PathBuf, std::fs::File, u64
     Ok((archive.path(), f, size))
 }
 
-fn inspect(share: &Path, name: &str) -> Result<(), Failure> {
+/// What `inspect` found, for `--json`.
+#[derive(serde::Serialize)]
+struct InspectReport<'a> {
+    archive: &'a Path,
+    size: u64,
+    /// Every digest matched (and the signature, with a key).
+    verified: bool,
+    signed_with_cluster_key: bool,
+    manifest: &'a Manifest,
+    processes: Vec<ProcessReport>,
+}
+
+/// One process of the archive, as CRIU will restore it.
+#[derive(serde::Serialize)]
+struct ProcessReport {
+    pid: u32,
+    ppid: u32,
+    threads: usize,
+    command: Option<String>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    effective_capabilities: Option<String>,
+    no_new_privs: Option<bool>,
+    seccomp: String,
+}
+
+fn inspect(share: &Path, name: &str, json: bool) -> Result<(), Failure> {
     let (path, file, size) = open_archive(share, name)?;
     let scratch = tempfile::tempdir().map_err(failed)?;
     let what = path.display().to_string();
-    let progress = Progress::start(format!("verifying {what}"));
+    let progress = (!json).then(|| Progress::start(format!("verifying {what}")));
     let key_file = std::env::var_os(criu_shim_config::env::ARCHIVE_KEY_FILE).map(PathBuf::from);
     let key = migrate::mac::configured(key_file.as_deref()).map_err(failed)?;
     let config = criu_shim_config::ShimConfig::from_env("default", None).map_err(failed)?;
@@ -355,7 +395,21 @@ fn inspect(share: &Path, name: &str) -> Result<(), Failure> {
     let unpacked = unpack::unpack(file, scratch.path(), &what, &options);
     drop(progress);
     let m = unpacked.map_err(failed)?;
+    let processes = processes(&scratch.path().join(migrate::members::IMAGES_DIR));
+    if json {
+        let report = InspectReport {
+            archive: &path,
+            size,
+            verified: true,
+            signed_with_cluster_key: key.is_some(),
+            manifest: &m,
+            processes,
+        };
+        println!("{}", serde_json::to_string_pretty(&report).map_err(failed)?);
+        return Ok(());
+    }
     print_manifest(&path, size, &m);
+    print_processes(&processes);
     println!(
         "verification: OK ({} members, all SHA-256 digests match{})",
         m.members.len(),
@@ -366,6 +420,65 @@ fn inspect(share: &Path, name: &str) -> Result<(), Failure> {
         }
     );
     Ok(())
+}
+
+/// The archive's processes, as its images say (empty if unreadable).
+fn processes(images: &Path) -> Vec<ProcessReport> {
+    let tree = criu_sys::images::process_tree(images).unwrap_or_default();
+    let threads = criu_sys::images::threads(images).unwrap_or_default();
+    tree.iter()
+        .map(|p| {
+            let main = threads.iter().find(|t| t.tid == p.pid);
+            let creds = main.and_then(|t| t.creds.as_ref());
+            ProcessReport {
+                pid: p.pid,
+                ppid: p.ppid,
+                threads: p.threads.len(),
+                command: main.and_then(|t| t.comm.clone()),
+                uid: creds.map(|c| c.uids[0]),
+                gid: creds.map(|c| c.gids[0]),
+                effective_capabilities: creds
+                    .map(|c| crate::restore::privileges::names(c.effective)),
+                no_new_privs: creds.map(|c| c.no_new_privs),
+                seccomp: main
+                    .map(|t| format!("{:?}", t.seccomp).to_lowercase())
+                    .unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+fn print_processes(processes: &[ProcessReport]) {
+    let threads: usize = processes.iter().map(|p| p.threads).sum();
+    println!("processes:    {} ({threads} threads)", processes.len());
+    for p in processes {
+        let depth = ancestors(processes, p);
+        println!(
+            "  {}{} {}  uid {}, seccomp {}, {} effective capabilities",
+            "  ".repeat(depth),
+            p.pid,
+            p.command.as_deref().unwrap_or("?"),
+            p.uid.map_or("?".into(), |u| u.to_string()),
+            p.seccomp,
+            p.effective_capabilities
+                .as_deref()
+                .map_or(0, |c| c.split(", ").filter(|s| !s.is_empty()).count()),
+        );
+    }
+}
+
+/// How deep `p` is in the tree (0 for the root).
+fn ancestors(all: &[ProcessReport], p: &ProcessReport) -> usize {
+    let mut depth = 0;
+    let mut ppid = p.ppid;
+    while let Some(parent) = all.iter().find(|q| q.pid == ppid) {
+        depth += 1;
+        ppid = parent.ppid;
+        if depth > all.len() {
+            break;
+        }
+    }
+    depth
 }
 
 fn print_manifest(path: &Path, size: u64, m: &Manifest) {
@@ -407,19 +520,38 @@ fn print_manifest(path: &Path, size: u64, m: &Manifest) {
     }
 }
 
-fn list(share: &Path, key: Option<&str>) -> Result<(), Failure> {
+/// One archive, for `list --json`.
+#[derive(serde::Serialize)]
+struct Listed {
+    name: String,
+    bytes: u64,
+}
+
+fn list(share: &Path, key: Option<&str>, json: bool) -> Result<(), Failure> {
     let share = Share::open(share).map_err(failed)?;
+    let mut listed = Vec::new();
     for key in keys(&share, key)? {
         let Some(dir) = share.dir(&key).map_err(failed)? else {
             continue;
         };
         for name in share::list(&dir).map_err(failed)? {
-            let size = dir.stat(&name).map(|s| s.size).unwrap_or(0);
-            println!(
-                "{:>10.1} MiB  {key}/{name}",
-                size as f64 / (1024.0 * 1024.0)
-            );
+            let bytes = dir.stat(&name).map(|s| s.size).unwrap_or(0);
+            listed.push(Listed {
+                name: format!("{key}/{name}"),
+                bytes,
+            });
         }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&listed).map_err(failed)?);
+        return Ok(());
+    }
+    for l in listed {
+        println!(
+            "{:>10.1} MiB  {}",
+            l.bytes as f64 / (1024.0 * 1024.0),
+            l.name
+        );
     }
     Ok(())
 }

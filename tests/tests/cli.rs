@@ -94,6 +94,10 @@ fn list_and_gc_see_pod_archives() {
         listed.contains("k8s-default/job/web/20260103T000000.000Z.criu.tar.zst"),
         "{listed}"
     );
+    let out = run(&["list", "--share", share_arg, "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(json.as_array().unwrap().len(), 7, "{json}");
+    assert_eq!(json[0]["bytes"], 1);
     let out = run(&["list", "--share", share_arg, "k8s-default/job"]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).lines().count(),

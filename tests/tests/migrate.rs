@@ -539,6 +539,26 @@ fn checkpointctl_reads_an_archive_of_the_cli() {
     let out = a.cli_checkpoint("app", &["--to", "job", "--leave-running"]);
     assert!(out.status.success(), "{}", text(&out));
     let archive = archives(share.path(), "job").pop().unwrap();
+    // Our own inspect shows the same process and its privileges, verified.
+    let ours = std::process::Command::new(criu_shim_tests::shim_binary())
+        .arg("inspect")
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(ours.status.success(), "{}", text(&ours));
+    let ours_text = String::from_utf8_lossy(&ours.stdout).into_owned();
+    for part in ["processes:    1", "testapp", "uid 0", "verification: OK"] {
+        assert!(ours_text.contains(part), "{part:?} not in: {ours_text}");
+    }
+    let ours = std::process::Command::new(criu_shim_tests::shim_binary())
+        .args(["inspect", "--json"])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&ours.stdout).expect("inspect --json");
+    assert_eq!(json["verified"], true);
+    assert_eq!(json["processes"][0]["command"], "testapp");
+    assert_eq!(json["manifest"]["tenant"], "containerd");
     let (show, inspect) = criu_shim_tests::checkpointctl_reads(&archive);
     assert!(
         show.contains("io.containerd.criu.v2") && show.contains("app"),

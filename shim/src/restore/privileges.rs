@@ -227,7 +227,8 @@ fn cap_set(caps: &Option<Capabilities>) -> Result<CapSet> {
     Ok(CapSet(set))
 }
 
-fn names(set: CapSet) -> String {
+/// `CAP_CHOWN, CAP_KILL` for a set.
+pub fn names(set: CapSet) -> String {
     let v: Vec<String> = set
         .numbers()
         .map(|n| {
@@ -565,6 +566,7 @@ mod tests {
         for caps in [DEFAULT_CAPS, 0, 1 << 10] {
             let t = ThreadState {
                 tid: 1,
+                comm: None,
                 creds: Some(creds(caps)),
                 seccomp: SeccompMode::Filter,
             };
@@ -607,6 +609,7 @@ mod tests {
         };
         let t = ThreadState {
             tid: 1,
+            comm: None,
             creds: Some(c),
             seccomp: SeccompMode::Filter,
         };
@@ -616,6 +619,7 @@ mod tests {
         }
         let t = ThreadState {
             tid: 1,
+            comm: None,
             creds: None,
             seccomp: SeccompMode::Filter,
         };
@@ -638,6 +642,7 @@ mod tests {
         };
         let t = ThreadState {
             tid: 1,
+            comm: None,
             creds: Some(c),
             seccomp: SeccompMode::Filter,
         };
