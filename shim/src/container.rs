@@ -280,15 +280,23 @@ impl Container {
     }
 
     pub fn kill(&self, exec_id: &str, signal: u32, all: bool) -> Result<()> {
-        let _one_at_a_time = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
         let p = self.process(exec_id)?;
-        if p.status() == Status::Stopped {
+        let finished = || {
             // Same words as containerd's runc shim, which clients match on.
-            return Err(Error::NotFound(format!(
+            Error::NotFound(format!(
                 "process {} of {}: process already finished: not found",
                 p.display_id(),
                 self.id
-            )));
+            ))
+        };
+        // Answered at once, never behind a Delete: containerd closes a
+        // container's connection as soon as its Delete returns.
+        if p.status() == Status::Stopped {
+            return Err(finished());
+        }
+        let _one_at_a_time = self.lifecycle.lock().unwrap_or_else(|e| e.into_inner());
+        if p.status() == Status::Stopped {
+            return Err(finished());
         }
         if exec_id.is_empty() {
             return self.runc.kill(&self.id, signal, all).map_err(|e| {

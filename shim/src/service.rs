@@ -53,6 +53,9 @@ struct Pids {
 
 pub struct Service {
     namespace: String,
+    /// Task RPCs being served: Shutdown waits for them, so that no answer
+    /// is cut off by the shim's exit.
+    inflight: std::sync::atomic::AtomicUsize,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     pids: Mutex<Pids>,
     events: Events,
@@ -63,6 +66,7 @@ impl Service {
     pub fn new(namespace: &str, events: Events, exit: Arc<ExitSignal>) -> Arc<Service> {
         let svc = Arc::new(Service {
             namespace: namespace.to_string(),
+            inflight: Default::default(),
             containers: Mutex::new(HashMap::new()),
             pids: Mutex::new(Pids::default()),
             events,
@@ -142,6 +146,23 @@ impl Service {
         };
         if let Some((code, _)) = early {
             self.on_exit(pid, code);
+        }
+    }
+
+    /// Marks a Task RPC in flight until the guard is dropped.
+    fn busy(&self) -> Busy<'_> {
+        self.inflight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Busy(&self.inflight)
+    }
+
+    /// Waits (up to `limit`) until no Task RPC is in flight.
+    fn drain(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.inflight.load(std::sync::atomic::Ordering::SeqCst) > 0
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -413,6 +434,15 @@ fn rpc<T>(r: Result<T>) -> TtrpcResult<T> {
     r.map_err(Into::into)
 }
 
+/// A Task RPC in flight (see [`Service::busy`]).
+struct Busy<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// The ttrpc face of [`Service`].
 #[derive(Clone)]
 pub struct TaskService(pub Arc<Service>);
@@ -423,6 +453,7 @@ impl Task for TaskService {
         ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
+        let _busy = self.0.busy();
         let pid = rpc(self.0.do_create(&req, deadline(ctx)))?;
         Ok(api::CreateTaskResponse {
             pid,
@@ -435,6 +466,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
+        let _busy = self.0.busy();
         let svc = &self.0;
         let c = rpc(svc.container(&req.id))?;
         let pid = if req.exec_id.is_empty() {
@@ -466,6 +498,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
+        let _busy = self.0.busy();
         let c = rpc(self.0.container(&req.id))?;
         let p = rpc(c.process(&req.exec_id))?;
         let exit = p.exit();
@@ -496,6 +529,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
+        let _busy = self.0.busy();
         let (pid, exit) = rpc(self.0.do_delete(&req.id, &req.exec_id))?;
         Ok(api::DeleteResponse {
             pid,
@@ -506,6 +540,7 @@ impl Task for TaskService {
     }
 
     fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let _busy = self.0.busy();
         let c = rpc(self.0.container(&req.id))?;
         let pids = rpc(c.pids())?;
         Ok(api::PidsResponse {
@@ -521,6 +556,7 @@ impl Task for TaskService {
     }
 
     fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        let _busy = self.0.busy();
         let c = rpc(self.0.container(&req.id))?;
         rpc(c.pause())?;
         self.0.events.send(Event::Paused(req.id.clone()));
@@ -528,6 +564,7 @@ impl Task for TaskService {
     }
 
     fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        let _busy = self.0.busy();
         let c = rpc(self.0.container(&req.id))?;
         rpc(c.resume())?;
         self.0.events.send(Event::Resumed(req.id.clone()));
@@ -535,12 +572,14 @@ impl Task for TaskService {
     }
 
     fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        let _busy = self.0.busy();
         let c = rpc(self.0.container(&req.id))?;
         rpc(c.kill(&req.exec_id, req.signal, req.all))?;
         Ok(api::Empty::new())
     }
 
     fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        let _busy = self.0.busy();
         let c = rpc(self.0.container(&req.id))?;
         let spec = req
             .spec
@@ -567,6 +606,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::ResizePtyRequest,
     ) -> TtrpcResult<api::Empty> {
+        let _busy = self.0.busy();
         let c = rpc(self.0.container(&req.id))?;
         let p = rpc(c.process(&req.exec_id))?;
         rpc(p.resize(req.width, req.height))?;
@@ -574,6 +614,7 @@ impl Task for TaskService {
     }
 
     fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        let _busy = self.0.busy();
         let c = rpc(self.0.container(&req.id))?;
         let p = rpc(c.process(&req.exec_id))?;
         if req.stdin {
@@ -583,6 +624,7 @@ impl Task for TaskService {
     }
 
     fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        let _busy = self.0.busy();
         let c = rpc(self.0.container(&req.id))?;
         let resources = req
             .resources
@@ -601,11 +643,13 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::CheckpointTaskRequest,
     ) -> TtrpcResult<api::Empty> {
+        let _busy = self.0.busy();
         rpc(self.0.do_checkpoint(&req))?;
         Ok(api::Empty::new())
     }
 
     fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        let _busy = self.0.busy();
         let c = rpc(self.0.container(&req.id))?;
         let p = rpc(c.process(&req.exec_id))?;
         let exit = p.wait();
@@ -621,6 +665,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
+        let _busy = self.0.busy();
         let c = rpc(self.0.container(&req.id))?;
         let raw = rpc(c.stats())?;
         let any = rpc(crate::stats::to_any(&raw))?;
@@ -648,9 +693,13 @@ impl Task for TaskService {
         })
     }
 
-    fn shutdown(&self, _ctx: &TtrpcContext, req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+    /// As containerd's runc shim: the shim exits only once it serves no
+    /// container (whatever `now` says), and only after the answers to
+    /// requests still in flight (a Kill racing a pod's teardown) are out.
+    fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
         let empty = self.0.containers.lock().unwrap().is_empty();
-        if empty || req.now {
+        if empty {
+            self.0.drain(Duration::from_secs(5));
             log::info!("shutting down");
             self.0.exit.signal();
         }
