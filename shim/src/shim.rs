@@ -22,6 +22,10 @@ use crate::service::{Service, TaskService};
 pub struct CriuShim {
     namespace: String,
     id: String,
+    /// containerd's socket address (`-address`) and, for the server, our
+    /// own ttrpc socket (`-socket`).
+    address: String,
+    socket: String,
     exit: Arc<ExitSignal>,
 }
 
@@ -32,6 +36,8 @@ impl Shim for CriuShim {
         CriuShim {
             namespace: args.namespace.clone(),
             id: args.id.clone(),
+            address: args.address.clone(),
+            socket: args.socket.clone(),
             exit: Arc::new(ExitSignal::default()),
         }
     }
@@ -47,6 +53,15 @@ impl Shim for CriuShim {
     fn delete_shim(&mut self) -> containerd_shim::Result<api::DeleteResponse> {
         let bundle = std::env::current_dir().unwrap_or_default();
         cleanup_after_crash(&self.namespace, &self.id, &bundle);
+        // The dead shim's socket, unless a live shim (the pod's, serving
+        // other containers) still answers on it.
+        let spec = crate::spec::Spec::read(&bundle);
+        let grouping = criu_shim_config::grouping(&self.id, |k| spec.annotation(k)).to_string();
+        remove_stale_socket(&containerd_shim::socket_address(
+            &self.address,
+            &self.namespace,
+            &grouping,
+        ));
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -67,6 +82,10 @@ impl Shim for CriuShim {
 
     fn wait(&mut self) {
         self.exit.wait();
+        // containerd-shim removes the socket only where containerd wrote an
+        // `address` file (containerd 1.x): a socket left behind makes the
+        // next shim for this id wait about a second before it takes over.
+        remove_socket(&self.socket);
     }
 
     /// containerd's `-info`: what the runtime supports. containerd 2.2+
@@ -105,6 +124,30 @@ fn sweep_staging(namespace: &str) {
             "removed {}: staging of a shim that died during a checkpoint or restore",
             dir.display()
         );
+    }
+}
+
+/// Removes the unix socket at `address` (`unix:///run/containerd/s/...`).
+fn remove_socket(address: &str) {
+    use std::os::unix::fs::FileTypeExt;
+    let path = Path::new(address.strip_prefix("unix://").unwrap_or(address));
+    let is_socket = std::fs::symlink_metadata(path)
+        .map(|m| m.file_type().is_socket())
+        .unwrap_or(false);
+    if is_socket {
+        if let Err(e) = std::fs::remove_file(path) {
+            log::warn!("remove socket {}: {e}", path.display());
+        }
+    }
+}
+
+/// Removes the socket at `address` only if nothing listens on it.
+fn remove_stale_socket(address: &str) {
+    let path = address.strip_prefix("unix://").unwrap_or(address);
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => remove_socket(address),
+        Err(_) => {}
     }
 }
 

@@ -336,3 +336,38 @@ fn kill_and_delete_at_once_both_answer() {
         cd.ctr_ok(&["container", "rm", &id]);
     }
 }
+
+/// The shim removes its ttrpc socket when it exits: a socket left in
+/// /run/containerd/s made the next shim for the same id wait about a second.
+#[test]
+fn the_shim_removes_its_socket_when_it_exits() {
+    let cd = Containerd::start();
+    cd.run_detached("sock", &["/testapp", "-m", "1"]);
+    let bootstrap = cd
+        .dir
+        .path()
+        .join("state/io.containerd.runtime.v2.task")
+        .join(&cd.ns)
+        .join("sock/bootstrap.json");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&bootstrap).unwrap()).unwrap();
+    let address = json["address"].as_str().unwrap().to_string();
+    let socket = std::path::PathBuf::from(address.trim_start_matches("unix://"));
+    assert!(
+        socket.exists(),
+        "{} not there while the shim runs",
+        socket.display()
+    );
+    cd.remove("sock");
+    wait_until(
+        Duration::from_secs(10),
+        "the shim to remove its socket",
+        || !socket.exists(),
+    );
+    // The same id again starts at once on a fresh shim.
+    cd.run_detached("sock", &["/testapp", "-m", "1"]);
+    wait_until(Duration::from_secs(10), "the task to run", || {
+        cd.task_status("sock").as_deref() == Some("RUNNING")
+    });
+    cd.remove("sock");
+}
