@@ -4,6 +4,10 @@
 //!
 //!   hack/bench-cri [RUNS] SIZE_MIB...
 //!
+//! The counters' memory is realistic records (`testapp --fill realistic`,
+//! about 3.6:1 with zstd -1, like real programs'); `BENCH_FILL=random`,
+//! `zero` or `pattern` chooses another kind.
+//!
 //! A client polls the service every 10 ms: the pod IP on node A, then the
 //! new pod's IP on node B as soon as the CRI reports it. Downtime is the
 //! time from the start of the checkpoint (the moment the state the copy
@@ -167,7 +171,8 @@ fn migrate(
     let handler = if way == Way::Stock { "runc" } else { "criu" };
     let name = format!("counter-{run}");
     let mem = mib.to_string();
-    let cmd = ["/testapp", "-m", mem.as_str()];
+    let fill = std::env::var("BENCH_FILL").unwrap_or_else(|_| "realistic".into());
+    let cmd = ["/testapp", "-m", mem.as_str(), "--fill", fill.as_str()];
 
     let pod = pod_config(
         &name,
