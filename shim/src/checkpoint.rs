@@ -16,6 +16,7 @@
 //! none.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -26,7 +27,7 @@ use containerd_shim::protos::shim::oci::CheckpointOptions;
 use crate::container::{Container, DumpStats};
 use crate::criu_front::env as front_env;
 use crate::error::{Error, Result};
-use crate::messages::{ArchiveReport, CheckpointReport};
+use crate::messages::{ArchiveReport, CheckpointReport, ProgressReport};
 pub use crate::messages::{CheckpointRequest, CHECKPOINT_REQUEST_TYPE};
 use crate::migrate::share::{self, Share, Tenant};
 use crate::migrate::{self, archive::Compression, stage::Staging, Report};
@@ -120,11 +121,17 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
     } else {
         Vec::new()
     };
+    // Our CLI waits on this RPC: tell it how far we are.
+    let reporter = (ours.is_some() && !req.path.is_empty())
+        .then(|| Reporter::start(PathBuf::from(&req.path), args.image_path.clone()));
     let dump = dump(c, &args, &env)?;
     let Some(to) = publish_to else {
         return Ok(None);
     };
-    match publish(c, &args, &dump, &to, compression) {
+    let progress = reporter
+        .as_ref()
+        .map(|r| r.publishing(dir_size(&args.image_path)));
+    match publish(c, &args, &dump, &to, compression, progress) {
         Ok(report) => {
             if exit_after {
                 c.runc_kill_all(libc::SIGKILL as u32)?;
@@ -217,7 +224,7 @@ fn pod_checkpoint(
     }
     let mut published: Vec<Report> = Vec::new();
     for ((c, _, args, stats), to) in dumps.iter().zip(&destinations) {
-        match publish(c, args, stats, to, r.compression()) {
+        match publish(c, args, stats, to, r.compression(), None) {
             Ok(report) => published.push(report),
             Err(e) => {
                 // All or nothing: a partial pod must not be restorable.
@@ -334,6 +341,7 @@ fn publish(
     dump: &DumpStats,
     to: &Destination,
     compression: Compression,
+    progress: Option<Arc<AtomicU64>>,
 ) -> Result<Report> {
     let target = migrate::Target {
         share: c.config.share_dir.clone(),
@@ -342,6 +350,7 @@ fn publish(
         compression,
         staging_root: c.config.staging_dir.clone(),
         mac_key: to.mac_key.clone(),
+        progress,
     };
     // Inside the shim server containerd-shim reaps every child: CRIU's exit
     // must come from its monitor, like every other child's.
@@ -367,6 +376,80 @@ fn publish(
     let report = migrate::publish_checkpoint(&dumped, &target)?;
     log::info!("{}: {}", c.id, report.summary());
     Ok(report)
+}
+
+/// Writes [`ProgressReport`]s into the CLI's directory twice a second while
+/// a checkpoint runs: the images' size during the dump, then the bytes
+/// archived of the total while publishing. Stops when dropped.
+struct Reporter {
+    stop: Arc<AtomicBool>,
+    /// Bytes archived so far, and the total once publishing started.
+    archived: Arc<AtomicU64>,
+    total: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Reporter {
+    fn start(dir: PathBuf, images: PathBuf) -> Reporter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let archived = Arc::new(AtomicU64::new(0));
+        let total = Arc::new(AtomicU64::new(0));
+        let (s, a, t) = (stop.clone(), archived.clone(), total.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let total = t.load(Ordering::SeqCst);
+                let report = if total == 0 {
+                    ProgressReport {
+                        phase: "dump".into(),
+                        done_bytes: dir_size(&images),
+                        total_bytes: None,
+                    }
+                } else {
+                    ProgressReport {
+                        phase: "publish".into(),
+                        done_bytes: a.load(Ordering::SeqCst),
+                        total_bytes: Some(total),
+                    }
+                };
+                report.write(&dir);
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        });
+        Reporter {
+            stop,
+            archived,
+            total,
+            thread: Some(thread),
+        }
+    }
+
+    /// Publishing `total` bytes of images starts; returns the counter the
+    /// archive writer advances.
+    fn publishing(&self, total: u64) -> Arc<AtomicU64> {
+        self.total.store(total.max(1), Ordering::SeqCst);
+        self.archived.clone()
+    }
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Bytes of the files directly in `dir`.
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// containerd's CheckpointOptions, as runc arguments.

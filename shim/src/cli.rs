@@ -214,7 +214,12 @@ fn checkpoint(a: CheckpointArgs) -> Result<(), Failure> {
         .map_err(|e| failed(format!("connect to the shim at {}: {e}", address.trim())))?;
     let tasks = TaskClient::new(client);
     let started = Instant::now();
-    let progress = (!a.json).then(|| Progress::start(format!("checkpointing {id}")));
+    let progress = (!a.json).then(|| {
+        Progress::watching(
+            format!("checkpointing {id}"),
+            Some(report_dir.path().into()),
+        )
+    });
     let result = tasks.checkpoint(ttrpc::context::with_timeout(0), &req);
     drop(progress);
     if let Err(e) = result {
@@ -612,24 +617,54 @@ fn gc(share: &Path, keep: usize, key: Option<&str>) -> Result<(), Failure> {
     Ok(())
 }
 
-/// "working... 12 s" on stderr every few seconds for long operations.
+/// Progress on stderr for long operations, on a terminal (or with
+/// `CRIU_SHIM_PROGRESS=1`): every second, what the shim reports in
+/// `dir` (bytes, rate, ETA) or, without reports, the time so far.
 struct Progress {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Progress {
     fn start(what: String) -> Progress {
+        Self::watching(what, None)
+    }
+
+    fn watching(what: String, dir: Option<PathBuf>) -> Progress {
+        use std::io::IsTerminal;
         use std::sync::atomic::{AtomicBool, Ordering};
         let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let wanted = std::io::stderr().is_terminal()
+            || std::env::var("CRIU_SHIM_PROGRESS").is_ok_and(|v| v == "1");
+        if !wanted {
+            return Progress { stop };
+        }
         let flag = stop.clone();
         std::thread::spawn(move || {
             let started = Instant::now();
-            let mut next = Duration::from_secs(2);
+            let mut last: Option<(Instant, u64)> = None;
+            let mut next = Duration::from_secs(1);
             while !flag.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(100));
-                if started.elapsed() >= next && !flag.load(Ordering::SeqCst) {
-                    eprintln!("{what}... {} s", started.elapsed().as_secs());
-                    next += Duration::from_secs(2);
+                if started.elapsed() < next || flag.load(Ordering::SeqCst) {
+                    continue;
+                }
+                next += Duration::from_secs(1);
+                let report = dir
+                    .as_deref()
+                    .and_then(crate::messages::ProgressReport::read);
+                match report {
+                    Some(r) => {
+                        let now = Instant::now();
+                        let rate =
+                            last.filter(|(_, done)| r.done_bytes >= *done)
+                                .map(|(t, done)| {
+                                    (r.done_bytes - done) as f64
+                                        / now.duration_since(t).as_secs_f64()
+                                });
+                        last = Some((now, r.done_bytes));
+                        eprintln!("{what}: {}", progress_line(&r, rate));
+                    }
+                    None => eprintln!("{what}... {} s", started.elapsed().as_secs()),
                 }
             }
         });
@@ -637,8 +672,66 @@ impl Progress {
     }
 }
 
+/// `publish: 812.0 of 2048.0 MiB (410 MiB/s, ETA 3 s)`.
+fn progress_line(r: &crate::messages::ProgressReport, rate: Option<f64>) -> String {
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let rate_mib = rate.map(|r| r / (1024.0 * 1024.0));
+    match r.total_bytes {
+        Some(total) => {
+            let left = total.saturating_sub(r.done_bytes) as f64;
+            let eta = rate.filter(|v| *v > 0.0).map(|v| (left / v).ceil());
+            format!(
+                "{} {:.1} of {:.1} MiB{}",
+                r.phase,
+                mib(r.done_bytes),
+                mib(total),
+                match (rate_mib, eta) {
+                    (Some(m), Some(e)) => format!(" ({m:.0} MiB/s, ETA {e:.0} s)"),
+                    _ => String::new(),
+                }
+            )
+        }
+        None => format!(
+            "{} {:.1} MiB{}",
+            r.phase,
+            mib(r.done_bytes),
+            rate_mib
+                .map(|m| format!(" ({m:.0} MiB/s)"))
+                .unwrap_or_default()
+        ),
+    }
+}
+
 impl Drop for Progress {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::ProgressReport;
+
+    #[test]
+    fn progress_lines_say_bytes_rate_and_eta() {
+        let r = ProgressReport {
+            phase: "publish".into(),
+            done_bytes: 512 << 20,
+            total_bytes: Some(2048 << 20),
+        };
+        assert_eq!(
+            progress_line(&r, Some((256u64 << 20) as f64)),
+            "publish 512.0 of 2048.0 MiB (256 MiB/s, ETA 6 s)"
+        );
+        let d = ProgressReport {
+            phase: "dump".into(),
+            done_bytes: 64 << 20,
+            total_bytes: None,
+        };
+        assert_eq!(progress_line(&d, None), "dump 64.0 MiB");
+        let dir = tempfile::tempdir().unwrap();
+        r.write(dir.path());
+        assert_eq!(ProgressReport::read(dir.path()), Some(r));
     }
 }

@@ -7,6 +7,7 @@
 //! | [`CheckpointRequest`] | our CLI | the shim | the Checkpoint RPC's options (JSON `Any`) |
 //! | [`CheckpointReport`] | the shim | our CLI | a file in the directory the RPC names |
 //! | [`ShimState`] | the shim | `shim delete` after a crash | a file in the bundle |
+//! | [`ProgressReport`] | the shim, while it checkpoints | our CLI | a file beside the report, rewritten |
 
 use std::path::{Path, PathBuf};
 
@@ -110,6 +111,38 @@ pub struct ArchiveReport {
 impl CheckpointReport {
     /// Name of the file in the directory the Checkpoint RPC names.
     pub const FILE: &'static str = "report.json";
+}
+
+/// How far a checkpoint is, for the CLI to show while it waits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressReport {
+    /// `dump` (CRIU writing images) or `publish` (archive to the share).
+    pub phase: String,
+    /// Bytes of images written (dump) or archived (publish) so far.
+    pub done_bytes: u64,
+    /// All the images' bytes, once known (publish).
+    pub total_bytes: Option<u64>,
+}
+
+impl ProgressReport {
+    pub const FILE: &'static str = "progress.json";
+
+    /// Replaces the file in `dir` whole (write, then rename), so a reader
+    /// never sees half of it.
+    pub fn write(&self, dir: &Path) {
+        let tmp = dir.join(".progress.json.new");
+        if let Ok(json) = serde_json::to_vec(self) {
+            if std::fs::write(&tmp, json).is_ok() {
+                let _ = std::fs::rename(&tmp, dir.join(Self::FILE));
+            }
+        }
+    }
+
+    pub fn read(dir: &Path) -> Option<ProgressReport> {
+        std::fs::read(dir.join(Self::FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    }
 }
 
 /// What `shim delete` needs to clean up after a shim that died.

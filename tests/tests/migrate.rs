@@ -760,3 +760,27 @@ fn realistic_memory_arrives_whole() {
     assert_eq!(b.count("app"), 2, "the count continues");
     assert_eq!(hash(&b, "h2"), before, "the memory did not arrive whole");
 }
+
+/// A long checkpoint tells the operator how far it is: bytes, rate, ETA.
+#[test]
+fn a_long_checkpoint_shows_its_progress() {
+    let share = share();
+    let a = Containerd::node(share.path(), &[]);
+    a.run_detached("big", &["/testapp", "-m", "512", "--fill", "random"]);
+    assert_eq!(a.count("big"), 1);
+    let out = std::process::Command::new(criu_shim_tests::shim_binary())
+        .args(["checkpoint", "--namespace", &a.ns, "--state"])
+        .arg(a.dir.path().join("state"))
+        .args(["--to", "big", "big"])
+        .env("CRIU_SHIM_PROGRESS", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.lines()
+            .any(|l| l.contains("checkpointing big: ") && l.contains(" MiB")),
+        "no progress line: {err}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("published"));
+}

@@ -17,6 +17,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::hash_thread::HashThread;
 use super::unpack::read_full;
@@ -91,19 +92,20 @@ pub fn write<W: Write>(
     mut manifest: Manifest,
     compression: Compression,
     mac_key: Option<&[u8]>,
+    progress: Option<&AtomicU64>,
 ) -> Result<(Manifest, u64)> {
     let counted = Counting { inner: out, n: 0 };
     manifest.compression = compression.name().into();
     match compression {
         Compression::None => {
-            let (members, mut c) = write_members(counted, sources, manifest.created)?;
+            let (members, mut c) = write_members(counted, sources, manifest.created, progress)?;
             manifest.members = members;
             write_trailer(&mut c, &manifest, mac_key)?;
             Ok((manifest, c.n))
         }
         Compression::Zstd { level, workers } => {
             let enc = encoder(counted, level, workers)?;
-            let (members, enc) = write_members(enc, sources, manifest.created)?;
+            let (members, enc) = write_members(enc, sources, manifest.created, progress)?;
             manifest.members = members;
             let counted = enc
                 .finish()
@@ -145,7 +147,12 @@ fn encoder<W: Write>(
 }
 
 /// Every source as a tar member; their manifest entries.
-fn write_members<W: Write>(mut out: W, sources: &[Source], mtime: u64) -> Result<(Vec<Member>, W)> {
+fn write_members<W: Write>(
+    mut out: W,
+    sources: &[Source],
+    mtime: u64,
+    progress: Option<&AtomicU64>,
+) -> Result<(Vec<Member>, W)> {
     // checkpointctl looks for the images' directory entry itself.
     let mut dir = header(0, mtime);
     dir.set_entry_type(tar::EntryType::Directory);
@@ -163,10 +170,11 @@ fn write_members<W: Write>(mut out: W, sources: &[Source], mtime: u64) -> Result
             .metadata()
             .map_err(|e| Error::io(format!("stat {}", s.path.display()), e))?
             .len();
-        let sha256 = append_file(&mut out, &s.name, file, size, mtime).map_err(|e| match e {
-            Error::Io { .. } => e,
-            other => Error::Other(format!("{}: {other}", s.path.display())),
-        })?;
+        let sha256 =
+            append_file(&mut out, &s.name, file, size, mtime, progress).map_err(|e| match e {
+                Error::Io { .. } => e,
+                other => Error::Other(format!("{}: {other}", s.path.display())),
+            })?;
         members.push(Member {
             path: s.name.clone(),
             size,
@@ -208,6 +216,7 @@ fn append_file<W: Write>(
     mut file: File,
     size: u64,
     mtime: u64,
+    progress: Option<&AtomicU64>,
 ) -> Result<String> {
     write_header(out, name, size, mtime)?;
     let (recycle_tx, recycle_rx) = std::sync::mpsc::sync_channel(8);
@@ -224,6 +233,9 @@ fn append_file<W: Write>(
         out.write_all(&buf[..n]).map_err(|e| write_error(name, e))?;
         hasher.update(buf, n);
         left -= n as u64;
+        if let Some(p) = progress {
+            p.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
     // A file that grew is caught too: it must end where its size said.
     let mut probe = [0u8; 1];

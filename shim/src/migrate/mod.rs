@@ -66,6 +66,8 @@ pub struct Target {
     pub staging_root: PathBuf,
     /// Sign the archive with this key (see [`mac`]).
     pub mac_key: Option<Vec<u8>>,
+    /// Counts the bytes archived so far, for progress reports.
+    pub progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// What one published checkpoint measured.
@@ -203,6 +205,7 @@ pub fn publish_checkpoint(d: &Dumped, t: &Target) -> Result<Report> {
             base,
             t.compression,
             t.mac_key.as_deref(),
+            t.progress.as_deref(),
         )?);
         Ok(())
     })?;
@@ -396,6 +399,7 @@ mod tests {
             compression,
             staging_root: dir.join("staging"),
             mac_key: mac_key.map(<[u8]>::to_vec),
+            progress: None,
         };
         publish_checkpoint(&d, &t).unwrap()
     }
@@ -886,6 +890,7 @@ mod tests {
                 compression,
                 staging_root: dir.path().join("staging"),
                 mac_key: Some(vec![5u8; 32]),
+                progress: None,
             };
             let r = publish_checkpoint(&d, &t).unwrap();
             seeds.push(std::fs::read(&r.archive).unwrap());
