@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::{Error, Result};
 use crate::messages::{FailureKind, FrontFailure, FrontStats};
 use crate::process::{Process, Status};
-use crate::runc::{CriuArgs, Runc, SpawnOpts};
+use crate::runc::{CriuArgs, Runtime, SpawnOpts};
 use crate::stdio::{ConsoleSocket, ProcessIo, StdioPaths};
 
 /// A rootfs mount containerd asks us to make at `<bundle>/rootfs`.
@@ -47,7 +47,7 @@ pub struct Container {
     pub bundle: PathBuf,
     pub init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
-    runc: Runc,
+    runc: Arc<dyn Runtime>,
     rootfs_mounted: bool,
     no_new_keyring: bool,
     /// Restored with its tasks stopped: Start resumes them.
@@ -64,7 +64,7 @@ pub struct Container {
 impl Container {
     /// `runc create`: the init process exists, stopped before the user's
     /// program, until [`Container::start`].
-    pub fn create(o: CreateOpts, runc: Runc) -> Result<Container> {
+    pub fn create(o: CreateOpts, runc: Arc<dyn Runtime>) -> Result<Container> {
         let rootfs = o.bundle.join("rootfs");
         let mounted = mount_rootfs(&o.rootfs, &rootfs)?;
         let init = Arc::new(Process::new("", o.stdio.clone(), None));
@@ -464,10 +464,180 @@ pub fn unmount_rootfs(target: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runc::ChildStdio;
 
     #[test]
     fn exec_ids_cannot_escape_the_bundle() {
         assert_eq!(sanitize("../../etc"), "______etc");
         assert_eq!(sanitize("exec-1_a"), "exec-1_a");
+    }
+
+    /// No process runs with this pid (it is above the kernel's limit).
+    const FAKE_PID: i32 = 4_194_305;
+
+    /// A runtime that records what it is asked and "creates" containers
+    /// by writing their pid file.
+    #[derive(Default)]
+    struct Fake {
+        calls: Mutex<Vec<String>>,
+        fail_checkpoint: bool,
+    }
+
+    impl Fake {
+        fn called(&self, what: String) {
+            self.calls.lock().unwrap().push(what);
+        }
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    impl Runtime for Fake {
+        fn create(&self, _: &str, _: &Path, o: &SpawnOpts, _: ChildStdio) -> Result<()> {
+            self.called("create".into());
+            std::fs::write(o.pid_file, FAKE_PID.to_string()).unwrap();
+            Ok(())
+        }
+        fn restore(
+            &self,
+            _: &str,
+            _: &Path,
+            _: &CriuArgs,
+            o: &SpawnOpts,
+            _: ChildStdio,
+        ) -> Result<()> {
+            self.called("restore".into());
+            std::fs::write(o.pid_file, FAKE_PID.to_string()).unwrap();
+            Ok(())
+        }
+        fn start(&self, _: &str) -> Result<()> {
+            self.called("start".into());
+            Ok(())
+        }
+        fn exec(&self, _: &str, _: &Path, _: &SpawnOpts, _: ChildStdio) -> Result<()> {
+            self.called("exec".into());
+            Ok(())
+        }
+        fn kill(&self, _: &str, signal: u32, all: bool) -> Result<()> {
+            self.called(format!("kill {signal}{}", if all { " all" } else { "" }));
+            Ok(())
+        }
+        fn delete(&self, _: &str, _: bool) -> Result<()> {
+            self.called("delete".into());
+            Ok(())
+        }
+        fn pause(&self, _: &str) -> Result<()> {
+            self.called("pause".into());
+            Ok(())
+        }
+        fn resume(&self, _: &str) -> Result<()> {
+            self.called("resume".into());
+            Ok(())
+        }
+        fn update(&self, _: &str, _: &Path) -> Result<()> {
+            self.called("update".into());
+            Ok(())
+        }
+        fn ps(&self, _: &str) -> Result<Vec<i32>> {
+            Ok(vec![FAKE_PID])
+        }
+        fn stats(&self, _: &str) -> Result<serde_json::Value> {
+            Ok(serde_json::Value::Null)
+        }
+        fn checkpoint(&self, _: &str, _: &CriuArgs, _: &[(&str, &str)]) -> Result<()> {
+            self.called("checkpoint".into());
+            if self.fail_checkpoint {
+                Err(Error::Other("CRIU said no".into()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    fn container(bundle: &Path, fake: Arc<Fake>, restore: bool) -> Container {
+        let opts = CreateOpts {
+            id: "c".into(),
+            bundle: bundle.to_path_buf(),
+            rootfs: Vec::new(),
+            stdio: StdioPaths::default(),
+            no_pivot: false,
+            no_new_keyring: false,
+            restore: restore.then(CriuArgs::default),
+            rootfs_changes: None,
+            config: criu_shim_config::ShimConfig::defaults("test"),
+        };
+        Container::create(opts, fake).unwrap()
+    }
+
+    #[test]
+    fn a_fresh_container_is_created_then_started() {
+        let bundle = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Fake::default());
+        let c = container(bundle.path(), fake.clone(), false);
+        assert_eq!(c.init.pid(), FAKE_PID);
+        assert_eq!(c.init.status(), Status::Created);
+        c.start().unwrap();
+        assert_eq!(fake.calls(), ["create", "start"]);
+        assert_eq!(c.init.status(), Status::Running);
+        assert!(c.start().is_err(), "started twice");
+    }
+
+    #[test]
+    fn a_restored_container_starts_by_letting_its_stopped_tasks_run() {
+        let bundle = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Fake::default());
+        let c = container(bundle.path(), fake.clone(), true);
+        c.start().unwrap();
+        assert_eq!(
+            fake.calls(),
+            ["restore", format!("kill {} all", libc::SIGCONT).as_str()]
+        );
+    }
+
+    #[test]
+    fn killing_a_finished_process_answers_without_the_runtime() {
+        let bundle = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Fake::default());
+        let c = container(bundle.path(), fake.clone(), false);
+        c.start().unwrap();
+        c.kill("", 15, false).unwrap();
+        c.init.set_exited(143);
+        let err = c.kill("", 9, false).unwrap_err();
+        assert!(matches!(err, Error::NotFound(_)), "{err}");
+        assert_eq!(fake.calls(), ["create", "start", "kill 15"]);
+    }
+
+    #[test]
+    fn a_failed_dump_lets_the_container_run_on() {
+        let bundle = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Fake {
+            fail_checkpoint: true,
+            ..Default::default()
+        });
+        let c = container(bundle.path(), fake.clone(), false);
+        c.start().unwrap();
+        let args = CriuArgs {
+            image_path: bundle.path().join("images"),
+            work_path: bundle.path().join("work"),
+            ..Default::default()
+        };
+        assert!(c.checkpoint(&args, &[]).is_err());
+        assert_eq!(
+            fake.calls(),
+            [
+                "create",
+                "start",
+                "checkpoint",
+                "resume",
+                format!("kill {} all", libc::SIGCONT).as_str()
+            ]
+        );
+        // Not running: refused before the runtime is asked.
+        c.init.set_exited(0);
+        assert!(matches!(
+            c.checkpoint(&args, &[]),
+            Err(Error::FailedPrecondition(_))
+        ));
+        assert_eq!(fake.calls().len(), 5);
     }
 }

@@ -28,6 +28,77 @@ pub struct ChildStdio {
     pub stderr: Option<OwnedFd>,
 }
 
+/// What a container needs of its OCI runtime: the seam between the
+/// container logic and runc, so that logic has unit tests without root
+/// (see the fake in `container.rs`'s tests). [`Runc`] is the real one.
+pub trait Runtime: Send + Sync {
+    fn create(&self, id: &str, bundle: &Path, o: &SpawnOpts, stdio: ChildStdio) -> Result<()>;
+    fn restore(
+        &self,
+        id: &str,
+        bundle: &Path,
+        args: &CriuArgs,
+        o: &SpawnOpts,
+        stdio: ChildStdio,
+    ) -> Result<()>;
+    fn start(&self, id: &str) -> Result<()>;
+    fn exec(&self, id: &str, process_json: &Path, o: &SpawnOpts, stdio: ChildStdio) -> Result<()>;
+    fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()>;
+    fn delete(&self, id: &str, force: bool) -> Result<()>;
+    fn pause(&self, id: &str) -> Result<()>;
+    fn resume(&self, id: &str) -> Result<()>;
+    fn update(&self, id: &str, resources_json: &Path) -> Result<()>;
+    fn ps(&self, id: &str) -> Result<Vec<i32>>;
+    fn stats(&self, id: &str) -> Result<serde_json::Value>;
+    fn checkpoint(&self, id: &str, args: &CriuArgs, env: &[(&str, &str)]) -> Result<()>;
+}
+
+impl Runtime for Runc {
+    fn create(&self, id: &str, bundle: &Path, o: &SpawnOpts, stdio: ChildStdio) -> Result<()> {
+        Runc::create(self, id, bundle, o, stdio)
+    }
+    fn restore(
+        &self,
+        id: &str,
+        bundle: &Path,
+        args: &CriuArgs,
+        o: &SpawnOpts,
+        stdio: ChildStdio,
+    ) -> Result<()> {
+        Runc::restore(self, id, bundle, args, o, stdio)
+    }
+    fn start(&self, id: &str) -> Result<()> {
+        Runc::start(self, id)
+    }
+    fn exec(&self, id: &str, process_json: &Path, o: &SpawnOpts, stdio: ChildStdio) -> Result<()> {
+        Runc::exec(self, id, process_json, o, stdio)
+    }
+    fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()> {
+        Runc::kill(self, id, signal, all)
+    }
+    fn delete(&self, id: &str, force: bool) -> Result<()> {
+        Runc::delete(self, id, force)
+    }
+    fn pause(&self, id: &str) -> Result<()> {
+        Runc::pause(self, id)
+    }
+    fn resume(&self, id: &str) -> Result<()> {
+        Runc::resume(self, id)
+    }
+    fn update(&self, id: &str, resources_json: &Path) -> Result<()> {
+        Runc::update(self, id, resources_json)
+    }
+    fn ps(&self, id: &str) -> Result<Vec<i32>> {
+        Runc::ps(self, id)
+    }
+    fn stats(&self, id: &str) -> Result<serde_json::Value> {
+        Runc::stats(self, id)
+    }
+    fn checkpoint(&self, id: &str, args: &CriuArgs, env: &[(&str, &str)]) -> Result<()> {
+        Runc::checkpoint(self, id, args, env)
+    }
+}
+
 #[derive(Clone)]
 pub struct Runc {
     binary: PathBuf,

@@ -218,7 +218,7 @@ impl Service {
             rootfs_changes: prepared.as_ref().and_then(|p| p.rootfs_changes.clone()),
             config: config.clone(),
         };
-        let container = match Container::create(opts, runc) {
+        let container = match Container::create(opts, Arc::new(runc)) {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 let kept = prepared
