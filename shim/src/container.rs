@@ -462,9 +462,8 @@ pub fn unmount_rootfs(target: &Path) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::runc::ChildStdio;
 
     #[test]
     fn exec_ids_cannot_escape_the_bundle() {
@@ -472,91 +471,17 @@ mod tests {
         assert_eq!(sanitize("exec-1_a"), "exec-1_a");
     }
 
-    /// No process runs with this pid (it is above the kernel's limit).
-    const FAKE_PID: i32 = 4_194_305;
+    use crate::runc::fake::{Fake, FAKE_PID};
 
-    /// A runtime that records what it is asked and "creates" containers
-    /// by writing their pid file.
-    #[derive(Default)]
-    struct Fake {
-        calls: Mutex<Vec<String>>,
-        fail_checkpoint: bool,
+    /// A container `c` on the fake runtime, its bundle in `bundle`.
+    pub(crate) fn container(bundle: &Path, fake: Arc<Fake>, restore: bool) -> Container {
+        named(bundle, fake, restore, "c")
     }
 
-    impl Fake {
-        fn called(&self, what: String) {
-            self.calls.lock().unwrap().push(what);
-        }
-        fn calls(&self) -> Vec<String> {
-            self.calls.lock().unwrap().clone()
-        }
-    }
-
-    impl Runtime for Fake {
-        fn create(&self, _: &str, _: &Path, o: &SpawnOpts, _: ChildStdio) -> Result<()> {
-            self.called("create".into());
-            std::fs::write(o.pid_file, FAKE_PID.to_string()).unwrap();
-            Ok(())
-        }
-        fn restore(
-            &self,
-            _: &str,
-            _: &Path,
-            _: &CriuArgs,
-            o: &SpawnOpts,
-            _: ChildStdio,
-        ) -> Result<()> {
-            self.called("restore".into());
-            std::fs::write(o.pid_file, FAKE_PID.to_string()).unwrap();
-            Ok(())
-        }
-        fn start(&self, _: &str) -> Result<()> {
-            self.called("start".into());
-            Ok(())
-        }
-        fn exec(&self, _: &str, _: &Path, _: &SpawnOpts, _: ChildStdio) -> Result<()> {
-            self.called("exec".into());
-            Ok(())
-        }
-        fn kill(&self, _: &str, signal: u32, all: bool) -> Result<()> {
-            self.called(format!("kill {signal}{}", if all { " all" } else { "" }));
-            Ok(())
-        }
-        fn delete(&self, _: &str, _: bool) -> Result<()> {
-            self.called("delete".into());
-            Ok(())
-        }
-        fn pause(&self, _: &str) -> Result<()> {
-            self.called("pause".into());
-            Ok(())
-        }
-        fn resume(&self, _: &str) -> Result<()> {
-            self.called("resume".into());
-            Ok(())
-        }
-        fn update(&self, _: &str, _: &Path) -> Result<()> {
-            self.called("update".into());
-            Ok(())
-        }
-        fn ps(&self, _: &str) -> Result<Vec<i32>> {
-            Ok(vec![FAKE_PID])
-        }
-        fn stats(&self, _: &str) -> Result<serde_json::Value> {
-            Ok(serde_json::Value::Null)
-        }
-        fn checkpoint(&self, _: &str, _: &CriuArgs, _: &[(&str, &str)]) -> Result<()> {
-            self.called("checkpoint".into());
-            if self.fail_checkpoint {
-                Err(Error::Other("CRIU said no".into()))
-            } else {
-                Ok(())
-            }
-        }
-    }
-
-    fn container(bundle: &Path, fake: Arc<Fake>, restore: bool) -> Container {
+    /// A container `id` on the fake runtime, its bundle in `bundle`.
+    pub(crate) fn named(bundle: &Path, fake: Arc<Fake>, restore: bool, id: &str) -> Container {
         let opts = CreateOpts {
-            id: "c".into(),
+            id: id.into(),
             bundle: bundle.to_path_buf(),
             rootfs: Vec::new(),
             stdio: StdioPaths::default(),

@@ -95,4 +95,11 @@ impl Events {
     pub fn send(&self, ev: Event) {
         let _ = self.tx.lock().unwrap().send(ev);
     }
+
+    /// Events that go to `rx` instead of containerd, for unit tests.
+    #[cfg(test)]
+    pub fn captured() -> (Events, std::sync::mpsc::Receiver<Event>) {
+        let (tx, rx) = channel::<Event>();
+        (Events { tx: Mutex::new(tx) }, rx)
+    }
 }

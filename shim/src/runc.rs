@@ -502,3 +502,96 @@ not json
         assert!(args(&runc).contains(&"--systemd-cgroup".to_string()));
     }
 }
+
+/// A runtime for unit tests: records what it is asked and "creates"
+/// containers by writing their pid file.
+#[cfg(test)]
+pub mod fake {
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    use super::{ChildStdio, CriuArgs, Runtime, SpawnOpts};
+    use crate::error::{Error, Result};
+
+    /// No process runs with this pid (it is above the kernel's limit).
+    pub const FAKE_PID: i32 = 4_194_305;
+
+    /// A runtime that records what it is asked and "creates" containers
+    /// by writing their pid file.
+    #[derive(Default)]
+    pub struct Fake {
+        pub calls: Mutex<Vec<String>>,
+        pub fail_checkpoint: bool,
+    }
+
+    impl Fake {
+        fn called(&self, what: String) {
+            self.calls.lock().unwrap().push(what);
+        }
+        pub fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    impl Runtime for Fake {
+        fn create(&self, _: &str, _: &Path, o: &SpawnOpts, _: ChildStdio) -> Result<()> {
+            self.called("create".into());
+            std::fs::write(o.pid_file, FAKE_PID.to_string()).unwrap();
+            Ok(())
+        }
+        fn restore(
+            &self,
+            _: &str,
+            _: &Path,
+            _: &CriuArgs,
+            o: &SpawnOpts,
+            _: ChildStdio,
+        ) -> Result<()> {
+            self.called("restore".into());
+            std::fs::write(o.pid_file, FAKE_PID.to_string()).unwrap();
+            Ok(())
+        }
+        fn start(&self, _: &str) -> Result<()> {
+            self.called("start".into());
+            Ok(())
+        }
+        fn exec(&self, _: &str, _: &Path, _: &SpawnOpts, _: ChildStdio) -> Result<()> {
+            self.called("exec".into());
+            Ok(())
+        }
+        fn kill(&self, _: &str, signal: u32, all: bool) -> Result<()> {
+            self.called(format!("kill {signal}{}", if all { " all" } else { "" }));
+            Ok(())
+        }
+        fn delete(&self, _: &str, _: bool) -> Result<()> {
+            self.called("delete".into());
+            Ok(())
+        }
+        fn pause(&self, _: &str) -> Result<()> {
+            self.called("pause".into());
+            Ok(())
+        }
+        fn resume(&self, _: &str) -> Result<()> {
+            self.called("resume".into());
+            Ok(())
+        }
+        fn update(&self, _: &str, _: &Path) -> Result<()> {
+            self.called("update".into());
+            Ok(())
+        }
+        fn ps(&self, _: &str) -> Result<Vec<i32>> {
+            Ok(vec![FAKE_PID])
+        }
+        fn stats(&self, _: &str) -> Result<serde_json::Value> {
+            Ok(serde_json::Value::Null)
+        }
+        fn checkpoint(&self, _: &str, _: &CriuArgs, _: &[(&str, &str)]) -> Result<()> {
+            self.called("checkpoint".into());
+            if self.fail_checkpoint {
+                Err(Error::Other("CRIU said no".into()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}

@@ -710,10 +710,95 @@ impl Task for TaskService {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::container::tests::named;
+    use crate::runc::fake::{Fake, FAKE_PID};
 
     #[test]
     fn timestamps_are_unix_time() {
         let t = timestamp(Some(SystemTime::UNIX_EPOCH + Duration::new(5, 7)));
         assert_eq!((t.seconds, t.nanos), (5, 7));
+    }
+
+    fn service() -> (Arc<Service>, std::sync::mpsc::Receiver<Event>) {
+        let (events, rx) = Events::captured();
+        (
+            Service::new("test", events, Arc::new(ExitSignal::default())),
+            rx,
+        )
+    }
+
+    /// A running container `id` on the fake runtime, in `svc`.
+    fn add(svc: &Service, bundle: &std::path::Path, id: &str, spec: serde_json::Value) {
+        std::fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
+        let c = named(bundle, Arc::new(Fake::default()), false, id);
+        c.start().unwrap();
+        svc.containers
+            .lock()
+            .unwrap()
+            .insert(id.to_string(), Arc::new(c));
+    }
+
+    /// An exit can arrive before the pid is known (runc exec returns after
+    /// its process may have died): it waits, and is delivered on register.
+    #[test]
+    fn an_exit_that_comes_before_its_pid_is_registered_is_not_lost() {
+        let (svc, rx) = service();
+        let bundle = tempfile::tempdir().unwrap();
+        add(&svc, bundle.path(), "c", serde_json::json!({}));
+        svc.on_exit(FAKE_PID, 137);
+        assert!(rx.try_recv().is_err(), "an exit event for an unknown pid");
+        svc.register_pid(FAKE_PID, "c", "");
+        match rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the exit event")
+        {
+            Event::Exit(e) => {
+                assert_eq!((e.container_id.as_str(), e.exit_status), ("c", 137));
+            }
+            _ => panic!("not an exit event"),
+        }
+        let c = svc.container("c").unwrap();
+        assert_eq!(c.init.status(), Status::Stopped);
+        assert_eq!(c.init.exit().map(|e| e.status), Some(137));
+    }
+
+    /// A pod checkpoint takes the running containers of the pod, not its
+    /// sandbox, not other pods', by name.
+    #[test]
+    fn pod_members_are_the_pod_s_running_containers() {
+        let (svc, _rx) = service();
+        let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+        let ann = |kind: &str, pod: &str, name: &str| {
+            serde_json::json!({"annotations": {
+                "io.kubernetes.cri.container-type": kind,
+                "io.kubernetes.cri.sandbox-id": pod,
+                "io.kubernetes.cri.container-name": name,
+            }})
+        };
+        add(&svc, dirs[0].path(), "pod1", ann("sandbox", "pod1", ""));
+        add(
+            &svc,
+            dirs[1].path(),
+            "web-id",
+            ann("container", "pod1", "web"),
+        );
+        add(
+            &svc,
+            dirs[2].path(),
+            "cache-id",
+            ann("container", "pod1", "cache"),
+        );
+        add(
+            &svc,
+            dirs[3].path(),
+            "other-id",
+            ann("container", "pod2", "web"),
+        );
+        let web = svc.container("web-id").unwrap();
+        let ids: Vec<String> = svc.pod_members(&web).iter().map(|c| c.id.clone()).collect();
+        assert_eq!(ids, ["cache-id", "web-id"]);
+        svc.container("cache-id").unwrap().init.set_exited(0);
+        let ids: Vec<String> = svc.pod_members(&web).iter().map(|c| c.id.clone()).collect();
+        assert_eq!(ids, ["web-id"], "a stopped container is not checkpointed");
     }
 }
