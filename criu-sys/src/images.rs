@@ -260,22 +260,8 @@ pub fn process_tree(dir: &Path) -> Result<Vec<TreeProcess>, ImageError> {
         path: path.clone(),
         why,
     };
-    let mut rest = bytes
-        .get(8..)
-        .filter(|_| bytes.get(..8) == Some(&magics(IMG_COMMON_MAGIC, PSTREE_MAGIC)[..]))
-        .ok_or_else(|| bad("wrong magic (not a CRIU pstree image)".into()))?;
     let mut out = Vec::new();
-    while !rest.is_empty() {
-        if out.len() >= MAX_THREADS {
-            return Err(bad(format!("more than {MAX_THREADS} processes")));
-        }
-        let len = rest
-            .get(..4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-            .ok_or_else(|| bad("truncated entry".into()))?;
-        let entry = rest
-            .get(4..4 + len)
-            .ok_or_else(|| bad("truncated entry".into()))?;
+    for entry in entries(&bytes, PSTREE_MAGIC, MAX_THREADS, "pstree").map_err(bad)? {
         let e = Pstree_entry::parse_from_bytes(entry)
             .map_err(|e| bad(format!("pstree entry does not decode: {e}")))?;
         out.push(TreeProcess {
@@ -283,7 +269,6 @@ pub fn process_tree(dir: &Path) -> Result<Vec<TreeProcess>, ImageError> {
             ppid: e.ppid.unwrap_or(0),
             threads: e.threads.clone(),
         });
-        rest = &rest[4 + len..];
     }
     Ok(out)
 }
@@ -340,21 +325,8 @@ pub fn mounts(dir: &Path) -> Result<Vec<Mount>, ImageError> {
             path: path.clone(),
             why,
         };
-        let mut rest = bytes
-            .get(8..)
-            .filter(|_| bytes.get(..8) == Some(&magics(IMG_COMMON_MAGIC, MNTS_MAGIC)[..]))
-            .ok_or_else(|| bad("wrong magic (not a CRIU mountpoints image)".into()))?;
-        while !rest.is_empty() {
-            if out.len() >= MAX_MOUNTS {
-                return Err(bad(format!("more than {MAX_MOUNTS} mounts")));
-            }
-            let len = rest
-                .get(..4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-                .ok_or_else(|| bad("truncated entry".into()))?;
-            let entry = rest
-                .get(4..4 + len)
-                .ok_or_else(|| bad("truncated entry".into()))?;
+        let max = MAX_MOUNTS.saturating_sub(out.len());
+        for entry in entries(&bytes, MNTS_MAGIC, max, "mountpoints").map_err(bad)? {
             let m = Mnt_entry::parse_from_bytes(entry)
                 .map_err(|e| bad(format!("mount entry does not decode: {e}")))?;
             out.push(Mount {
@@ -363,17 +335,40 @@ pub fn mounts(dir: &Path) -> Result<Vec<Mount>, ImageError> {
                 read_only: m.flags.unwrap_or(0) & 1 != 0 || m.sb_flags.unwrap_or(0) & 1 != 0,
                 external: m.ext_mount.unwrap_or(false) || m.ext_key.is_some(),
             });
-            rest = &rest[4 + len..];
         }
     }
     Ok(out)
 }
 
-fn magics(a: u32, b: u32) -> [u8; 8] {
-    let mut m = [0u8; 8];
-    m[..4].copy_from_slice(&a.to_le_bytes());
-    m[4..].copy_from_slice(&b.to_le_bytes());
-    m
+/// Every entry of an image whose type magic is `magic` (after the common
+/// magic), at most `max` of them.
+fn entries<'a>(
+    bytes: &'a [u8],
+    magic: u32,
+    max: usize,
+    what: &str,
+) -> Result<Vec<&'a [u8]>, String> {
+    let mut head = [0u8; 8];
+    head[..4].copy_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
+    head[4..].copy_from_slice(&magic.to_le_bytes());
+    let mut rest = bytes
+        .get(8..)
+        .filter(|_| bytes.get(..8) == Some(&head[..]))
+        .ok_or_else(|| format!("wrong magic (not a CRIU {what} image)"))?;
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        if out.len() >= max {
+            return Err(format!("more than {max} entries"));
+        }
+        let len = rest
+            .get(..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .ok_or("truncated entry")?;
+        let entry = rest.get(4..4 + len).ok_or("truncated entry")?;
+        out.push(entry);
+        rest = &rest[4 + len..];
+    }
+    Ok(out)
 }
 
 /// `PREFIXnnn.img` files in `dir`, by number (bounded in count).

@@ -19,9 +19,9 @@
 //!    it too.
 
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::time::Instant;
 
@@ -392,16 +392,6 @@ fn finish_stream(mut rest: impl Read, what: &str) -> Result<()> {
     }
 }
 
-fn create_member(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| Error::io(format!("create {}", path.display()), e))
-}
-
 fn write_member(
     entry: &mut impl Read,
     path: &Path,
@@ -416,7 +406,7 @@ fn write_member(
             .create(parent)
             .map_err(|e| Error::io(format!("create {}", parent.display()), e))?;
     }
-    let mut f = create_member(path)?;
+    let mut f = super::stage::private_file(path)?;
     let full = |e: std::io::Error| {
         Error::io_or_full(
             format!("write {} unpacking {what}", path.display()),
