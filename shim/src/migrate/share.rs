@@ -346,28 +346,28 @@ impl Dir {
 
     /// The subdirectory `name` (never a symlink).
     pub fn subdir(&self, name: &str) -> Result<Option<Dir>> {
-        match beneath::open(
-            &self.fd,
-            Path::new(name),
-            libc::O_DIRECTORY | libc::O_RDONLY,
-            0,
-        ) {
-            Ok(fd) => Ok(Some(Dir {
-                fd,
-                path: self.path.join(name),
-            })),
+        self.beneath(Path::new(name), false)
+    }
+
+    /// The directory `rel` beneath this one, never through a symlink; None
+    /// if it does not exist (or, with `file_is_none`, is not a directory).
+    fn beneath(&self, rel: &Path, file_is_none: bool) -> Result<Option<Dir>> {
+        let path = self.path.join(rel);
+        match beneath::open(&self.fd, rel, libc::O_DIRECTORY | libc::O_RDONLY, 0) {
+            Ok(fd) => Ok(Some(Dir { fd, path })),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) if beneath::is_escape(&e) => Err(escape_error(&self.path.join(name))),
+            Err(e) if beneath::is_escape(&e) => Err(escape_error(&path)),
             Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
-                Err(Error::InvalidArgument(format!(
-                    "{} on the share is not a directory",
-                    self.path.join(name).display()
-                )))
+                if file_is_none {
+                    Ok(None)
+                } else {
+                    Err(Error::InvalidArgument(format!(
+                        "{} on the share is not a directory",
+                        path.display()
+                    )))
+                }
             }
-            Err(e) => Err(Error::io(
-                format!("open {}", self.path.join(name).display()),
-                e,
-            )),
+            Err(e) => Err(Error::io(format!("open {}", path.display()), e)),
         }
     }
 
@@ -472,20 +472,7 @@ impl Share {
 
     /// The directory `rel` (a checked name) beneath the root.
     pub fn dir(&self, rel: &str) -> Result<Option<Dir>> {
-        let p = check_name(rel)?;
-        match beneath::open(&self.root.fd, p, libc::O_DIRECTORY | libc::O_RDONLY, 0) {
-            Ok(fd) => Ok(Some(Dir {
-                fd,
-                path: self.root.path.join(p),
-            })),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) if beneath::is_escape(&e) => Err(escape_error(&self.root.path.join(p))),
-            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Ok(None),
-            Err(e) => Err(Error::io(
-                format!("open {}", self.root.path.join(p).display()),
-                e,
-            )),
-        }
+        self.root.beneath(check_name(rel)?, true)
     }
 
     /// The directory `rel` beneath the root, each missing component
