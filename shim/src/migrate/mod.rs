@@ -43,7 +43,6 @@ pub mod members {
     pub const MANIFEST_MAC: &str = "manifest.hmac-sha256";
 }
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -129,10 +128,7 @@ pub fn publish_checkpoint(d: &Dumped, t: &Target) -> Result<Report> {
     let dir = staging.path();
     let spec = std::fs::read(d.bundle.join("config.json"))
         .map_err(|e| Error::io("stage the container spec", e))?;
-    stage::private_file(&dir.join(members::SPEC)).and_then(|mut f| {
-        f.write_all(&spec)
-            .map_err(|e| Error::io("stage the container spec", e))
-    })?;
+    stage::write_private(&dir.join(members::SPEC), &spec)?;
     let created = std::fs::metadata(d.bundle.join("config.json"))
         .and_then(|m| m.modified())
         .unwrap_or_else(|_| std::time::SystemTime::now());
@@ -147,10 +143,7 @@ pub fn publish_checkpoint(d: &Dumped, t: &Target) -> Result<Report> {
     };
     let config =
         serde_json::to_vec(&config).map_err(|e| Error::Other(format!("config.dump: {e}")))?;
-    stage::private_file(&dir.join(members::CONFIG)).and_then(|mut f| {
-        f.write_all(&config)
-            .map_err(|e| Error::io("stage config.dump", e))
-    })?;
+    stage::write_private(&dir.join(members::CONFIG), &config)?;
     if let Some(upper) = &d.rootfs_upper {
         stage::write_rootfs_diff(upper, dir)?;
     }

@@ -111,9 +111,13 @@ pub fn write_rootfs_diff(upper: &Path, dir: &Path) -> Result<()> {
         .and_then(|mut w| std::io::Write::flush(&mut w))
         .map_err(|e| Error::io("write rootfs-diff.tar", e))?;
     let list = serde_json::to_vec(&deleted).expect("strings serialize");
-    private_file(&dir.join(members::DELETED)).and_then(|mut f| {
-        std::io::Write::write_all(&mut f, &list).map_err(|e| Error::io("write deleted.files", e))
-    })
+    write_private(&dir.join(members::DELETED), &list)
+}
+
+/// A new file only its owner may read, holding `data`.
+pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    std::io::Write::write_all(&mut private_file(path)?, data)
+        .map_err(|e| Error::io(format!("write {}", path.display()), e))
 }
 
 /// A new file only its owner may read.

@@ -46,7 +46,8 @@ pub fn prepare(
     config: &ShimConfig,
     deadline: Deadline,
 ) -> Result<Option<Prepared>> {
-    let Some(src) = source::of(req, bundle, config)? else {
+    let spec = crate::spec::Spec::read(bundle);
+    let Some(src) = source::of(req, &spec, config)? else {
         return Ok(None);
     };
     // A node without a usable CRIU fails here, not after the archive is
@@ -67,7 +68,7 @@ pub fn prepare(
             _fetched: None,
         },
         Source::Archive(reference) => {
-            let tenant = crate::spec::Spec::read(bundle).tenant()?;
+            let tenant = spec.tenant()?;
             let f = fetch(&reference, &tenant, &req.id, config, deadline)?;
             Prepared {
                 args: CriuArgs {
@@ -116,8 +117,7 @@ impl Prepared {
             .unwrap_or_default()
             .as_millis();
         let kept = dir.join(format!("{id}-{stamp}.log"));
-        let mut out = crate::migrate::stage::private_file(&kept).ok()?;
-        std::io::Write::write_all(&mut out, &tail).ok()?;
+        crate::migrate::stage::write_private(&kept, &tail).ok()?;
         prune_logs(&dir);
         Some(kept)
     }
