@@ -317,6 +317,9 @@ struct Destination {
     tenant: Tenant,
     name: String,
     mac_key: Option<Vec<u8>>,
+    /// The container's name in its pod and its image, for config.dump.
+    container_name: Option<String>,
+    image: Option<String>,
 }
 
 impl Destination {
@@ -330,6 +333,8 @@ impl Destination {
             tenant,
             name,
             mac_key,
+            container_name: spec.container_name().map(str::to_string),
+            image: spec.image_name().map(str::to_string),
         })
     }
 }
@@ -359,11 +364,10 @@ fn publish(
         .version()
         .map(|v| v.to_string())
         .unwrap_or_default();
-    let spec = Spec::read(&c.bundle);
     let dumped = migrate::Dumped {
         container_id: &c.id,
-        name: spec.container_name(),
-        image: spec.image_name(),
+        name: to.container_name.as_deref(),
+        image: to.image.as_deref(),
         bundle: &c.bundle,
         rootfs_upper: c.upperdir.clone(),
         images: &args.image_path,

@@ -26,13 +26,12 @@ pub enum Source {
 /// The source of this Create, if it is a restore.
 pub fn of(
     req: &api::CreateTaskRequest,
-    bundle: &Path,
+    spec: &Spec,
     config: &ShimConfig,
 ) -> Result<Option<Source>> {
     if !req.checkpoint.is_empty() {
         return Ok(Some(Source::Images(PathBuf::from(&req.checkpoint))));
     }
-    let spec = Spec::read(bundle);
     match spec.restore_from() {
         None => Ok(None),
         Some(from) if from.starts_with('/') => {
