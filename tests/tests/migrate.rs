@@ -2,7 +2,7 @@
 //! two real containerd 2.x daemons ("node A", "node B") with criu-shim, runc
 //! and CRIU. Needs root and hack/setup.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -362,6 +362,30 @@ fn bad_archives_fail_create_with_a_clear_error_and_leave_node_b_clean() {
     assert!(!Path::new("/tmp/criu-shim-pwned").exists());
 }
 
+/// A CRIU wrapper in `dir` that runs `on_dump` (shell) when it is started
+/// for a dump: its second start, since the first answers runc's version
+/// check.
+fn criu_wrapper(dir: &Path, on_dump: &str) -> PathBuf {
+    let wrapper = dir.join("criu");
+    let real = criu_shim_tests::prefix().join("bin/criu");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nD={d}\nn=$(cat $D/count 2>/dev/null || echo 0); n=$((n+1)); echo $n > $D/count\n\
+             if [ \"$n\" -ge 2 ] && [ \"$1\" = swrk ]; then\n{on_dump}\nfi\nexec {real} \"$@\"\n",
+            d = dir.display(),
+            real = real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    wrapper
+}
+
 #[test]
 fn criu_killed_mid_dump_leaves_the_source_running_and_no_archive() {
     let share = share();
@@ -369,25 +393,7 @@ fn criu_killed_mid_dump_leaves_the_source_running_and_no_archive() {
     // A CRIU that gets SIGKILLed 400 ms into the dump, after it locked the
     // container's network and while it copies memory (its second start:
     // the first answers runc's version check).
-    let wrapper = dir.path().join("criu");
-    let real = criu_shim_tests::prefix().join("bin/criu");
-    std::fs::File::create(&wrapper)
-        .unwrap()
-        .write_all(
-            format!(
-                "#!/bin/sh\nD={d}\nn=$(cat $D/count 2>/dev/null || echo 0); n=$((n+1)); echo $n > $D/count\n\
-                 if [ \"$n\" -ge 2 ] && [ \"$1\" = swrk ]; then (sleep 0.4; kill -9 $$) & fi\nexec {real} \"$@\"\n",
-                d = dir.path().display(),
-                real = real.display()
-            )
-            .as_bytes(),
-        )
-        .unwrap();
-    std::fs::set_permissions(
-        &wrapper,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let wrapper = criu_wrapper(dir.path(), "(sleep 0.4; kill -9 $$) &");
     let a = Containerd::node(
         share.path(),
         &[("CRIU_SHIM_CRIU", wrapper.to_str().unwrap())],
@@ -580,23 +586,7 @@ fn a_dump_past_its_deadline_is_deadline_exceeded_and_the_source_runs_on() {
     let dir = tempfile::tempdir().unwrap();
     // A CRIU that takes 30 s to start serving a dump (the first start
     // answers runc's version check at once).
-    let wrapper = dir.path().join("criu");
-    let real = criu_shim_tests::prefix().join("bin/criu");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nD={d}\nn=$(cat $D/count 2>/dev/null || echo 0); n=$((n+1)); echo $n > $D/count\n\
-             if [ \"$n\" -ge 2 ] && [ \"$1\" = swrk ]; then sleep 30; fi\nexec {real} \"$@\"\n",
-            d = dir.path().display(),
-            real = real.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &wrapper,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let wrapper = criu_wrapper(dir.path(), "sleep 30");
     let a = Containerd::node(
         share.path(),
         &[
