@@ -76,6 +76,8 @@ pub mod env {
     pub const ALLOW_CROSS_TENANT: &str = "CRIU_SHIM_ALLOW_CROSS_TENANT";
     pub const MAX_ARCHIVE_BYTES: &str = "CRIU_SHIM_MAX_ARCHIVE_BYTES";
     pub const MAX_ARCHIVE_MEMBERS: &str = "CRIU_SHIM_MAX_ARCHIVE_MEMBERS";
+    pub const COMPRESSION: &str = "CRIU_SHIM_COMPRESSION";
+    pub const PUBLISH: &str = "CRIU_SHIM_PUBLISH";
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -100,6 +102,48 @@ pub struct RuncOptions {
     pub systemd_cgroup: bool,
     pub no_pivot_root: bool,
     pub no_new_keyring: bool,
+}
+
+/// How archives are compressed when a checkpoint does not say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompressionSetting {
+    /// Each chunk compressed (zstd -1) only while the share is slower than
+    /// the compressor: never costs downtime on a fast share, saves bytes on
+    /// a slow one.
+    Auto,
+    /// A plain tar.
+    None,
+    /// Every chunk at this zstd level (1-19): the smallest archives, at the
+    /// compressor's speed.
+    Level(i32),
+}
+
+impl CompressionSetting {
+    pub fn parse(v: &str) -> Option<CompressionSetting> {
+        match v {
+            "auto" => Some(Self::Auto),
+            "none" | "0" => Some(Self::None),
+            "zstd" => Some(Self::Level(1)),
+            _ => v
+                .strip_prefix("zstd:")
+                .unwrap_or(v)
+                .parse::<i32>()
+                .ok()
+                .filter(|l| (1..=19).contains(l))
+                .map(Self::Level),
+        }
+    }
+}
+
+/// When a checkpoint's archive is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishMode {
+    /// While CRIU dumps: page images go into the (hidden) archive on the
+    /// share as CRIU writes them, so publishing ends shortly after the dump.
+    Stream,
+    /// After the dump, from the complete local images (for shares where a
+    /// file held open and growing for the dump's duration is a problem).
+    Staged,
 }
 
 /// The shim's settings, validated.
@@ -140,6 +184,8 @@ pub struct ShimConfig {
     pub max_archive_bytes: u64,
     /// Most members an archive may have.
     pub max_archive_members: usize,
+    pub compression: CompressionSetting,
+    pub publish: PublishMode,
 }
 
 impl ShimConfig {
@@ -165,6 +211,8 @@ impl ShimConfig {
             allow_cross_tenant: false,
             max_archive_bytes: 256 << 30,
             max_archive_members: 50_000,
+            compression: CompressionSetting::Auto,
+            publish: PublishMode::Stream,
         }
     }
 
@@ -278,6 +326,26 @@ impl ShimConfig {
                 }
             };
         }
+        if let Some(v) = env(env::COMPRESSION) {
+            c.compression = CompressionSetting::parse(&v).ok_or(ConfigError::BadValue {
+                name: env::COMPRESSION,
+                value: v,
+                why: "expected auto, none, zstd or a zstd level 1-19 (zstd:3)",
+            })?;
+        }
+        if let Some(v) = env(env::PUBLISH) {
+            c.publish = match v.as_str() {
+                "stream" => PublishMode::Stream,
+                "staged" => PublishMode::Staged,
+                _ => {
+                    return Err(ConfigError::BadValue {
+                        name: env::PUBLISH,
+                        value: v,
+                        why: "expected stream or staged",
+                    })
+                }
+            };
+        }
         for (what, path) in [
             ("runc root", &c.runc_root),
             ("staging dir", &c.staging_dir),
@@ -322,6 +390,33 @@ mod tests {
 
     fn no_env(_: &str) -> Option<String> {
         None
+    }
+
+    #[test]
+    fn compression_and_publishing_are_settings() {
+        let c = ShimConfig::resolve("n", None, no_env, false).unwrap();
+        assert_eq!(c.compression, CompressionSetting::Auto);
+        assert_eq!(c.publish, PublishMode::Stream);
+        for (v, want) in [
+            ("none", CompressionSetting::None),
+            ("zstd", CompressionSetting::Level(1)),
+            ("zstd:9", CompressionSetting::Level(9)),
+            ("3", CompressionSetting::Level(3)),
+        ] {
+            let env = |k: &str| (k == env::COMPRESSION).then(|| v.to_string());
+            let c = ShimConfig::resolve("n", None, env, false).unwrap();
+            assert_eq!(c.compression, want, "{v}");
+        }
+        for bad in ["zstd:0", "fast", "22"] {
+            let env = |k: &str| (k == env::COMPRESSION).then(|| bad.to_string());
+            let e = ShimConfig::resolve("n", None, env, false).unwrap_err();
+            assert!(e.to_string().contains("CRIU_SHIM_COMPRESSION"), "{e}");
+        }
+        let env = |k: &str| (k == env::PUBLISH).then(|| "staged".to_string());
+        let c = ShimConfig::resolve("n", None, env, false).unwrap();
+        assert_eq!(c.publish, PublishMode::Staged);
+        let env = |k: &str| (k == env::PUBLISH).then(|| "later".to_string());
+        assert!(ShimConfig::resolve("n", None, env, false).is_err());
     }
 
     #[test]

@@ -29,11 +29,13 @@ use crate::criu_front::env as front_env;
 use crate::error::{Error, Result};
 use crate::messages::{ArchiveReport, CheckpointReport, ProgressReport};
 pub use crate::messages::{CheckpointRequest, CHECKPOINT_REQUEST_TYPE};
+use crate::migrate::follow::{DumpEnd, Follow};
 use crate::migrate::share::{self, Share, Tenant};
 use crate::migrate::{self, archive::Compression, stage::Staging, Report};
 use crate::process::Status;
 use crate::runc::CriuArgs;
 use crate::spec::Spec;
+use criu_shim_config::{CompressionSetting, PublishMode};
 
 impl CheckpointRequest {
     pub fn from_options(req: &api::CheckpointTaskRequest) -> Result<Option<CheckpointRequest>> {
@@ -49,11 +51,15 @@ impl CheckpointRequest {
         }
     }
 
-    fn compression(&self) -> Compression {
+    /// The request's compression, else the node's setting.
+    fn compression(&self, setting: CompressionSetting) -> Compression {
         match self.compression_level {
             Some(0) => Compression::None,
-            Some(level) => Compression::Zstd { level, workers: 2 },
-            None => DEFAULT_COMPRESSION,
+            Some(level) => Compression::Zstd {
+                level,
+                workers: workers(),
+            },
+            None => compression_of(setting),
         }
     }
 
@@ -85,10 +91,26 @@ impl CheckpointRequest {
     }
 }
 
-const DEFAULT_COMPRESSION: Compression = Compression::Zstd {
-    level: 1,
-    workers: 2,
-};
+/// The node's compression setting as the archive writer's.
+fn compression_of(setting: CompressionSetting) -> Compression {
+    match setting {
+        CompressionSetting::Auto => Compression::Adaptive {
+            level: 1,
+            workers: workers(),
+        },
+        CompressionSetting::None => Compression::None,
+        CompressionSetting::Level(level) => Compression::Zstd {
+            level,
+            workers: workers(),
+        },
+    }
+}
+
+/// Compressor threads: one per core (CRIU has finished with its share of
+/// them by the time most chunks are compressed).
+fn workers() -> u32 {
+    std::thread::available_parallelism().map_or(2, |n| n.get().min(8) as u32)
+}
 
 /// One container's checkpoint, from containerd or our CLI.
 pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Option<Report>> {
@@ -101,7 +123,12 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
             let staging = Staging::new(&c.config.staging_dir, &format!("dump-{}", c.id))?;
             let args = r.staged_args(&staging);
             _staging = Some(staging);
-            (args, Some(to), !r.leave_running, r.compression())
+            (
+                args,
+                Some(to),
+                !r.leave_running,
+                r.compression(c.config.compression),
+            )
         }
         None => {
             let args = containerd_args(req, &c.bundle)?;
@@ -110,7 +137,7 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
                 .map(|key| Destination::of(c, &spec, key))
                 .transpose()?;
             let exit_after = to.is_some() && !args.leave_running;
-            (args, to, exit_after, DEFAULT_COMPRESSION)
+            (args, to, exit_after, compression_of(c.config.compression))
         }
     };
     let env: Vec<(&str, &str)> = if exit_after {
@@ -124,14 +151,27 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
     // Our CLI waits on this RPC: tell it how far we are.
     let reporter = (ours.is_some() && !req.path.is_empty())
         .then(|| Reporter::start(PathBuf::from(&req.path), args.image_path.clone()));
-    let dump = dump(c, &args, &env)?;
     let Some(to) = publish_to else {
+        dump(c, &args, &env)?;
         return Ok(None);
     };
-    let progress = reporter
-        .as_ref()
-        .map(|r| r.publishing(dir_size(&args.image_path)));
-    match publish(c, &args, &dump, &to, compression, progress) {
+    let progress = reporter.as_ref().map(Reporter::archived);
+    let after_dump = || {
+        if let Some(r) = &reporter {
+            r.publishing(dir_size(&args.image_path));
+        }
+    };
+    let published = match c.config.publish {
+        PublishMode::Stream => {
+            publish_while_dumping(c, &args, &env, &to, compression, progress, after_dump)?
+        }
+        PublishMode::Staged => {
+            let stats = dump(c, &args, &env)?;
+            after_dump();
+            publish(c, &args, &stats, &to, compression, progress, None)
+        }
+    };
+    match published {
         Ok(report) => {
             if exit_after {
                 c.runc_kill_all(libc::SIGKILL as u32)?;
@@ -224,7 +264,8 @@ fn pod_checkpoint(
     }
     let mut published: Vec<Report> = Vec::new();
     for ((c, _, args, stats), to) in dumps.iter().zip(&destinations) {
-        match publish(c, args, stats, to, r.compression(), None) {
+        let compression = r.compression(c.config.compression);
+        match publish(c, args, stats, to, compression, None, None) {
             Ok(report) => published.push(report),
             Err(e) => {
                 // All or nothing: a partial pod must not be restorable.
@@ -339,7 +380,61 @@ impl Destination {
     }
 }
 
-/// stage -> archive -> publish the images `args` points at, as `to`.
+/// The images go to our own staging, not to a directory containerd reads
+/// afterwards (its export for `ctr checkpoint` and the CRI).
+fn images_are_staging(c: &Container, args: &CriuArgs) -> bool {
+    args.image_path.starts_with(&c.config.staging_dir)
+}
+
+/// Dumps `c` and publishes its images as `to` at the same time (see
+/// [`migrate::follow`]). A failed dump returns its error (the container
+/// was recovered by the dump); a failed publish after a good dump returns
+/// `Ok(Err(..))`: the caller decides what happens to the stopped tasks.
+fn publish_while_dumping(
+    c: &Container,
+    args: &CriuArgs,
+    env: &[(&str, &str)],
+    to: &Destination,
+    compression: Compression,
+    progress: Option<Arc<AtomicU64>>,
+    after_dump: impl FnOnce(),
+) -> Result<Result<Report>> {
+    let (end_tx, end_rx) = std::sync::mpsc::sync_channel(1);
+    let follow = Follow::new(&args.image_path, end_rx, images_are_staging(c, args))?;
+    let dump_stats = DumpStats::default();
+    std::thread::scope(|s| {
+        let publisher = s.spawn(|| {
+            publish(
+                c,
+                args,
+                &dump_stats,
+                to,
+                compression,
+                progress,
+                Some(follow),
+            )
+        });
+        let dumped = dump(c, args, env);
+        let end = match &dumped {
+            Ok(st) => DumpEnd::Done {
+                frozen_ms: st.frozen_ms,
+                criu_ms: st.criu_ms,
+            },
+            Err(e) => DumpEnd::Failed(e.to_string()),
+        };
+        // The publisher may have failed already and stopped listening.
+        let _ = end_tx.send(end);
+        let published = publisher
+            .join()
+            .unwrap_or_else(|_| Err(Error::Other("the publisher panicked".into())));
+        dumped?;
+        after_dump();
+        Ok(published)
+    })
+}
+
+/// stage -> archive -> publish the images `args` points at, as `to`;
+/// with `follow`, while CRIU still writes them.
 fn publish(
     c: &Container,
     args: &CriuArgs,
@@ -347,6 +442,7 @@ fn publish(
     to: &Destination,
     compression: Compression,
     progress: Option<Arc<AtomicU64>>,
+    follow: Option<Follow>,
 ) -> Result<Report> {
     let target = migrate::Target {
         share: c.config.share_dir.clone(),
@@ -371,13 +467,17 @@ fn publish(
         bundle: &c.bundle,
         rootfs_upper: c.upperdir.clone(),
         images: &args.image_path,
+        images_are_staging: images_are_staging(c, args),
         work: &args.work_path,
         tcp_established: args.tcp_established,
         frozen_ms: dump.frozen_ms,
         criu_ms: dump.criu_ms,
         criu_version,
     };
-    let report = migrate::publish_checkpoint(&dumped, &target)?;
+    let report = match follow {
+        Some(f) => migrate::publish_while_dumping(&dumped, &target, f)?,
+        None => migrate::publish_checkpoint(&dumped, &target)?,
+    };
     log::info!("{}: {}", c.id, report.summary());
     Ok(report)
 }
@@ -427,11 +527,14 @@ impl Reporter {
         }
     }
 
-    /// Publishing `total` bytes of images starts; returns the counter the
-    /// archive writer advances.
-    fn publishing(&self, total: u64) -> Arc<AtomicU64> {
-        self.total.store(total.max(1), Ordering::SeqCst);
+    /// The counter the archive writer advances.
+    fn archived(&self) -> Arc<AtomicU64> {
         self.archived.clone()
+    }
+
+    /// The dump has ended with `total` bytes of images to publish.
+    fn publishing(&self, total: u64) {
+        self.total.store(total.max(1), Ordering::SeqCst);
     }
 }
 
@@ -529,11 +632,27 @@ mod tests {
         )
         .unwrap();
         assert!(!r.pod);
-        assert_eq!(r.compression(), DEFAULT_COMPRESSION);
+        // No level: the node's setting decides (adaptive by default).
+        assert!(matches!(
+            r.compression(CompressionSetting::Auto),
+            Compression::Adaptive { level: 1, .. }
+        ));
+        assert_eq!(r.compression(CompressionSetting::None), Compression::None);
         let none = CheckpointRequest {
             compression_level: Some(0),
             ..Default::default()
         };
-        assert_eq!(none.compression(), Compression::None);
+        assert_eq!(
+            none.compression(CompressionSetting::Auto),
+            Compression::None
+        );
+        let small = CheckpointRequest {
+            compression_level: Some(9),
+            ..Default::default()
+        };
+        assert!(matches!(
+            small.compression(CompressionSetting::None),
+            Compression::Zstd { level: 9, .. }
+        ));
     }
 }

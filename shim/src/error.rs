@@ -37,6 +37,17 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// What the archive's writer thread reports (the share's errors).
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::io_or_full(
+            "write the archive",
+            e,
+            "the share (or staging disk) is full; free space and retry",
+        )
+    }
+}
+
 impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {

@@ -15,10 +15,12 @@
 //! never needs room for a second copy.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::follow::Follow;
+use super::frames::{self, Destination, FrameStats, Sink};
 use super::hash_thread::HashThread;
 use super::unpack::read_full;
 
@@ -36,15 +38,28 @@ pub const INDEX_LEN: u64 = 24;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
+    /// A plain tar.
     None,
+    /// Every chunk compressed.
     Zstd { level: i32, workers: u32 },
+    /// Each chunk compressed only while the destination is the bottleneck
+    /// (see [`frames`]).
+    Adaptive { level: i32, workers: u32 },
 }
 
 impl Compression {
     pub fn name(&self) -> &'static str {
         match self {
             Compression::None => "none",
-            Compression::Zstd { .. } => "zstd",
+            Compression::Zstd { .. } | Compression::Adaptive { .. } => "zstd",
+        }
+    }
+
+    fn mode(&self) -> frames::Mode {
+        match *self {
+            Compression::None => frames::Mode::Plain,
+            Compression::Zstd { level, workers } => frames::Mode::Compressed { level, workers },
+            Compression::Adaptive { level, workers } => frames::Mode::Adaptive { level, workers },
         }
     }
 }
@@ -84,37 +99,41 @@ pub fn sources(images: &Path, extras: &[(&str, PathBuf)]) -> Result<Vec<Source>>
     Ok(out)
 }
 
-/// Streams `sources` and then the manifest into `out`. Returns the final
-/// manifest (with every member's digest) and the number of bytes written.
-pub fn write<W: Write>(
+/// Writes an archive into `out`: `body` appends the members through a
+/// [`Writer`] and returns the manifest (its members are filled in here),
+/// which goes last, with its MAC when signing. Returns the final manifest,
+/// the bytes written and how the chunks went out.
+pub fn write<W: Destination>(
     out: W,
-    sources: &[Source],
-    mut manifest: Manifest,
     compression: Compression,
     mac_key: Option<&[u8]>,
     progress: Option<&AtomicU64>,
-) -> Result<(Manifest, u64)> {
-    let counted = Counting { inner: out, n: 0 };
+    body: impl FnOnce(&mut Writer) -> Result<Manifest>,
+) -> Result<(Manifest, u64, FrameStats)> {
+    let mtime = unix_now();
+    let (mut manifest, out, n, stats) = frames::write_framed(out, compression.mode(), |sink| {
+        let mut w = Writer {
+            sink,
+            mtime,
+            progress,
+            members: Vec::new(),
+            consume: false,
+        };
+        w.directory(members::IMAGES_DIR)?;
+        let mut manifest = body(&mut w)?;
+        manifest.members = w.members;
+        Ok::<_, Error>(manifest)
+    })?;
     manifest.compression = compression.name().into();
+    let mut counted = Counting { inner: out, n };
     match compression {
-        Compression::None => {
-            let (members, mut c) = write_members(counted, sources, manifest.created, progress)?;
-            manifest.members = members;
-            write_trailer(&mut c, &manifest, mac_key)?;
-            Ok((manifest, c.n))
-        }
-        Compression::Zstd { level, workers } => {
-            let enc = encoder(counted, level, workers)?;
-            let (members, enc) = write_members(enc, sources, manifest.created, progress)?;
-            manifest.members = members;
-            let counted = enc
-                .finish()
-                .map_err(|e| write_error("the archive's members", e))?;
-            // The manifest's own frame, single-threaded: it is small.
+        Compression::None => write_trailer(&mut counted, &manifest, mac_key)?,
+        Compression::Zstd { level, .. } | Compression::Adaptive { level, .. } => {
+            // The manifest's own frame, found through the index.
             let offset = counted.n;
-            let mut enc = encoder(counted, level, 1)?;
+            let mut enc = encoder(counted, level)?;
             write_trailer(&mut enc, &manifest, mac_key)?;
-            let mut counted = enc
+            counted = enc
                 .finish()
                 .map_err(|e| write_error("the end of the archive", e))?;
             let mut index = Vec::with_capacity(INDEX_LEN as usize);
@@ -125,63 +144,169 @@ pub fn write<W: Write>(
             counted
                 .write_all(&index)
                 .map_err(|e| write_error("the archive's index", e))?;
-            Ok((manifest, counted.n))
         }
     }
+    counted
+        .flush()
+        .map_err(|e| write_error("the end of the archive", e))?;
+    Ok((manifest, counted.n, stats))
 }
 
-fn encoder<W: Write>(
-    out: W,
-    level: i32,
-    workers: u32,
-) -> Result<zstd::stream::write::Encoder<'static, W>> {
+fn encoder<W: Write>(out: W, level: i32) -> Result<zstd::stream::write::Encoder<'static, W>> {
     let mut enc =
         zstd::stream::write::Encoder::new(out, level).map_err(|e| Error::io("start zstd", e))?;
     enc.include_checksum(true)
         .map_err(|e| Error::io("zstd checksum", e))?;
-    if workers > 1 {
-        enc.multithread(workers)
-            .map_err(|e| Error::io("zstd workers", e))?;
-    }
     Ok(enc)
 }
 
-/// Every source as a tar member; their manifest entries.
-fn write_members<W: Write>(
-    mut out: W,
-    sources: &[Source],
+/// Appends members to an archive being written; records each one's size
+/// and SHA-256 for the manifest.
+pub struct Writer<'a, 's> {
+    sink: &'s mut Sink,
     mtime: u64,
-    progress: Option<&AtomicU64>,
-) -> Result<(Vec<Member>, W)> {
-    // checkpointctl looks for the images' directory entry itself.
-    let mut dir = header(0, mtime);
-    dir.set_entry_type(tar::EntryType::Directory);
-    dir.set_mode(0o700);
-    dir.set_path(format!("{}/", members::IMAGES_DIR))
-        .map_err(|e| Error::Other(format!("directory entry: {e}")))?;
-    dir.set_cksum();
-    out.write_all(dir.as_bytes())
-        .map_err(|e| write_error(members::IMAGES_DIR, e))?;
-    let mut members = Vec::with_capacity(sources.len());
-    for s in sources {
-        let file =
-            File::open(&s.path).map_err(|e| Error::io(format!("open {}", s.path.display()), e))?;
+    progress: Option<&'a AtomicU64>,
+    members: Vec<Member>,
+    /// Punch out of page images what has been archived (see [`Writer::consume`]).
+    consume: bool,
+}
+
+impl Writer<'_, '_> {
+    /// The modification time every member gets (the manifest's `created`).
+    pub fn mtime(&self) -> u64 {
+        self.mtime
+    }
+
+    /// Page images are ours to destroy (a staging copy): each part is
+    /// punched out of the file once archived. Their pages then leave the
+    /// page cache without ever being written back, so a dump's images
+    /// never cost disk bandwidth or count against the kernel's dirty-page
+    /// limits while the archive is written.
+    pub fn consume(&mut self, yes: bool) {
+        self.consume = yes;
+    }
+
+    /// Members appended so far.
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    /// checkpointctl looks for the images' directory entry itself.
+    fn directory(&mut self, name: &str) -> Result<()> {
+        let mut dir = header(0, self.mtime);
+        dir.set_entry_type(tar::EntryType::Directory);
+        dir.set_mode(0o700);
+        dir.set_path(format!("{name}/"))
+            .map_err(|e| Error::Other(format!("directory entry: {e}")))?;
+        dir.set_cksum();
+        self.sink
+            .write_all(dir.as_bytes())
+            .map_err(|e| write_error(name, e))
+    }
+
+    /// A complete file, as member `s.name`.
+    pub fn append(&mut self, s: &Source) -> Result<()> {
+        let consume = self.consume && is_page_image(&s.name);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(consume)
+            .open(&s.path)
+            .map_err(|e| Error::io(format!("open {}", s.path.display()), e))?;
         let size = file
             .metadata()
             .map_err(|e| Error::io(format!("stat {}", s.path.display()), e))?
             .len();
-        let sha256 =
-            append_file(&mut out, &s.name, file, size, mtime, progress).map_err(|e| match e {
+        write_header(self.sink, &s.name, size, self.mtime)?;
+        let (n, sha256) = self
+            .copy(&s.name, file, size, None, consume)
+            .map_err(|e| match e {
                 Error::Io { .. } => e,
                 other => Error::Other(format!("{}: {other}", s.path.display())),
             })?;
-        members.push(Member {
-            path: s.name.clone(),
+        // A file that grew is caught too: it must end where its size said.
+        if n != size {
+            return Err(Error::Other(format!(
+                "{}: changed size while being archived",
+                s.path.display()
+            )));
+        }
+        self.finish_member(&s.name, size, sha256)
+    }
+
+    /// A file CRIU is still writing, as member `name`: read as it grows
+    /// until `follow` says it is complete; its header (size unknown until
+    /// then) is filled in afterwards.
+    pub fn append_growing(&mut self, name: &str, file: File, follow: &mut Follow) -> Result<()> {
+        let slot = self
+            .sink
+            .slot()
+            .map_err(|e| write_error("a member's header", e))?;
+        let consume = self.consume;
+        let (size, sha256) = self.copy(name, file, u64::MAX, Some((follow, name)), consume)?;
+        let mut h = header(size, self.mtime);
+        h.set_path(name)
+            .map_err(|e| Error::Other(format!("member name {name}: {e}")))?;
+        h.set_cksum();
+        let mut block = [0u8; frames::SLOT_LEN];
+        block.copy_from_slice(h.as_bytes());
+        self.sink.fill(slot, block);
+        self.finish_member(name, size, sha256)
+    }
+
+    fn finish_member(&mut self, name: &str, size: u64, sha256: String) -> Result<()> {
+        pad(self.sink, size).map_err(|e| write_error(name, e))?;
+        self.members.push(Member {
+            path: name.to_string(),
             size,
             sha256,
         });
+        Ok(())
     }
-    Ok((members, out))
+
+    /// Copies up to `limit` bytes of `file` into the archive, hashing on a
+    /// helper thread meanwhile; with a follower, waits for the file to grow
+    /// until it is complete. Returns the bytes copied and their SHA-256.
+    fn copy(
+        &mut self,
+        name: &str,
+        mut file: File,
+        limit: u64,
+        mut follow: Option<(&mut Follow, &str)>,
+        consume: bool,
+    ) -> Result<(u64, String)> {
+        let (recycle_tx, recycle_rx) = std::sync::mpsc::sync_channel(8);
+        let hasher = HashThread::spawn(recycle_tx);
+        let mut done = 0u64;
+        let mut last_look = false;
+        loop {
+            let mut buf = recycle_rx.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
+            // One byte past the limit: a complete file that grew shows.
+            let want = (limit - done).saturating_add(1).min(CHUNK as u64) as usize;
+            let n = read_full(&mut file, &mut buf[..want])
+                .map_err(|e| Error::io(format!("read {name}"), e))?;
+            if n > 0 {
+                self.sink
+                    .write_all(&buf[..n])
+                    .map_err(|e| write_error(name, e))?;
+                hasher.update(buf, n);
+                if consume {
+                    punch(&file, done, n as u64);
+                }
+                done += n as u64;
+                if let Some(p) = self.progress {
+                    p.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+            if n == want && done <= limit {
+                continue;
+            }
+            match &mut follow {
+                Some((f, name)) if !last_look => last_look = !f.may_grow(name)?,
+                _ => break,
+            }
+        }
+        Ok((done, hasher.finish()))
+    }
 }
 
 /// The manifest, its MAC when signing, and tar's end-of-archive.
@@ -205,46 +330,23 @@ fn write_small<W: Write>(out: &mut W, name: &str, data: &[u8], mtime: u64) -> Re
         .map_err(|e| write_error(name, e))
 }
 
+fn is_page_image(member: &str) -> bool {
+    member
+        .strip_prefix(members::IMAGES_DIR)
+        .is_some_and(|n| n.starts_with("/pages-"))
+}
+
+/// Frees `len` bytes at `offset` of `file` (keeping its size). Best
+/// effort: a file system without hole punching keeps them until staging
+/// is removed.
+fn punch(file: &File, offset: u64, len: u64) {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    let _ = fallocate(file, flags, offset as i64, len as i64);
+}
+
 /// Size of the chunks a member is read, hashed and written in.
 const CHUNK: usize = 1 << 20;
-
-/// One tar member from `file`, `size` bytes; returns its SHA-256, hashed
-/// on a helper thread while this one reads and writes the next chunk.
-fn append_file<W: Write>(
-    out: &mut W,
-    name: &str,
-    mut file: File,
-    size: u64,
-    mtime: u64,
-    progress: Option<&AtomicU64>,
-) -> Result<String> {
-    write_header(out, name, size, mtime)?;
-    let (recycle_tx, recycle_rx) = std::sync::mpsc::sync_channel(8);
-    let hasher = HashThread::spawn(recycle_tx);
-    let mut left = size;
-    while left > 0 {
-        let mut buf = recycle_rx.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
-        let want = left.min(CHUNK as u64) as usize;
-        let n = read_full(&mut file, &mut buf[..want])
-            .map_err(|e| Error::io(format!("read {name}"), e))?;
-        if n < want {
-            break;
-        }
-        out.write_all(&buf[..n]).map_err(|e| write_error(name, e))?;
-        hasher.update(buf, n);
-        left -= n as u64;
-        if let Some(p) = progress {
-            p.fetch_add(n as u64, Ordering::Relaxed);
-        }
-    }
-    // A file that grew is caught too: it must end where its size said.
-    let mut probe = [0u8; 1];
-    if left > 0 || file.read(&mut probe).map(|k| k > 0).unwrap_or(false) {
-        return Err(Error::Other("changed size while being archived".into()));
-    }
-    pad(out, size).map_err(|e| write_error(name, e))?;
-    Ok(hasher.finish())
-}
 
 fn write_header<W: Write>(out: &mut W, name: &str, size: u64, mtime: u64) -> Result<()> {
     let mut h = header(size, mtime);
@@ -275,6 +377,13 @@ fn header(size: u64, mtime: u64) -> tar::Header {
     h.set_gid(0);
     h.set_mtime(mtime);
     h
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 fn write_error(what: &str, e: std::io::Error) -> Error {

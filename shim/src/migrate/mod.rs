@@ -18,6 +18,8 @@
 
 pub mod archive;
 pub mod config_dump;
+pub mod follow;
+pub mod frames;
 mod hash_thread;
 pub mod mac;
 pub mod manifest;
@@ -48,6 +50,8 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use archive::Compression;
+use follow::{DumpEnd, Follow};
+use frames::FrameStats;
 use manifest::Manifest;
 use share::{Share, Tenant};
 use stage::Staging;
@@ -80,6 +84,8 @@ pub struct Report {
     pub archive_bytes: u64,
     pub images_bytes: u64,
     pub publish_time: Duration,
+    /// How many 1 MiB chunks went out stored and compressed.
+    pub chunks: FrameStats,
     pub manifest: Manifest,
 }
 
@@ -89,10 +95,12 @@ impl Report {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         let secs = self.publish_time.as_secs_f64().max(1e-6);
         format!(
-            "published {} ({:.1} MiB from {:.1} MiB of images) in {:.2} s ({:.0} MiB/s); frozen {:.0} ms, CRIU {:.0} ms",
+            "published {} ({:.1} MiB from {:.1} MiB of images; {} of {} chunks compressed) in {:.2} s ({:.0} MiB/s); frozen {:.0} ms, CRIU {:.0} ms",
             self.archive.display(),
             mib(self.archive_bytes),
             mib(self.images_bytes),
+            self.chunks.compressed,
+            self.chunks.compressed + self.chunks.stored,
             secs,
             mib(self.images_bytes) / secs,
             self.manifest.stats.frozen_ms.unwrap_or(0.0),
@@ -110,6 +118,9 @@ pub struct Dumped<'a> {
     pub bundle: &'a Path,
     pub rootfs_upper: Option<PathBuf>,
     pub images: &'a Path,
+    /// `images` is our own staging (not a directory containerd reads
+    /// afterwards): archived page images may be punched out as they go.
+    pub images_are_staging: bool,
     pub work: &'a Path,
     pub tcp_established: bool,
     pub frozen_ms: Option<f64>,
@@ -119,13 +130,63 @@ pub struct Dumped<'a> {
 
 /// stage -> archive -> publish, after CRIU has dumped into `d.images`.
 pub fn publish_checkpoint(d: &Dumped, t: &Target) -> Result<Report> {
+    publish(d, t, None)
+}
+
+/// The same while CRIU dumps into `d.images`: the page images go into the
+/// archive as CRIU writes them, everything else once the dump has ended
+/// (which `follow` reports, with the dump's times). A failed dump fails
+/// the publish and leaves nothing on the share.
+pub fn publish_while_dumping(d: &Dumped, t: &Target, follow: Follow) -> Result<Report> {
+    publish(d, t, Some(follow))
+}
+
+fn publish(d: &Dumped, t: &Target, follow: Option<Follow>) -> Result<Report> {
     let started = Instant::now();
     // The destination first: nothing is staged for a share we cannot use.
     let share = Share::open(&t.share)?
         .tenant(&t.tenant, true)?
         .ok_or_else(|| Error::Other("tenant directory not created".into()))?;
     let staging = Staging::new(&t.staging_root, &format!("publish-{}", d.container_id))?;
-    let dir = staging.path();
+    stage_container_files(d, staging.path())?;
+    let exact = share::is_archive_name(&t.name);
+    let name = if exact {
+        t.name.clone()
+    } else {
+        share::new_name(&t.name, t.compression != Compression::None)
+    };
+    let mut result = None;
+    let published = share.publish(&name, !exact, |file| {
+        result = Some(archive::write(
+            file,
+            t.compression,
+            t.mac_key.as_deref(),
+            t.progress.as_deref(),
+            |w| write_members(w, d, t, staging.path(), follow),
+        )?);
+        Ok(())
+    })?;
+    let Some((manifest, _, chunks)) = result else {
+        return Err(Error::Other("the archive writer did not run".into()));
+    };
+    drop(staging);
+    Ok(Report {
+        archive: published.path,
+        name: published.name,
+        share: t.share.clone(),
+        tenant: t.tenant.clone(),
+        archive_bytes: published.size,
+        // Every archived file's size is in the manifest already.
+        images_bytes: manifest.total_size(),
+        publish_time: started.elapsed(),
+        chunks,
+        manifest,
+    })
+}
+
+/// The container's spec and config.dump (checkpointctl's), known before
+/// the dump ends.
+fn stage_container_files(d: &Dumped, dir: &Path) -> Result<()> {
     let spec = std::fs::read(d.bundle.join("config.json"))
         .map_err(|e| Error::io("stage the container spec", e))?;
     stage::write_private(&dir.join(members::SPEC), &spec)?;
@@ -143,7 +204,36 @@ pub fn publish_checkpoint(d: &Dumped, t: &Target) -> Result<Report> {
     };
     let config =
         serde_json::to_vec(&config).map_err(|e| Error::Other(format!("config.dump: {e}")))?;
-    stage::write_private(&dir.join(members::CONFIG), &config)?;
+    stage::write_private(&dir.join(members::CONFIG), &config)
+}
+
+/// Every member, in order: the page images CRIU is writing (when
+/// following), then, once the dump has ended, the writable layer's
+/// changes and everything not yet archived. Returns the manifest.
+fn write_members(
+    w: &mut archive::Writer,
+    d: &Dumped,
+    t: &Target,
+    dir: &Path,
+    follow: Option<Follow>,
+) -> Result<Manifest> {
+    w.consume(d.images_are_staging);
+    let (mut frozen_ms, mut criu_ms) = (d.frozen_ms, d.criu_ms);
+    let mut followed = std::collections::HashSet::new();
+    if let Some(mut f) = follow {
+        while let Some((name, file)) = f.next_image()? {
+            let member = format!("{}/{name}", members::IMAGES_DIR);
+            w.append_growing(&member, file, &mut f)?;
+        }
+        followed = f.followed().clone();
+        match f.end() {
+            DumpEnd::Done {
+                frozen_ms: fr,
+                criu_ms: cr,
+            } => (frozen_ms, criu_ms) = (fr, cr),
+            DumpEnd::Failed(e) => return Err(Error::Other(format!("the dump failed: {e}"))),
+        }
+    }
     if let Some(upper) = &d.rootfs_upper {
         stage::write_rootfs_diff(upper, dir)?;
     }
@@ -159,63 +249,35 @@ pub fn publish_checkpoint(d: &Dumped, t: &Target) -> Result<Report> {
         (members::STATS, stats),
         (members::DUMP_LOG, d.work.join("dump.log")),
     ];
-    let sources = archive::sources(d.images, &extras)?;
-    let pages_bytes = sources
+    for s in archive::sources(d.images, &extras)? {
+        let image = s.name.strip_prefix(members::IMAGES_DIR).map(|n| &n[1..]);
+        if !image.is_some_and(|n| followed.contains(n)) {
+            w.append(&s)?;
+        }
+    }
+    let pages_bytes = w
+        .members()
         .iter()
-        .filter(|s| s.name.starts_with("checkpoint/pages-"))
-        .filter_map(|s| std::fs::metadata(&s.path).ok())
-        .map(|m| m.len())
+        .filter(|m| m.path.starts_with("checkpoint/pages-"))
+        .map(|m| m.size)
         .sum();
-    let base = Manifest {
+    Ok(Manifest {
         format: manifest::FORMAT.into(),
         version: manifest::VERSION,
         container_id: d.container_id.to_string(),
         tenant: Some(t.tenant.id()),
-        created: unix_now(),
+        created: w.mtime(),
         criu_version: d.criu_version.clone(),
         kernel: manifest::kernel_release(),
         shim_version: env!("CARGO_PKG_VERSION").into(),
         compression: t.compression.name().into(),
         tcp_established: d.tcp_established,
         stats: manifest::Stats {
-            frozen_ms: d.frozen_ms,
-            criu_ms: d.criu_ms,
+            frozen_ms,
+            criu_ms,
             pages_bytes,
         },
         members: Vec::new(),
-    };
-    let exact = share::is_archive_name(&t.name);
-    let name = if exact {
-        t.name.clone()
-    } else {
-        share::new_name(&t.name, t.compression != Compression::None)
-    };
-    let mut result = None;
-    let published = share.publish(&name, !exact, |w| {
-        result = Some(archive::write(
-            w,
-            &sources,
-            base,
-            t.compression,
-            t.mac_key.as_deref(),
-            t.progress.as_deref(),
-        )?);
-        Ok(())
-    })?;
-    let Some((manifest, _)) = result else {
-        return Err(Error::Other("the archive writer did not run".into()));
-    };
-    drop(staging);
-    Ok(Report {
-        archive: published.path,
-        name: published.name,
-        share: t.share.clone(),
-        tenant: t.tenant.clone(),
-        archive_bytes: published.size,
-        // Every archived file's size is in the manifest already.
-        images_bytes: manifest.total_size(),
-        publish_time: started.elapsed(),
-        manifest,
     })
 }
 
@@ -309,13 +371,6 @@ fn check_tenant(m: &Manifest, tenant: &Tenant, cross_tenant: bool, what: &str) -
     )))
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,6 +434,7 @@ mod tests {
             bundle: &bundle,
             rootfs_upper: None,
             images: &images,
+            images_are_staging: false,
             work: &work,
             tcp_established: false,
             frozen_ms: Some(12.0),
@@ -395,6 +451,135 @@ mod tests {
             progress: None,
         };
         publish_checkpoint(&d, &t).unwrap()
+    }
+
+    /// The dump writes its page images in pieces while the archive is
+    /// written; what is published is what CRIU wrote, complete, and the
+    /// staged copies are punched out as they are archived.
+    #[test]
+    fn an_archive_written_while_the_dump_runs_holds_the_complete_images() {
+        for compression in [
+            Compression::Adaptive {
+                level: 1,
+                workers: 2,
+            },
+            Compression::None,
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let share = tempfile::tempdir().unwrap();
+            let (bundle, images, work) = fake_dump(dir.path());
+            std::fs::remove_file(images.join("pages-1.img")).unwrap();
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let follow = Follow::new(&images, rx, true).unwrap();
+            let criu_images = images.clone();
+            let criu = std::thread::spawn(move || {
+                use std::io::Write;
+                let mut want = Vec::new();
+                for n in 1..=2 {
+                    let path = criu_images.join(format!("pages-{n}.img"));
+                    let mut f = std::fs::File::create(path).unwrap();
+                    for i in 0..6u32 {
+                        let part: Vec<u8> = (0..700_000u32).map(|j| (j * n + i) as u8).collect();
+                        f.write_all(&part).unwrap();
+                        want.push(part);
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+                std::fs::write(criu_images.join("core-1.img"), b"core").unwrap();
+                tx.send(DumpEnd::Done {
+                    frozen_ms: Some(5.0),
+                    criu_ms: Some(6.0),
+                })
+                .unwrap();
+                want.concat()
+            });
+            let d = Dumped {
+                container_id: "c1",
+                name: None,
+                image: None,
+                bundle: &bundle,
+                rootfs_upper: None,
+                images: &images,
+                images_are_staging: true,
+                work: &work,
+                tcp_established: false,
+                frozen_ms: None,
+                criu_ms: None,
+                criu_version: "4.2.1".into(),
+            };
+            let t = Target {
+                share: share.path().to_path_buf(),
+                tenant: Tenant::Containerd,
+                name: "job".into(),
+                compression,
+                staging_root: dir.path().join("staging"),
+                mac_key: None,
+                progress: None,
+            };
+            let report = publish_while_dumping(&d, &t, follow).unwrap();
+            let want = criu.join().unwrap();
+            assert_eq!(report.manifest.stats.criu_ms, Some(6.0));
+            assert_eq!(report.manifest.stats.pages_bytes, want.len() as u64);
+            // The staged page images were punched out: no blocks left.
+            use std::os::unix::fs::MetadataExt;
+            let staged = std::fs::metadata(images.join("pages-2.img")).unwrap();
+            assert_eq!(staged.len(), 6 * 700_000);
+            assert!(staged.blocks() < 64, "{} blocks left", staged.blocks());
+            let f = fetch(share.path(), "job", &dir.path().join("rst"), None).unwrap();
+            let got = [
+                std::fs::read(f.images().join("pages-1.img")).unwrap(),
+                std::fs::read(f.images().join("pages-2.img")).unwrap(),
+            ]
+            .concat();
+            assert!(got == want, "{compression:?}");
+            assert_eq!(
+                std::fs::read(f.images().join("core-1.img")).unwrap(),
+                b"core"
+            );
+        }
+    }
+
+    /// A dump that fails while its images are being archived leaves
+    /// nothing on the share.
+    #[test]
+    fn a_dump_that_fails_while_publishing_publishes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let share = tempfile::tempdir().unwrap();
+        let (bundle, images, work) = fake_dump(dir.path());
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let follow = Follow::new(&images, rx, false).unwrap();
+        std::fs::write(images.join("pages-2.img"), vec![1u8; 1 << 20]).unwrap();
+        tx.send(DumpEnd::Failed("CRIU was killed".into())).unwrap();
+        let d = Dumped {
+            container_id: "c1",
+            name: None,
+            image: None,
+            bundle: &bundle,
+            rootfs_upper: None,
+            images: &images,
+            images_are_staging: false,
+            work: &work,
+            tcp_established: false,
+            frozen_ms: None,
+            criu_ms: None,
+            criu_version: "4.2.1".into(),
+        };
+        let t = Target {
+            share: share.path().to_path_buf(),
+            tenant: Tenant::Containerd,
+            name: "job".into(),
+            compression: Compression::None,
+            staging_root: dir.path().join("staging"),
+            mac_key: None,
+            progress: None,
+        };
+        let e = publish_while_dumping(&d, &t, follow).unwrap_err();
+        assert!(e.to_string().contains("CRIU was killed"), "{e}");
+        let key = key_dir(share.path(), "job");
+        let left: Vec<_> = std::fs::read_dir(&key)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]
@@ -870,6 +1055,7 @@ mod tests {
                 bundle: &bundle,
                 rootfs_upper: None,
                 images: &images,
+                images_are_staging: false,
                 work: &work,
                 tcp_established: false,
                 frozen_ms: None,

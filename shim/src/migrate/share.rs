@@ -21,7 +21,7 @@
 //! eventually consistent file systems find the newest archive by name.
 
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
@@ -598,7 +598,7 @@ impl Share {
         &self,
         name: &str,
         unique: bool,
-        write: impl FnOnce(&mut dyn Write) -> Result<()>,
+        write: impl FnOnce(&mut File) -> Result<()>,
     ) -> Result<Published> {
         check_name(name)?;
         let (dir_rel, file_name) = split_last(name);
@@ -689,14 +689,10 @@ fn write_then_rename(
     tmp: &str,
     target: &str,
     unique: bool,
-    write: impl FnOnce(&mut dyn Write) -> Result<()>,
+    write: impl FnOnce(&mut File) -> Result<()>,
 ) -> Result<(u64, String)> {
-    let file = dir.create_new(tmp)?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    write(&mut out)?;
-    let file = out
-        .into_inner()
-        .map_err(|e| full_or(e.into_error(), "flush archive".into()))?;
+    let mut file = dir.create_new(tmp)?;
+    write(&mut file)?;
     file.sync_all()
         .map_err(|e| full_or(e, format!("fsync {}", dir.path.join(tmp).display())))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -754,6 +750,7 @@ pub fn new_name(key: &str, compressed: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
     use std::os::unix::fs::PermissionsExt;
 
     fn share() -> (tempfile::TempDir, Share) {
@@ -762,7 +759,7 @@ mod tests {
         (dir, s)
     }
 
-    fn write(text: &'static [u8]) -> impl FnOnce(&mut dyn Write) -> Result<()> {
+    fn write(text: &'static [u8]) -> impl FnOnce(&mut File) -> Result<()> {
         move |w| w.write_all(text).map_err(|e| Error::io("w", e))
     }
 
