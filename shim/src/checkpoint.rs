@@ -117,6 +117,7 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
     let spec = Spec::read(&c.bundle);
     let ours = CheckpointRequest::from_options(req)?;
     let mut _staging = None;
+    let mut handover = None;
     let (mut args, publish_to, exit_after, compression) = match &ours {
         Some(r) => {
             let to = Destination::of(c, &spec, &r.destination(&spec)?)?;
@@ -131,15 +132,31 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
             )
         }
         None => {
-            let args = containerd_args(req, &c.bundle)?;
+            let mut args = containerd_args(req, &c.bundle)?;
             let to = spec
                 .checkpoint_to()
                 .map(|key| Destination::of(c, &spec, key))
                 .transpose()?;
             let exit_after = to.is_some() && !args.leave_running;
+            if to.is_some() {
+                // The share is this checkpoint's home: dump into our
+                // staging, and hand containerd the images without their
+                // memory pages afterwards (see `hand_over`).
+                let staging = Staging::new(&c.config.staging_dir, &format!("dump-{}", c.id))?;
+                handover = Some(std::mem::replace(&mut args.image_path, staging.images()));
+                _staging = Some(staging);
+            }
             (args, to, exit_after, compression_of(c.config.compression))
         }
     };
+    // containerd paused the container for this checkpoint (its client
+    // always does) and resumes it only after its own export: thaw as soon
+    // as the state is taken instead (see `publish_while_dumping`).
+    let thaw_early = ours.is_none()
+        && publish_to.is_some()
+        && !exit_after
+        && c.init.status() == Status::Paused
+        && c.config.publish == PublishMode::Stream;
     let env: Vec<(&str, &str)> = if exit_after {
         // Dump, keep the tasks stopped, and only kill them once the
         // archive is safely on the share.
@@ -163,14 +180,29 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
     };
     let published = match c.config.publish {
         PublishMode::Stream => {
-            publish_while_dumping(c, &args, &env, &to, compression, progress, after_dump)?
+            let how = Streaming {
+                compression,
+                progress,
+                thaw_early,
+            };
+            publish_while_dumping(c, &args, &env, &to, how, after_dump)?
         }
         PublishMode::Staged => {
             let stats = dump(c, &args, &env)?;
             after_dump();
-            publish(c, &args, &stats, &to, compression, progress, None)
+            publish(
+                c,
+                &args,
+                &stats,
+                &to,
+                Writing::after_dump(compression, progress),
+            )
         }
     };
+    let published = published.and_then(|report| match &handover {
+        Some(dir) => hand_over(&args.image_path, dir).map(|()| report),
+        None => Ok(report),
+    });
     match published {
         Ok(report) => {
             if exit_after {
@@ -265,7 +297,7 @@ fn pod_checkpoint(
     let mut published: Vec<Report> = Vec::new();
     for ((c, _, args, stats), to) in dumps.iter().zip(&destinations) {
         let compression = r.compression(c.config.compression);
-        match publish(c, args, stats, to, compression, None, None) {
+        match publish(c, args, stats, to, Writing::after_dump(compression, None)) {
             Ok(report) => published.push(report),
             Err(e) => {
                 // All or nothing: a partial pod must not be restorable.
@@ -386,6 +418,40 @@ fn images_are_staging(c: &Container, args: &CriuArgs) -> bool {
     args.image_path.starts_with(&c.config.staging_dir)
 }
 
+/// What containerd gets in the images directory it asked for when the
+/// checkpoint went to the share: every image but the memory pages (the
+/// process tree, files, sockets: what `checkpointctl inspect` shows). Its
+/// export (and the kubelet's checkpoint tar) then costs megabytes, not a
+/// second full copy of the memory; the memory is in the share's archive.
+fn hand_over(images: &Path, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    let entries = std::fs::read_dir(images)
+        .map_err(|e| Error::io(format!("read {}", images.display()), e))?;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let is_file = e.file_type().map(|t| t.is_file()).unwrap_or(false);
+        if !is_file || name.to_string_lossy().starts_with("pages-") {
+            continue;
+        }
+        std::fs::copy(e.path(), dir.join(&name)).map_err(|err| {
+            Error::io(
+                format!("hand {} over to containerd", e.path().display()),
+                err,
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// How a streaming checkpoint publishes.
+struct Streaming {
+    compression: Compression,
+    progress: Option<Arc<AtomicU64>>,
+    /// Thaw the container once its state is taken (dumped, and its
+    /// writable layer's changes staged), not when containerd resumes it.
+    thaw_early: bool,
+}
+
 /// Dumps `c` and publishes its images as `to` at the same time (see
 /// [`migrate::follow`]). A failed dump returns its error (the container
 /// was recovered by the dump); a failed publish after a good dump returns
@@ -395,56 +461,104 @@ fn publish_while_dumping(
     args: &CriuArgs,
     env: &[(&str, &str)],
     to: &Destination,
-    compression: Compression,
-    progress: Option<Arc<AtomicU64>>,
+    how: Streaming,
     after_dump: impl FnOnce(),
 ) -> Result<Result<Report>> {
+    let Streaming {
+        compression,
+        progress,
+        thaw_early,
+    } = how;
     let (end_tx, end_rx) = std::sync::mpsc::sync_channel(1);
     let follow = Follow::new(&args.image_path, end_rx, images_are_staging(c, args))?;
-    let dump_stats = DumpStats::default();
+    let (taken_tx, taken_rx) = std::sync::mpsc::sync_channel(1);
+    let taken_tx = thaw_early.then_some(taken_tx);
+    let no_stats = DumpStats::default();
     std::thread::scope(|s| {
         let publisher = s.spawn(|| {
-            publish(
-                c,
-                args,
-                &dump_stats,
-                to,
+            let follow = Some(follow);
+            let how = Writing {
                 compression,
                 progress,
-                Some(follow),
-            )
+                follow,
+                state_taken: taken_tx,
+            };
+            publish(c, args, &no_stats, to, how)
         });
-        let dumped = dump(c, args, env);
-        let end = match &dumped {
-            Ok(st) => DumpEnd::Done {
-                frozen_ms: st.frozen_ms,
-                criu_ms: st.criu_ms,
-            },
-            Err(e) => DumpEnd::Failed(e.to_string()),
+        let stats = match dump(c, args, env) {
+            Ok(stats) => stats,
+            Err(e) => {
+                let _ = end_tx.send(DumpEnd::Failed(e.to_string()));
+                let _ = publisher.join();
+                return Err(e);
+            }
         };
         // The publisher may have failed already and stopped listening.
-        let _ = end_tx.send(end);
-        let published = publisher
-            .join()
-            .unwrap_or_else(|_| Err(Error::Other("the publisher panicked".into())));
-        dumped?;
+        let _ = end_tx.send(DumpEnd::Done {
+            frozen_ms: stats.frozen_ms,
+            criu_ms: stats.criu_ms,
+        });
+        // Closed without a word if the publisher failed first.
+        if thaw_early && taken_rx.recv().is_ok() {
+            thaw(c);
+        }
         after_dump();
-        Ok(published)
+        Ok(publisher
+            .join()
+            .unwrap_or_else(|_| Err(Error::Other("the publisher panicked".into()))))
     })
 }
 
+/// Resumes `c` (paused by containerd for its checkpoint) now; containerd's
+/// Resume, after its export, then finds it running.
+fn thaw(c: &Container) {
+    match c.resume() {
+        Ok(()) => {
+            c.thawed_early.store(true, Ordering::SeqCst);
+            log::info!("{}: thawed once its state was taken", c.id);
+        }
+        Err(e) => log::warn!("{}: thaw after the dump: {e}", c.id),
+    }
+}
+
+/// How one archive is written, beyond where.
+struct Writing {
+    compression: Compression,
+    progress: Option<Arc<AtomicU64>>,
+    /// Archive the images while CRIU writes them.
+    follow: Option<Follow>,
+    /// Told once the container's state is all taken.
+    state_taken: Option<std::sync::mpsc::SyncSender<()>>,
+}
+
+impl Writing {
+    fn after_dump(compression: Compression, progress: Option<Arc<AtomicU64>>) -> Writing {
+        Writing {
+            compression,
+            progress,
+            follow: None,
+            state_taken: None,
+        }
+    }
+}
+
 /// stage -> archive -> publish the images `args` points at, as `to`;
-/// with `follow`, while CRIU still writes them.
+/// while CRIU still writes them if `how` follows them.
 fn publish(
     c: &Container,
     args: &CriuArgs,
     dump: &DumpStats,
     to: &Destination,
-    compression: Compression,
-    progress: Option<Arc<AtomicU64>>,
-    follow: Option<Follow>,
+    how: Writing,
 ) -> Result<Report> {
+    let Writing {
+        compression,
+        progress,
+        follow,
+        state_taken,
+    } = how;
     let target = migrate::Target {
+        state_taken,
         share: c.config.share_dir.clone(),
         tenant: to.tenant.clone(),
         name: to.name.clone(),

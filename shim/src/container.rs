@@ -58,6 +58,9 @@ pub struct Container {
     /// shim does): containerd may send both at once, and a Delete that
     /// lets the shim exit must not cut off a Kill's answer.
     lifecycle: Mutex<()>,
+    /// A checkpoint thawed it before containerd's Resume came (see
+    /// `checkpoint::thaw_early`): that Resume has nothing left to do.
+    pub thawed_early: std::sync::atomic::AtomicBool,
     pub config: criu_shim_config::ShimConfig,
 }
 
@@ -83,6 +86,7 @@ impl Container {
                 .find_map(|m| crate::migrate::stage::upperdir(&m.options)),
             config: o.config.clone(),
             lifecycle: Mutex::new(()),
+            thawed_early: Default::default(),
         };
         if let Some(staged) = &o.rootfs_changes {
             crate::migrate::rootfs::apply(staged, &rootfs)?;
@@ -342,6 +346,11 @@ impl Container {
     }
 
     pub fn resume(&self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.thawed_early.swap(false, Ordering::SeqCst) && self.init.status() == Status::Running
+        {
+            return Ok(());
+        }
         self.runc.resume(&self.id)?;
         self.init.set_status(Status::Running);
         Ok(())

@@ -146,6 +146,17 @@ fn a_pod_migrates_between_nodes_through_the_cri() {
         listed_archives(&share.path().join(POD_TENANT).join("counter-job/counter")),
         1
     );
+    // The memory went to the share once: containerd's own export (the
+    // kubelet's tar) holds the images without their 64 MiB of pages, and
+    // the source ran on as soon as its state was taken, before
+    // containerd's export and Resume.
+    let export_bytes = std::fs::metadata(&export).unwrap().len();
+    assert!(
+        export_bytes < 16 << 20,
+        "the kubelet's tar holds {export_bytes} bytes"
+    );
+    let log = a.log();
+    assert!(log.contains("thawed once its state was taken"), "{log}");
     remove_pod(&mut ca, &pod_a);
 
     let (pod_b, ids_b, _) = run_pod(
@@ -512,9 +523,11 @@ fn a_pod_under_load_is_checkpointed_and_restored() {
 #[test]
 fn a_pod_checkpoint_that_fails_half_way_publishes_nothing_and_the_pod_runs_on() {
     // A 2 MiB share: the first container's archive fits (its memory
-    // compresses to nothing), the second's 16 MiB of random memory does not.
+    // compresses to nothing, and every chunk is compressed: the share is
+    // faster than the compressor, so `auto` would store them), the
+    // second's 16 MiB of random memory does not.
     let share = SmallShare::mount("2m");
-    let a = Containerd::cri_net_node(share.path(), &[]);
+    let a = Containerd::cri_net_node(share.path(), &[("CRIU_SHIM_COMPRESSION", "zstd")]);
     let mut ca = a.cri();
     let (pod, ids, _) = run_pod(
         &mut ca,

@@ -71,6 +71,10 @@ pub struct Target {
     pub mac_key: Option<Vec<u8>>,
     /// Counts the bytes archived so far, for progress reports.
     pub progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    /// Told once everything of the container's state is taken (the dump
+    /// has ended and its writable layer's changes are staged): it may run
+    /// on while the rest is archived.
+    pub state_taken: Option<std::sync::mpsc::SyncSender<()>>,
 }
 
 /// What one published checkpoint measured.
@@ -236,6 +240,9 @@ fn write_members(
     }
     if let Some(upper) = &d.rootfs_upper {
         stage::write_rootfs_diff(upper, dir)?;
+    }
+    if let Some(taken) = &t.state_taken {
+        let _ = taken.send(());
     }
     let stats = [d.work.join(members::STATS), d.images.join(members::STATS)]
         .into_iter()
@@ -449,6 +456,7 @@ mod tests {
             staging_root: dir.join("staging"),
             mac_key: mac_key.map(<[u8]>::to_vec),
             progress: None,
+            state_taken: None,
         };
         publish_checkpoint(&d, &t).unwrap()
     }
@@ -515,6 +523,7 @@ mod tests {
                 staging_root: dir.path().join("staging"),
                 mac_key: None,
                 progress: None,
+                state_taken: None,
             };
             let report = publish_while_dumping(&d, &t, follow).unwrap();
             let want = criu.join().unwrap();
@@ -572,6 +581,7 @@ mod tests {
             staging_root: dir.path().join("staging"),
             mac_key: None,
             progress: None,
+            state_taken: None,
         };
         let e = publish_while_dumping(&d, &t, follow).unwrap_err();
         assert!(e.to_string().contains("CRIU was killed"), "{e}");
@@ -1070,6 +1080,7 @@ mod tests {
                 staging_root: dir.path().join("staging"),
                 mac_key: Some(vec![5u8; 32]),
                 progress: None,
+                state_taken: None,
             };
             let r = publish_checkpoint(&d, &t).unwrap();
             seeds.push(std::fs::read(&r.archive).unwrap());
