@@ -497,6 +497,7 @@ fn publish_while_dumping(
         let _ = end_tx.send(DumpEnd::Done {
             frozen_ms: stats.frozen_ms,
             criu_ms: stats.criu_ms,
+            criu_version: criu_version(c),
         });
         // Closed without a word if the publisher failed first.
         if thaw_early && taken_rx.recv().is_ok() {
@@ -507,6 +508,17 @@ fn publish_while_dumping(
             .join()
             .unwrap_or_else(|_| Err(Error::Other("the publisher panicked".into()))))
     })
+}
+
+/// The CRIU version, for the manifest. Inside the shim server
+/// containerd-shim reaps every child: CRIU's exit must come from its
+/// monitor, like every other child's.
+fn criu_version(c: &Container) -> String {
+    criu_sys::Criu::new(&c.config.criu)
+        .with_reaper(Arc::new(crate::reaper::MonitorReaper))
+        .version()
+        .map(|v| v.to_string())
+        .unwrap_or_default()
 }
 
 /// Resumes `c` (paused by containerd for its checkpoint) now; containerd's
@@ -567,13 +579,13 @@ fn publish(
         mac_key: to.mac_key.clone(),
         progress,
     };
-    // Inside the shim server containerd-shim reaps every child: CRIU's exit
-    // must come from its monitor, like every other child's.
-    let criu_version = criu_sys::Criu::new(&c.config.criu)
-        .with_reaper(Arc::new(crate::reaper::MonitorReaper))
-        .version()
-        .map(|v| v.to_string())
-        .unwrap_or_default();
+    // While following, the dumping thread asks once the dump has ended:
+    // CRIU runs one at a time.
+    let criu_version = if follow.is_some() {
+        String::new()
+    } else {
+        criu_version(c)
+    };
     let dumped = migrate::Dumped {
         container_id: &c.id,
         name: to.container_name.as_deref(),

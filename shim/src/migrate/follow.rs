@@ -28,6 +28,7 @@ pub enum DumpEnd {
     Done {
         frozen_ms: Option<f64>,
         criu_ms: Option<f64>,
+        criu_version: String,
     },
     Failed(String),
 }
@@ -226,6 +227,7 @@ mod tests {
             tx.send(DumpEnd::Done {
                 frozen_ms: Some(1.0),
                 criu_ms: Some(2.0),
+                criu_version: "4.2.1".into(),
             })
             .unwrap();
             p2

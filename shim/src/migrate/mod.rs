@@ -223,6 +223,7 @@ fn write_members(
 ) -> Result<Manifest> {
     w.consume(d.images_are_staging);
     let (mut frozen_ms, mut criu_ms) = (d.frozen_ms, d.criu_ms);
+    let mut criu_version = d.criu_version.clone();
     let mut followed = std::collections::HashSet::new();
     if let Some(mut f) = follow {
         while let Some((name, file)) = f.next_image()? {
@@ -234,7 +235,8 @@ fn write_members(
             DumpEnd::Done {
                 frozen_ms: fr,
                 criu_ms: cr,
-            } => (frozen_ms, criu_ms) = (fr, cr),
+                criu_version: v,
+            } => (frozen_ms, criu_ms, criu_version) = (fr, cr, v),
             DumpEnd::Failed(e) => return Err(Error::Other(format!("the dump failed: {e}"))),
         }
     }
@@ -274,7 +276,7 @@ fn write_members(
         container_id: d.container_id.to_string(),
         tenant: Some(t.tenant.id()),
         created: w.mtime(),
-        criu_version: d.criu_version.clone(),
+        criu_version,
         kernel: manifest::kernel_release(),
         shim_version: env!("CARGO_PKG_VERSION").into(),
         compression: t.compression.name().into(),
@@ -497,6 +499,7 @@ mod tests {
                 tx.send(DumpEnd::Done {
                     frozen_ms: Some(5.0),
                     criu_ms: Some(6.0),
+                    criu_version: "4.2.1".into(),
                 })
                 .unwrap();
                 want.concat()

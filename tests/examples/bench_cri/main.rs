@@ -277,6 +277,25 @@ fn ms(d: Duration) -> u128 {
     d.as_millis()
 }
 
+/// One run for the chart, if `BENCH_SAMPLES` names a file:
+/// `WAY (FILL)<TAB>MIB<TAB>DOWNTIME_MS`.
+fn record_sample(way: Way, mib: u64, downtime: Duration) {
+    use std::io::Write;
+    let Ok(path) = std::env::var("BENCH_SAMPLES") else {
+        return;
+    };
+    let fill = std::env::var("BENCH_FILL").unwrap_or_else(|_| "realistic".into());
+    let line = format!("{} ({fill})\t{mib}\t{}\n", way.name(), ms(downtime));
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = appended {
+        eprintln!("BENCH_SAMPLES={path}: {e}");
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (runs, sizes): (usize, Vec<u64>) = match args.first() {
@@ -346,6 +365,7 @@ fn main() {
                     ms(s.downtime),
                     s.failed
                 );
+                record_sample(way, mib, s.downtime);
                 samples[i].push(s);
             }
         }
