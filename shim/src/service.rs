@@ -218,6 +218,8 @@ impl Service {
             rootfs_changes: prepared.as_ref().and_then(|p| p.rootfs_changes.clone()),
             config: config.clone(),
         };
+        let restoring = prepared.is_some();
+        let started = std::time::Instant::now();
         let container = match Container::create(opts, Arc::new(runc)) {
             Ok(c) => Arc::new(c),
             Err(e) => {
@@ -260,6 +262,13 @@ impl Service {
             pid: pid as u32,
             ..Default::default()
         }));
+        if restoring {
+            log::info!(
+                "restored {} from its images in {:?} (rootfs changes, runc restore)",
+                req.id,
+                started.elapsed()
+            );
+        }
         log::info!("created container {} (pid {pid})", req.id);
         Ok(pid as u32)
     }
