@@ -149,15 +149,16 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
             (args, to, exit_after, compression_of(c.config.compression))
         }
     };
-    // containerd paused the container for this checkpoint (its client
-    // always does) and resumes it only after its own export: thaw as soon
-    // as the state is taken instead (see `publish_while_dumping`).
-    let thaw_early = ours.is_none()
-        && publish_to.is_some()
-        && !exit_after
-        && c.init.status() == Status::Paused
-        && c.config.publish == PublishMode::Stream;
-    let env: Vec<(&str, &str)> = if exit_after {
+    // Our CLI's checkpoints freeze the container first: CRIU then finds it
+    // frozen and skips its own freezing, which polls the cgroup v1 freezer
+    // in 100 ms steps (a tenth of a second of downtime at every size), and
+    // leaves it frozen. containerd's path arrives paused already (its
+    // client pauses).
+    let mut frozen = Frozen::default();
+    if ours.is_some() && publish_to.is_some() {
+        frozen.freeze(c)?;
+    }
+    let env: Vec<(&str, &str)> = if exit_after && !frozen.any() {
         // Dump, keep the tasks stopped, and only kill them once the
         // archive is safely on the share.
         args.leave_running = true;
@@ -165,6 +166,12 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
     } else {
         Vec::new()
     };
+    // A container that goes on runs again as soon as its state is taken
+    // (dump ended, writable-layer changes staged), not after publishing;
+    // so does one containerd paused for this checkpoint, before
+    // containerd's own export and Resume.
+    let paused_by_containerd = ours.is_none() && c.init.status() == Status::Paused;
+    let thaw_when_taken = !exit_after && (frozen.any() || paused_by_containerd);
     // Our CLI waits on this RPC: tell it how far we are.
     let reporter = (ours.is_some() && !req.path.is_empty())
         .then(|| Reporter::start(PathBuf::from(&req.path), args.image_path.clone()));
@@ -180,23 +187,31 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
     };
     let published = match c.config.publish {
         PublishMode::Stream => {
+            let thaw: Option<Box<dyn FnOnce() + '_>> = match (thaw_when_taken, frozen.any()) {
+                (false, _) => None,
+                (true, true) => Some(Box::new(|| frozen.thaw_all())),
+                (true, false) => Some(Box::new(|| thaw_for_containerd(c))),
+            };
             let how = Streaming {
                 compression,
                 progress,
-                thaw_early,
+                thaw,
             };
             publish_while_dumping(c, &args, &env, &to, how, after_dump)?
         }
         PublishMode::Staged => {
             let stats = dump(c, &args, &env)?;
             after_dump();
-            publish(
-                c,
-                &args,
-                &stats,
-                &to,
-                Writing::after_dump(compression, progress),
-            )
+            let how = Writing::after_dump(compression, progress);
+            let published = publish(c, &args, &stats, &to, how);
+            if thaw_when_taken {
+                if frozen.any() {
+                    frozen.thaw_all();
+                } else {
+                    thaw_for_containerd(c);
+                }
+            }
+            published
         }
     };
     let published = published.and_then(|report| match &handover {
@@ -206,7 +221,10 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
     match published {
         Ok(report) => {
             if exit_after {
+                // runc kills a frozen container's tasks and thaws it: they
+                // die without running another instruction.
                 c.runc_kill_all(libc::SIGKILL as u32)?;
+                frozen.release();
             }
             if !req.path.is_empty() {
                 write_report(Path::new(&req.path), &[&report]);
@@ -214,7 +232,9 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
             Ok(Some(report))
         }
         Err(e) => {
-            if exit_after {
+            // What we froze thaws as `frozen` goes; tasks a dump left
+            // stopped get SIGCONT.
+            if exit_after && !frozen.any() {
                 c.resume_stopped();
             }
             Err(e)
@@ -330,7 +350,7 @@ fn pod_checkpoint(
     Ok(published)
 }
 
-/// Containers this pod checkpoint froze; thawed by [`Frozen::thaw_all`]
+/// Containers this checkpoint froze; thawed by [`Frozen::thaw_all`]
 /// after success, or when dropped on an error, which also undoes what a
 /// failed dump may have left (stopped tasks, CRIU's network lock).
 /// Containers the user had paused stay paused.
@@ -352,13 +372,22 @@ impl<'a> Frozen<'a> {
         self.thaw(false);
     }
 
+    fn any(&self) -> bool {
+        !self.by_us.is_empty()
+    }
+
+    /// Forgets the containers: they are being killed (runc thaws them as
+    /// it does).
+    fn release(&mut self) {
+        self.by_us.clear();
+    }
+
     fn thaw(&mut self, after_failure: bool) {
         for c in self.by_us.drain(..) {
-            if let Err(e) = c.resume() {
-                log::warn!("thaw {} after the pod checkpoint: {e}", c.id);
-            }
             if after_failure {
-                c.resume_stopped();
+                c.thaw_after_failed_checkpoint();
+            } else if let Err(e) = c.resume() {
+                log::warn!("thaw {} after its checkpoint: {e}", c.id);
             }
         }
     }
@@ -444,12 +473,12 @@ fn hand_over(images: &Path, dir: &Path) -> Result<()> {
 }
 
 /// How a streaming checkpoint publishes.
-struct Streaming {
+struct Streaming<'a> {
     compression: Compression,
     progress: Option<Arc<AtomicU64>>,
-    /// Thaw the container once its state is taken (dumped, and its
-    /// writable layer's changes staged), not when containerd resumes it.
-    thaw_early: bool,
+    /// Thaws the container once its state is taken (dumped, and its
+    /// writable layer's changes staged), not after publishing.
+    thaw: Option<Box<dyn FnOnce() + 'a>>,
 }
 
 /// Dumps `c` and publishes its images as `to` at the same time (see
@@ -467,12 +496,12 @@ fn publish_while_dumping(
     let Streaming {
         compression,
         progress,
-        thaw_early,
+        thaw,
     } = how;
     let (end_tx, end_rx) = std::sync::mpsc::sync_channel(1);
     let follow = Follow::new(&args.image_path, end_rx, images_are_staging(c, args))?;
     let (taken_tx, taken_rx) = std::sync::mpsc::sync_channel(1);
-    let taken_tx = thaw_early.then_some(taken_tx);
+    let taken_tx = thaw.is_some().then_some(taken_tx);
     let no_stats = DumpStats::default();
     std::thread::scope(|s| {
         let publisher = s.spawn(|| {
@@ -499,9 +528,12 @@ fn publish_while_dumping(
             criu_ms: stats.criu_ms,
             criu_version: criu_version(c),
         });
-        // Closed without a word if the publisher failed first.
-        if thaw_early && taken_rx.recv().is_ok() {
-            thaw(c);
+        // Closed without a word if the publisher failed first (then the
+        // caller's error path thaws).
+        if let Some(thaw) = thaw {
+            if taken_rx.recv().is_ok() {
+                thaw();
+            }
         }
         after_dump();
         Ok(publisher
@@ -523,7 +555,7 @@ fn criu_version(c: &Container) -> String {
 
 /// Resumes `c` (paused by containerd for its checkpoint) now; containerd's
 /// Resume, after its export, then finds it running.
-fn thaw(c: &Container) {
+fn thaw_for_containerd(c: &Container) {
     match c.resume() {
         Ok(()) => {
             c.thawed_early.store(true, Ordering::SeqCst);

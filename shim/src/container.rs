@@ -202,6 +202,20 @@ impl Container {
         self.resume_stopped();
     }
 
+    /// After a checkpoint that froze the container itself failed: thaw it
+    /// (a CRIU killed mid-dump may have thawed it already, so runc may say
+    /// it is not paused) and undo what the dump may have left (stopped
+    /// tasks, CRIU's network lock).
+    pub fn thaw_after_failed_checkpoint(&self) {
+        if let Err(e) = self.runc.resume(&self.id) {
+            log::debug!("thaw after a failed checkpoint: {e}");
+        }
+        if self.init.status() == Status::Paused {
+            self.init.set_status(Status::Running);
+        }
+        self.resume_stopped();
+    }
+
     pub fn runc_kill_all(&self, signal: u32) -> Result<()> {
         self.runc.kill(&self.id, signal, true)
     }
