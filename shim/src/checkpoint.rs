@@ -16,7 +16,8 @@
 //! none.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -644,7 +645,9 @@ fn publish(
 /// a checkpoint runs: the images' size during the dump, then the bytes
 /// archived of the total while publishing. Stops when dropped.
 struct Reporter {
-    stop: Arc<AtomicBool>,
+    /// Dropped to stop the thread: it wakes at once (a sleeping thread
+    /// would hold every checkpoint up to half a second at its end).
+    stop: Option<std::sync::mpsc::Sender<()>>,
     /// Bytes archived so far, and the total once publishing started.
     archived: Arc<AtomicU64>,
     total: Arc<AtomicU64>,
@@ -653,12 +656,13 @@ struct Reporter {
 
 impl Reporter {
     fn start(dir: PathBuf, images: PathBuf) -> Reporter {
-        let stop = Arc::new(AtomicBool::new(false));
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let archived = Arc::new(AtomicU64::new(0));
         let total = Arc::new(AtomicU64::new(0));
-        let (s, a, t) = (stop.clone(), archived.clone(), total.clone());
+        let (a, t) = (archived.clone(), total.clone());
         let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::SeqCst) {
+            let every = std::time::Duration::from_millis(500);
+            loop {
                 let total = t.load(Ordering::SeqCst);
                 let report = if total == 0 {
                     ProgressReport {
@@ -674,11 +678,13 @@ impl Reporter {
                     }
                 };
                 report.write(&dir);
-                std::thread::sleep(std::time::Duration::from_millis(500));
+                if stopped.recv_timeout(every) != Err(RecvTimeoutError::Timeout) {
+                    return;
+                }
             }
         });
         Reporter {
-            stop,
+            stop: Some(stop),
             archived,
             total,
             thread: Some(thread),
@@ -698,7 +704,7 @@ impl Reporter {
 
 impl Drop for Reporter {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        drop(self.stop.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

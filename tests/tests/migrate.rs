@@ -755,7 +755,13 @@ fn realistic_memory_arrives_whole() {
 #[test]
 fn a_long_checkpoint_shows_its_progress() {
     let share = share();
-    let a = Containerd::node(share.path(), &[]);
+    let dir = tempfile::tempdir().unwrap();
+    // A dump that takes a while whatever the machine: CRIU starts 1.5 s late.
+    let wrapper = criu_wrapper(dir.path(), "sleep 1.5");
+    let a = Containerd::node(
+        share.path(),
+        &[("CRIU_SHIM_CRIU", wrapper.to_str().unwrap())],
+    );
     a.run_detached("big", &["/testapp", "-m", "512", "--fill", "random"]);
     assert_eq!(a.count("big"), 1);
     let out = std::process::Command::new(criu_shim_tests::shim_binary())
