@@ -19,6 +19,17 @@ pub struct SshfsShare {
 impl SshfsShare {
     /// The server, and `n` mounts of its export.
     pub fn start(n: usize) -> SshfsShare {
+        Self::start_with(n, None)
+    }
+
+    /// The same with every mount's writes (client to server) limited to
+    /// `rate` bytes per second (pv's syntax: `50m`): a slow share, for
+    /// benchmarks.
+    pub fn start_throttled(n: usize, rate: &str) -> SshfsShare {
+        Self::start_with(n, Some(rate))
+    }
+
+    fn start_with(n: usize, rate: Option<&str>) -> SshfsShare {
         let dir = tempfile::Builder::new()
             .prefix("criu-shim-sshfs-")
             .tempdir()
@@ -65,21 +76,26 @@ impl SshfsShare {
             dir,
         };
         for i in 0..n {
-            share.mount(&server, i);
+            share.mount(&server, i, rate);
         }
         share
     }
 
-    fn mount(&mut self, server: &str, i: usize) {
+    fn mount(&mut self, server: &str, i: usize, rate: Option<&str>) {
         let d = self.dir.path().to_path_buf();
         let mnt = d.join(format!("mnt-{i}"));
         std::fs::create_dir_all(&mnt).unwrap();
         // Listings stay cached for 2 minutes (sshfs's default is 20 s), so
         // a slow, loaded test machine still sees them stale.
-        let opts = format!(
+        let mut opts = format!(
             "IdentityFile={}/id,StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,BatchMode=yes,dcache_timeout=120",
             d.display()
         );
+        if let Some(rate) = rate {
+            // ssh's connection through pv: what the client sends (writes)
+            // is limited, what it receives is not.
+            opts.push_str(&format!(",ProxyCommand=pv -q -L {rate} | nc {server} 22"));
+        }
         let mut tries = 0;
         wait_until(Duration::from_secs(15), "sshfs to mount", || {
             tries += 1;
