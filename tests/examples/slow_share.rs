@@ -1,19 +1,21 @@
-//! A slow share for benchmarks: an sshfs mount (a file server in its own
-//! network namespace, see `criu_shim_tests::sshfs`) whose writes are
-//! limited to RATE bytes per second (pv's syntax: `50m`).
+//! A slow share for benchmarks: the tests' sshfs share (a file server in
+//! its own network namespace, see `criu_shim_tests::sshfs`) behind a link
+//! whose write direction is limited to RATE (tc's syntax: `400mbit` is
+//! 50 MB/s).
 //!
-//!   slow_share RATE
+//!   slow_share RATE KEEP_FILE
 //!
-//! Prints the mount point, then keeps the share until its stdin closes.
-
-use std::io::Read;
+//! Prints the mount point, then keeps the share while KEEP_FILE exists.
 
 fn main() {
-    let Some(rate) = std::env::args().nth(1) else {
-        eprintln!("usage: slow_share RATE (such as 50m)");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [rate, keep] = args.as_slice() else {
+        eprintln!("usage: slow_share RATE KEEP_FILE (RATE such as 400mbit)");
         std::process::exit(2);
     };
-    let share = criu_shim_tests::sshfs::SshfsShare::start_throttled(1, &rate);
+    let share = criu_shim_tests::sshfs::SshfsShare::start_throttled(1, rate);
     println!("{}", share.mount_point(0).display());
-    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    while std::path::Path::new(keep).exists() {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }

@@ -22,9 +22,10 @@ impl SshfsShare {
         Self::start_with(n, None)
     }
 
-    /// The same with every mount's writes (client to server) limited to
-    /// `rate` bytes per second (pv's syntax: `50m`): a slow share, for
-    /// benchmarks.
+    /// The same behind a link whose client-to-server direction (what the
+    /// mounts write) is limited to `rate` (tc's syntax: `400mbit` is
+    /// 50 MB/s; a token bucket on the host's end of the server's veth):
+    /// a slow share, for benchmarks. Reads are not limited.
     pub fn start_throttled(n: usize, rate: &str) -> SshfsShare {
         Self::start_with(n, Some(rate))
     }
@@ -37,6 +38,17 @@ impl SshfsShare {
         let d = dir.path();
         let net = NodeNet::create(&d.join("cni"));
         let server = format!("10.212.{}.2", net.index);
+        if let Some(rate) = rate {
+            let ok = Command::new("tc")
+                .args(["qdisc", "add", "dev", &format!("csh{}", net.index)])
+                .args([
+                    "root", "tbf", "rate", rate, "burst", "1mb", "latency", "50ms",
+                ])
+                .status()
+                .expect("run tc (hack/setup installs iproute2)")
+                .success();
+            assert!(ok, "tc could not limit the share's link to {rate}");
+        }
         std::fs::create_dir_all(d.join("export")).unwrap();
         std::fs::create_dir_all("/run/sshd").unwrap();
         for key in ["hostkey", "id"] {
@@ -76,26 +88,21 @@ impl SshfsShare {
             dir,
         };
         for i in 0..n {
-            share.mount(&server, i, rate);
+            share.mount(&server, i);
         }
         share
     }
 
-    fn mount(&mut self, server: &str, i: usize, rate: Option<&str>) {
+    fn mount(&mut self, server: &str, i: usize) {
         let d = self.dir.path().to_path_buf();
         let mnt = d.join(format!("mnt-{i}"));
         std::fs::create_dir_all(&mnt).unwrap();
         // Listings stay cached for 2 minutes (sshfs's default is 20 s), so
         // a slow, loaded test machine still sees them stale.
-        let mut opts = format!(
+        let opts = format!(
             "IdentityFile={}/id,StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,BatchMode=yes,dcache_timeout=120",
             d.display()
         );
-        if let Some(rate) = rate {
-            // ssh's connection through pv: what the client sends (writes)
-            // is limited, what it receives is not.
-            opts.push_str(&format!(",ProxyCommand=pv -q -L {rate} | nc {server} 22"));
-        }
         let mut tries = 0;
         wait_until(Duration::from_secs(15), "sshfs to mount", || {
             tries += 1;
