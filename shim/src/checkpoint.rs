@@ -113,56 +113,87 @@ fn workers() -> u32 {
     std::thread::available_parallelism().map_or(2, |n| n.get().min(8) as u32)
 }
 
+/// One container's checkpoint, decided before anything is frozen: what
+/// CRIU is asked for, where the archive goes and what happens after.
+struct Plan {
+    /// Our CLI asked (else containerd's Checkpoint RPC).
+    from_cli: bool,
+    args: CriuArgs,
+    /// Where the archive goes; none: only the images containerd asked for.
+    to: Option<Destination>,
+    /// Kill the container once its archive is published.
+    exit_after: bool,
+    compression: Compression,
+    /// containerd's images directory: it gets every image but the pages
+    /// (see [`hand_over`]).
+    handover: Option<PathBuf>,
+    /// Local staging of the dump, removed with the plan.
+    _staging: Option<Staging>,
+}
+
+impl Plan {
+    fn of(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Plan> {
+        let spec = Spec::read(&c.bundle);
+        let staging = || Staging::new(&c.config.staging_dir, &format!("dump-{}", c.id));
+        if let Some(r) = CheckpointRequest::from_options(req)? {
+            let to = Destination::of(c, &spec, &r.destination(&spec)?)?;
+            let staging = staging()?;
+            return Ok(Plan {
+                from_cli: true,
+                args: r.staged_args(&staging),
+                to: Some(to),
+                exit_after: !r.leave_running,
+                compression: r.compression(c.config.compression),
+                handover: None,
+                _staging: Some(staging),
+            });
+        }
+        let mut args = containerd_args(req, &c.bundle)?;
+        let to = spec
+            .checkpoint_to()
+            .map(|key| Destination::of(c, &spec, key))
+            .transpose()?;
+        let (mut handover, mut own) = (None, None);
+        if to.is_some() {
+            // The share is this checkpoint's home: dump into our staging,
+            // and hand containerd the images without their memory pages.
+            let staging = staging()?;
+            handover = Some(std::mem::replace(&mut args.image_path, staging.images()));
+            own = Some(staging);
+        }
+        Ok(Plan {
+            from_cli: false,
+            exit_after: to.is_some() && !args.leave_running,
+            args,
+            to,
+            compression: compression_of(c.config.compression),
+            handover,
+            _staging: own,
+        })
+    }
+}
+
 /// One container's checkpoint, from containerd or our CLI.
 pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Option<Report>> {
-    let spec = Spec::read(&c.bundle);
-    let ours = CheckpointRequest::from_options(req)?;
-    let mut _staging = None;
-    let mut handover = None;
-    let (mut args, publish_to, exit_after, compression) = match &ours {
-        Some(r) => {
-            let to = Destination::of(c, &spec, &r.destination(&spec)?)?;
-            let staging = Staging::new(&c.config.staging_dir, &format!("dump-{}", c.id))?;
-            let args = r.staged_args(&staging);
-            _staging = Some(staging);
-            (
-                args,
-                Some(to),
-                !r.leave_running,
-                r.compression(c.config.compression),
-            )
-        }
-        None => {
-            let mut args = containerd_args(req, &c.bundle)?;
-            let to = spec
-                .checkpoint_to()
-                .map(|key| Destination::of(c, &spec, key))
-                .transpose()?;
-            let exit_after = to.is_some() && !args.leave_running;
-            if to.is_some() {
-                // The share is this checkpoint's home: dump into our
-                // staging, and hand containerd the images without their
-                // memory pages afterwards (see `hand_over`).
-                let staging = Staging::new(&c.config.staging_dir, &format!("dump-{}", c.id))?;
-                handover = Some(std::mem::replace(&mut args.image_path, staging.images()));
-                _staging = Some(staging);
-            }
-            (args, to, exit_after, compression_of(c.config.compression))
-        }
+    let mut plan = Plan::of(c, req)?;
+    let Some(to) = plan.to.take() else {
+        dump(c, &plan.args, &[])?;
+        return Ok(None);
     };
+    let (exit_after, compression) = (plan.exit_after, plan.compression);
     // Our CLI's checkpoints freeze the container first: CRIU then finds it
     // frozen and skips its own freezing, which polls the cgroup v1 freezer
     // in 100 ms steps (a tenth of a second of downtime at every size), and
     // leaves it frozen. containerd's path arrives paused already (its
     // client pauses).
     let mut frozen = Frozen::default();
-    if ours.is_some() && publish_to.is_some() {
+    if plan.from_cli {
         frozen.freeze(c)?;
     }
     let env: Vec<(&str, &str)> = if exit_after && !frozen.any() {
         // Dump, keep the tasks stopped, and only kill them once the
         // archive is safely on the share.
-        args.leave_running = true;
+        plan.args.leave_running = true;
         vec![(front_env::DUMP_LEAVE_STOPPED, "1")]
     } else {
         Vec::new()
@@ -171,15 +202,12 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
     // (dump ended, writable-layer changes staged), not after publishing;
     // so does one containerd paused for this checkpoint, before
     // containerd's own export and Resume.
-    let paused_by_containerd = ours.is_none() && c.init.status() == Status::Paused;
+    let paused_by_containerd = !plan.from_cli && c.init.status() == Status::Paused;
     let thaw_when_taken = !exit_after && (frozen.any() || paused_by_containerd);
+    let args = &plan.args;
     // Our CLI waits on this RPC: tell it how far we are.
-    let reporter = (ours.is_some() && !req.path.is_empty())
+    let reporter = (plan.from_cli && !req.path.is_empty())
         .then(|| Reporter::start(PathBuf::from(&req.path), args.image_path.clone()));
-    let Some(to) = publish_to else {
-        dump(c, &args, &env)?;
-        return Ok(None);
-    };
     let progress = reporter.as_ref().map(Reporter::archived);
     let after_dump = || {
         if let Some(r) = &reporter {
@@ -198,13 +226,13 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
                 progress,
                 thaw,
             };
-            publish_while_dumping(c, &args, &env, &to, how, after_dump)?
+            publish_while_dumping(c, args, &env, &to, how, after_dump)?
         }
         PublishMode::Staged => {
-            let stats = dump(c, &args, &env)?;
+            let stats = dump(c, args, &env)?;
             after_dump();
             let how = Writing::after_dump(compression, progress);
-            let published = publish(c, &args, &stats, &to, how);
+            let published = publish(c, args, &stats, &to, how);
             if thaw_when_taken {
                 if frozen.any() {
                     frozen.thaw_all();
@@ -215,7 +243,7 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
             published
         }
     };
-    let published = published.and_then(|report| match &handover {
+    let published = published.and_then(|report| match &plan.handover {
         Some(dir) => hand_over(&args.image_path, dir).map(|()| report),
         None => Ok(report),
     });
