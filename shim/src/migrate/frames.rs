@@ -110,8 +110,10 @@ impl Rates {
     fn record_ratio(&self, input: usize, output: usize) {
         let sample = (input as u64 * 1000) / output.max(1) as u64;
         let old = self.ratio_milli.load(Ordering::Relaxed);
+        // Half weight: memory changes kind between mappings; a few
+        // chunks are enough to follow.
         self.ratio_milli
-            .store((old * 3 + sample) / 4, Ordering::Relaxed);
+            .store((old + sample) / 2, Ordering::Relaxed);
     }
 
     fn record(slot: &AtomicU64, bytes: usize, took: Duration) {
@@ -621,7 +623,9 @@ mod tests {
                 s.write_all(&data)
             })
             .unwrap();
-        assert!(stats.compressed < 16, "{stats:?}");
+        // A few are compressed before the ratio is known (and while those
+        // already queued go), then they are stored.
+        assert!(stats.compressed * 2 < stats.stored, "{stats:?}");
         assert!(decode(&slow.0.into_inner()) == data);
     }
 

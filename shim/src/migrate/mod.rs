@@ -1044,7 +1044,7 @@ mod tests {
     }
 
     /// No input panics the reader: every byte of small archives (zstd with
-    /// its index, plain tar, and the older single-frame layout) mutated in
+    /// its index, stored frames, plain tar, and the older single-frame layout) mutated in
     /// turn, and bounded random mutations. Extra seeds may be kept in
     /// `shim/fuzz/corpus/` (any file there is used as a starting point).
     #[test]
@@ -1052,14 +1052,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let share = tempfile::tempdir().unwrap();
         let mut seeds: Vec<Vec<u8>> = Vec::new();
-        for compression in [
+        for (i, compression) in [
             Compression::Zstd {
                 level: 1,
                 workers: 1,
             },
+            // Stored frames (the destination keeps up): raw blocks.
+            Compression::Adaptive {
+                level: 1,
+                workers: 1,
+            },
             Compression::None,
-        ] {
-            let (bundle, images, work) = fake_dump(&dir.path().join(compression.name()));
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (bundle, images, work) = fake_dump(&dir.path().join(format!("seed-{i}")));
             std::fs::write(images.join("pages-1.img"), b"small pages").unwrap();
             let d = Dumped {
                 container_id: "c1",
@@ -1078,7 +1086,7 @@ mod tests {
             let t = Target {
                 share: share.path().to_path_buf(),
                 tenant: Tenant::Containerd,
-                name: format!("seed-{}", compression.name()),
+                name: format!("seed-{i}"),
                 compression,
                 staging_root: dir.path().join("staging"),
                 mac_key: Some(vec![5u8; 32]),
