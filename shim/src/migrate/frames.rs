@@ -46,8 +46,9 @@ const DEPTH: usize = 16;
 /// Adaptive: compress while at least this many finished chunks wait to be
 /// written (the writer is the bottleneck).
 const BACKLOG_TO_COMPRESS: usize = 2;
-/// Adaptive, writer behind, compression not paying: one chunk in this
-/// many is compressed anyway to keep the ratio current.
+/// Adaptive, writer behind and slower per byte than a compressor, but the
+/// ratio says compression does not pay: one chunk in this many is
+/// compressed anyway to keep the ratio current.
 const PROBE_EVERY: u32 = 16;
 /// Until measured: one core compresses real programs' memory at about
 /// 370 MB/s with zstd -1 here.
@@ -133,6 +134,12 @@ impl Rates {
         slot.store(new, Ordering::Relaxed);
     }
 
+    /// Writing a byte takes longer than compressing it: compression would
+    /// pay at a good enough ratio (worth probing for one).
+    fn destination_is_slower(&self) -> bool {
+        self.write.load(Ordering::Relaxed) > self.compress.load(Ordering::Relaxed)
+    }
+
     /// Compressing a chunk saves more of the destination's time than it
     /// costs a compressor: writing 1/ratio of it instead of all of it.
     /// Incompressible memory (ratio ~1) saves nothing: stored.
@@ -158,8 +165,8 @@ pub struct Sink {
     fills: Vec<(Slot, [u8; SLOT_LEN])>,
     stats: FrameStats,
     /// Chunks since the last one compressed: adaptive compresses one in
-    /// [`PROBE_EVERY`] anyway while the writer is behind, so the ratio it
-    /// decides by follows memory that becomes compressible again.
+    /// [`PROBE_EVERY`] anyway while a slow writer is behind, so the ratio
+    /// it decides by follows memory that becomes compressible again.
     since_compressed: u32,
 }
 
@@ -193,7 +200,9 @@ impl Sink {
             Mode::Compressed { .. } => true,
             Mode::Adaptive { .. } => {
                 self.waiting.load(Ordering::Relaxed) >= BACKLOG_TO_COMPRESS
-                    && (self.rates.compressing_pays() || self.since_compressed >= PROBE_EVERY)
+                    && (self.rates.compressing_pays()
+                        || (self.since_compressed >= PROBE_EVERY
+                            && self.rates.destination_is_slower()))
             }
         };
         match (&self.jobs, compress) {
