@@ -214,17 +214,20 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
             r.publishing(dir_size(&args.image_path));
         }
     };
+    // What we froze, else what containerd paused for us.
+    let mut thaw = || {
+        if frozen.any() {
+            frozen.thaw_all();
+        } else {
+            thaw_for_containerd(c);
+        }
+    };
     let published = match c.config.publish {
         PublishMode::Stream => {
-            let thaw: Option<Box<dyn FnOnce() + '_>> = match (thaw_when_taken, frozen.any()) {
-                (false, _) => None,
-                (true, true) => Some(Box::new(|| frozen.thaw_all())),
-                (true, false) => Some(Box::new(|| thaw_for_containerd(c))),
-            };
             let how = Streaming {
                 compression,
                 progress,
-                thaw,
+                thaw: thaw_when_taken.then(|| Box::new(thaw) as Box<dyn FnOnce() + '_>),
             };
             publish_while_dumping(c, args, &env, &to, how, after_dump)?
         }
@@ -234,11 +237,7 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
             let how = Writing::after_dump(compression, progress);
             let published = publish(c, args, &stats, &to, how);
             if thaw_when_taken {
-                if frozen.any() {
-                    frozen.thaw_all();
-                } else {
-                    thaw_for_containerd(c);
-                }
+                thaw();
             }
             published
         }

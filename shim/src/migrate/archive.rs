@@ -330,7 +330,8 @@ fn write_small<W: Write>(out: &mut W, name: &str, data: &[u8], mtime: u64) -> Re
         .map_err(|e| write_error(name, e))
 }
 
-fn is_page_image(member: &str) -> bool {
+/// A member holding one of CRIU's page images (`checkpoint/pages-N.img`).
+pub(super) fn is_page_image(member: &str) -> bool {
     member
         .strip_prefix(members::IMAGES_DIR)
         .is_some_and(|n| n.starts_with("/pages-"))

@@ -512,6 +512,56 @@ mod tests {
         (0..len).map(|i| (i / 64 % 7 + i % 3) as u8).collect()
     }
 
+    /// Incompressible bytes (xorshift).
+    fn random(len: usize) -> Vec<u8> {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// A destination slower than a compressor: 10 ms a write.
+    struct Slow(Cursor<Vec<u8>>);
+
+    impl Write for Slow {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            self.0.write(b)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Seek for Slow {
+        fn seek(&mut self, p: SeekFrom) -> io::Result<u64> {
+            self.0.seek(p)
+        }
+    }
+
+    impl Destination for Slow {}
+
+    /// `data` written adaptively into a [`Slow`] destination; what comes
+    /// out must decode to it.
+    fn adaptive_into_slow(data: &[u8]) -> FrameStats {
+        let mode = Mode::Adaptive {
+            level: 1,
+            workers: 2,
+        };
+        let (_, slow, _, stats) =
+            write_framed::<_, _, io::Error>(Slow(Cursor::new(Vec::new())), mode, |s| {
+                s.write_all(data)
+            })
+            .unwrap();
+        assert!(decode(&slow.0.into_inner()) == data);
+        stats
+    }
+
     #[test]
     fn a_stored_frame_decodes_to_its_bytes() {
         for len in [0, 1, 511, MAX_BLOCK, MAX_BLOCK + 1, 3 * MAX_BLOCK + 17] {
@@ -566,36 +616,15 @@ mod tests {
     /// adaptive mode compresses.
     #[test]
     fn adaptive_compresses_when_the_destination_is_slow() {
-        struct Slow(Cursor<Vec<u8>>);
-        impl Write for Slow {
-            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-                self.0.write(b)
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
-        impl Seek for Slow {
-            fn seek(&mut self, p: SeekFrom) -> io::Result<u64> {
-                self.0.seek(p)
-            }
-        }
-        impl Destination for Slow {}
         // The first DEPTH chunks are queued before any write is measured.
         let data = sample(64 * CHUNK);
+        let stats = adaptive_into_slow(&data);
+        assert!(stats.compressed > stats.stored, "{stats:?}");
+        // Nothing waits for the writer yet: the first chunk is stored.
         let mode = Mode::Adaptive {
             level: 1,
             workers: 2,
         };
-        let (_, slow, _, stats) =
-            write_framed::<_, _, io::Error>(Slow(Cursor::new(Vec::new())), mode, |s| {
-                s.write_all(&data)
-            })
-            .unwrap();
-        assert!(stats.compressed > stats.stored, "{stats:?}");
-        assert!(decode(&slow.0.into_inner()) == data);
-        // Nothing waits for the writer yet: the first chunk is stored.
         let (_, _, _, first) =
             write_framed::<_, _, io::Error>(Cursor::new(Vec::new()), mode, |s| {
                 s.write_all(&data[..CHUNK])
@@ -608,87 +637,21 @@ mod tests {
     /// after the first few, they go out stored.
     #[test]
     fn adaptive_stores_what_does_not_compress() {
-        struct Slow(Cursor<Vec<u8>>);
-        impl Write for Slow {
-            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-                self.0.write(b)
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
-        impl Seek for Slow {
-            fn seek(&mut self, p: SeekFrom) -> io::Result<u64> {
-                self.0.seek(p)
-            }
-        }
-        impl Destination for Slow {}
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        let data: Vec<u8> = (0..64 * CHUNK)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        let mode = Mode::Adaptive {
-            level: 1,
-            workers: 2,
-        };
-        let (_, slow, _, stats) =
-            write_framed::<_, _, io::Error>(Slow(Cursor::new(Vec::new())), mode, |s| {
-                s.write_all(&data)
-            })
-            .unwrap();
+        let data = random(64 * CHUNK);
+        let stats = adaptive_into_slow(&data);
         // A few are compressed before the ratio is known (and while those
         // already queued go), then they are stored.
         assert!(stats.compressed * 2 < stats.stored, "{stats:?}");
-        assert!(decode(&slow.0.into_inner()) == data);
     }
 
     /// Incompressible memory, then compressible: the probes notice the
     /// change and most of the second half is compressed.
     #[test]
     fn adaptive_notices_memory_that_compresses_again() {
-        struct Slow(Cursor<Vec<u8>>);
-        impl Write for Slow {
-            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-                self.0.write(b)
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
-        impl Seek for Slow {
-            fn seek(&mut self, p: SeekFrom) -> io::Result<u64> {
-                self.0.seek(p)
-            }
-        }
-        impl Destination for Slow {}
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut data: Vec<u8> = (0..40 * CHUNK)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let mut data = random(40 * CHUNK);
         data.extend(sample(40 * CHUNK));
-        let mode = Mode::Adaptive {
-            level: 1,
-            workers: 2,
-        };
-        let (_, slow, _, stats) =
-            write_framed::<_, _, io::Error>(Slow(Cursor::new(Vec::new())), mode, |s| {
-                s.write_all(&data)
-            })
-            .unwrap();
+        let stats = adaptive_into_slow(&data);
         assert!(stats.compressed >= 20, "{stats:?}");
-        assert!(decode(&slow.0.into_inner()) == data);
     }
 
     #[test]

@@ -259,7 +259,10 @@ fn write_members(
         (members::DUMP_LOG, d.work.join("dump.log")),
     ];
     for s in archive::sources(d.images, &extras)? {
-        let image = s.name.strip_prefix(members::IMAGES_DIR).map(|n| &n[1..]);
+        let image = s
+            .name
+            .strip_prefix(members::IMAGES_DIR)
+            .and_then(|n| n.strip_prefix('/'));
         if !image.is_some_and(|n| followed.contains(n)) {
             w.append(&s)?;
         }
@@ -267,7 +270,7 @@ fn write_members(
     let pages_bytes = w
         .members()
         .iter()
-        .filter(|m| m.path.starts_with("checkpoint/pages-"))
+        .filter(|m| archive::is_page_image(&m.path))
         .map(|m| m.size)
         .sum();
     Ok(Manifest {
@@ -425,6 +428,38 @@ mod tests {
         share.join(Tenant::Containerd.dir_name()).join(key)
     }
 
+    /// A dump's description for the fake dump's three directories.
+    fn dumped<'a>(bundle: &'a Path, images: &'a Path, work: &'a Path) -> Dumped<'a> {
+        Dumped {
+            container_id: "c1",
+            name: None,
+            image: None,
+            bundle,
+            rootfs_upper: None,
+            images,
+            images_are_staging: false,
+            work,
+            tcp_established: false,
+            frozen_ms: None,
+            criu_ms: None,
+            criu_version: "4.2.1".into(),
+        }
+    }
+
+    /// Key `job` of the containerd tenant on `share`, unsigned.
+    fn target(share: &Path, staging_root: PathBuf, compression: Compression) -> Target {
+        Target {
+            share: share.to_path_buf(),
+            tenant: Tenant::Containerd,
+            name: "job".into(),
+            compression,
+            staging_root,
+            mac_key: None,
+            progress: None,
+            state_taken: None,
+        }
+    }
+
     fn publish_one(dir: &Path, share: &Path, compression: Compression) -> Report {
         publish_signed(dir, share, compression, None)
     }
@@ -437,28 +472,13 @@ mod tests {
     ) -> Report {
         let (bundle, images, work) = fake_dump(dir);
         let d = Dumped {
-            container_id: "c1",
-            name: None,
-            image: None,
-            bundle: &bundle,
-            rootfs_upper: None,
-            images: &images,
-            images_are_staging: false,
-            work: &work,
-            tcp_established: false,
             frozen_ms: Some(12.0),
             criu_ms: Some(34.0),
-            criu_version: "4.2.1".into(),
+            ..dumped(&bundle, &images, &work)
         };
         let t = Target {
-            share: share.to_path_buf(),
-            tenant: Tenant::Containerd,
-            name: "job".into(),
-            compression,
-            staging_root: dir.join("staging"),
             mac_key: mac_key.map(<[u8]>::to_vec),
-            progress: None,
-            state_taken: None,
+            ..target(share, dir.join("staging"), compression)
         };
         publish_checkpoint(&d, &t).unwrap()
     }
@@ -505,29 +525,10 @@ mod tests {
                 want.concat()
             });
             let d = Dumped {
-                container_id: "c1",
-                name: None,
-                image: None,
-                bundle: &bundle,
-                rootfs_upper: None,
-                images: &images,
                 images_are_staging: true,
-                work: &work,
-                tcp_established: false,
-                frozen_ms: None,
-                criu_ms: None,
-                criu_version: "4.2.1".into(),
+                ..dumped(&bundle, &images, &work)
             };
-            let t = Target {
-                share: share.path().to_path_buf(),
-                tenant: Tenant::Containerd,
-                name: "job".into(),
-                compression,
-                staging_root: dir.path().join("staging"),
-                mac_key: None,
-                progress: None,
-                state_taken: None,
-            };
+            let t = target(share.path(), dir.path().join("staging"), compression);
             let report = publish_while_dumping(&d, &t, follow).unwrap();
             let want = criu.join().unwrap();
             assert_eq!(report.manifest.stats.criu_ms, Some(6.0));
@@ -562,30 +563,8 @@ mod tests {
         let follow = Follow::new(&images, rx, false).unwrap();
         std::fs::write(images.join("pages-2.img"), vec![1u8; 1 << 20]).unwrap();
         tx.send(DumpEnd::Failed("CRIU was killed".into())).unwrap();
-        let d = Dumped {
-            container_id: "c1",
-            name: None,
-            image: None,
-            bundle: &bundle,
-            rootfs_upper: None,
-            images: &images,
-            images_are_staging: false,
-            work: &work,
-            tcp_established: false,
-            frozen_ms: None,
-            criu_ms: None,
-            criu_version: "4.2.1".into(),
-        };
-        let t = Target {
-            share: share.path().to_path_buf(),
-            tenant: Tenant::Containerd,
-            name: "job".into(),
-            compression: Compression::None,
-            staging_root: dir.path().join("staging"),
-            mac_key: None,
-            progress: None,
-            state_taken: None,
-        };
+        let d = dumped(&bundle, &images, &work);
+        let t = target(share.path(), dir.path().join("staging"), Compression::None);
         let e = publish_while_dumping(&d, &t, follow).unwrap_err();
         assert!(e.to_string().contains("CRIU was killed"), "{e}");
         let key = key_dir(share.path(), "job");
@@ -1069,29 +1048,11 @@ mod tests {
         {
             let (bundle, images, work) = fake_dump(&dir.path().join(format!("seed-{i}")));
             std::fs::write(images.join("pages-1.img"), b"small pages").unwrap();
-            let d = Dumped {
-                container_id: "c1",
-                name: None,
-                image: None,
-                bundle: &bundle,
-                rootfs_upper: None,
-                images: &images,
-                images_are_staging: false,
-                work: &work,
-                tcp_established: false,
-                frozen_ms: None,
-                criu_ms: None,
-                criu_version: "4.2.1".into(),
-            };
+            let d = dumped(&bundle, &images, &work);
             let t = Target {
-                share: share.path().to_path_buf(),
-                tenant: Tenant::Containerd,
                 name: format!("seed-{i}"),
-                compression,
-                staging_root: dir.path().join("staging"),
                 mac_key: Some(vec![5u8; 32]),
-                progress: None,
-                state_taken: None,
+                ..target(share.path(), dir.path().join("staging"), compression)
             };
             let r = publish_checkpoint(&d, &t).unwrap();
             seeds.push(std::fs::read(&r.archive).unwrap());
