@@ -342,7 +342,7 @@ pub fn mounts(dir: &Path) -> Result<Vec<Mount>, ImageError> {
 
 /// Every entry of an image whose type magic is `magic` (after the common
 /// magic), at most `max` of them.
-fn entries<'a>(
+pub(crate) fn entries<'a>(
     bytes: &'a [u8],
     magic: u32,
     max: usize,
@@ -537,7 +537,7 @@ pub fn encode_core(creds: Option<&Creds>, seccomp: SeccompMode) -> Vec<u8> {
 }
 
 /// A regular file (never through a symlink), at most `max` bytes.
-fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, ImageError> {
+pub(crate) fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, ImageError> {
     let io = |source| ImageError::Io {
         path: path.to_path_buf(),
         source,

@@ -26,6 +26,8 @@
 pub mod criu;
 pub mod error;
 pub mod images;
+pub mod lazy;
+pub mod memory;
 pub mod notify;
 pub mod options;
 pub mod reaper;

@@ -481,3 +481,33 @@ fn images_tell_the_process_tree_and_names() {
         .unwrap();
     assert_eq!(main.comm.as_deref(), Some("counter"));
 }
+
+#[test]
+fn every_dump_tells_which_pages_a_lazy_restore_may_serve_and_where_they_are() {
+    let c = criu();
+    let counter = Counter::start();
+    let (dir, opts) = images();
+    c.dump(
+        &opts
+            .pid(counter.pid)
+            .log_file("dump.log")
+            .leave_running(true),
+        None,
+    )
+    .unwrap();
+    let m = criu_sys::memory::task_memory(dir.path(), counter.pid as u32).unwrap();
+    assert!(
+        !m.ranges.is_empty(),
+        "a running program has lazy heap pages"
+    );
+    let pages = std::fs::metadata(dir.path().join(format!("pages-{}.img", m.pages_id)))
+        .unwrap()
+        .len();
+    for r in &m.ranges {
+        assert!(
+            r.offset + r.len() <= pages,
+            "{r:?} beyond the {pages}-byte pages image"
+        );
+    }
+    assert!(counter.is_counting());
+}
