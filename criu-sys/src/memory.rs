@@ -23,7 +23,7 @@ use std::path::Path;
 
 use protobuf::Message;
 
-use crate::images::{entries, read_bounded, ImageError, IMG_COMMON_MAGIC};
+use crate::images::{entries, read_bounded, ImageError};
 use crate::rpc_images::{Mm_entry, Pagemap_entry, Pagemap_head};
 
 /// `mm-PID.img`'s magic.
@@ -198,6 +198,7 @@ fn lazy_ranges(bytes: &[u8], vmas: &[(u64, u64)]) -> Result<TaskMemory, String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::images::IMG_COMMON_MAGIC;
     use crate::rpc_images::Vma_entry;
 
     fn image(magic: u32, msgs: &[Vec<u8>]) -> Vec<u8> {
