@@ -37,6 +37,12 @@ pub const ANNOTATION_CHECKPOINT_TO: &str = "criu-shim.io/checkpoint-to";
 /// together, as `containerd-shim-criu-v2 checkpoint --pod` does.
 pub const ANNOTATION_CHECKPOINT_POD: &str = "criu-shim.io/checkpoint-pod";
 
+/// Annotation choosing how a restore brings memory back: `cold` (every
+/// page in place before the tasks run) or `lazy` (the tasks run at once;
+/// pages are copied in when touched, and the rest in the background).
+/// Unset: the node's [`env::MIGRATION`] setting.
+pub const ANNOTATION_MIGRATION: &str = "criu-shim.io/migration";
+
 /// CRI's annotation carrying the pod sandbox id; containers of one pod share a shim.
 pub const ANNOTATION_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 
@@ -78,6 +84,7 @@ pub mod env {
     pub const MAX_ARCHIVE_MEMBERS: &str = "CRIU_SHIM_MAX_ARCHIVE_MEMBERS";
     pub const COMPRESSION: &str = "CRIU_SHIM_COMPRESSION";
     pub const PUBLISH: &str = "CRIU_SHIM_PUBLISH";
+    pub const MIGRATION: &str = "CRIU_SHIM_MIGRATION";
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -146,6 +153,26 @@ pub enum PublishMode {
     Staged,
 }
 
+/// How a restore brings a container's memory back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationMode {
+    /// Every page in place before the tasks run.
+    Cold,
+    /// The tasks run as soon as the process tree is back; pages move in
+    /// when touched (userfaultfd) and in the background.
+    Lazy,
+}
+
+impl MigrationMode {
+    pub fn parse(v: &str) -> Option<MigrationMode> {
+        match v {
+            "cold" => Some(Self::Cold),
+            "lazy" => Some(Self::Lazy),
+            _ => None,
+        }
+    }
+}
+
 /// The shim's settings, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShimConfig {
@@ -186,6 +213,9 @@ pub struct ShimConfig {
     pub max_archive_members: usize,
     pub compression: CompressionSetting,
     pub publish: PublishMode,
+    /// How restores bring memory back unless the container's
+    /// [`ANNOTATION_MIGRATION`] says.
+    pub migration: MigrationMode,
 }
 
 impl ShimConfig {
@@ -213,6 +243,7 @@ impl ShimConfig {
             max_archive_members: 50_000,
             compression: CompressionSetting::Auto,
             publish: PublishMode::Stream,
+            migration: MigrationMode::Cold,
         }
     }
 
@@ -346,6 +377,13 @@ impl ShimConfig {
                 }
             };
         }
+        if let Some(v) = env(env::MIGRATION) {
+            c.migration = MigrationMode::parse(&v).ok_or(ConfigError::BadValue {
+                name: env::MIGRATION,
+                value: v,
+                why: "expected cold or lazy",
+            })?;
+        }
         for (what, path) in [
             ("runc root", &c.runc_root),
             ("staging dir", &c.staging_dir),
@@ -417,6 +455,13 @@ mod tests {
         assert_eq!(c.publish, PublishMode::Staged);
         let env = |k: &str| (k == env::PUBLISH).then(|| "later".to_string());
         assert!(ShimConfig::resolve("n", None, env, false).is_err());
+        assert_eq!(c.migration, MigrationMode::Cold);
+        let env = |k: &str| (k == env::MIGRATION).then(|| "lazy".to_string());
+        let c = ShimConfig::resolve("n", None, env, false).unwrap();
+        assert_eq!(c.migration, MigrationMode::Lazy);
+        let env = |k: &str| (k == env::MIGRATION).then(|| "warm".to_string());
+        let e = ShimConfig::resolve("n", None, env, false).unwrap_err();
+        assert!(e.to_string().contains("CRIU_SHIM_MIGRATION"), "{e}");
     }
 
     #[test]

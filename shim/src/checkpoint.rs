@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use containerd_shim::api;
 use containerd_shim::protos::protobuf::Message;
@@ -176,6 +176,8 @@ impl Plan {
 /// One container's checkpoint, from containerd or our CLI.
 pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Option<Report>> {
     let mut plan = Plan::of(c, req)?;
+    // Before anything is frozen: a lazy restore's pages must all be in.
+    c.memory_in_place(Duration::from_secs(c.config.criu_timeout_secs))?;
     let Some(to) = plan.to.take() else {
         dump(c, &plan.args, &[])?;
         return Ok(None);
@@ -782,6 +784,7 @@ fn containerd_args(req: &api::CheckpointTaskRequest, bundle: &Path) -> Result<Cr
         file_locks: o.file_locks,
         empty_ns: o.empty_namespaces.clone(),
         cgroups_mode: Some(o.cgroups_mode.clone()).filter(|m| !m.is_empty()),
+        lazy_pages: false,
     })
 }
 

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::{Error, Result};
 use crate::messages::{FailureKind, FrontFailure, FrontStats};
 use crate::process::{Process, Status};
+use crate::restore::lazy::{LazyRestore, OnFailure};
 use crate::runc::{CriuArgs, Runtime, SpawnOpts};
 use crate::stdio::{ConsoleSocket, ProcessIo, StdioPaths};
 
@@ -32,6 +33,8 @@ pub struct CreateOpts {
     /// A staged checkpoint whose writable-layer changes are applied to the
     /// rootfs before the restore.
     pub rootfs_changes: Option<PathBuf>,
+    /// A lazy restore's pages (`restore.lazy_pages`).
+    pub lazy_pages: Option<Box<dyn crate::restore::lazy::PageSource>>,
     pub config: criu_shim_config::ShimConfig,
 }
 
@@ -61,13 +64,15 @@ pub struct Container {
     /// A checkpoint thawed it before containerd's Resume came (see
     /// `checkpoint::thaw_early`): that Resume has nothing left to do.
     pub thawed_early: std::sync::atomic::AtomicBool,
+    /// Serves the memory of a lazy restore until every page has moved.
+    lazy: Mutex<Option<LazyRestore>>,
     pub config: criu_shim_config::ShimConfig,
 }
 
 impl Container {
     /// `runc create`: the init process exists, stopped before the user's
     /// program, until [`Container::start`].
-    pub fn create(o: CreateOpts, runc: Arc<dyn Runtime>) -> Result<Container> {
+    pub fn create(mut o: CreateOpts, runc: Arc<dyn Runtime>) -> Result<Container> {
         let rootfs = o.bundle.join("rootfs");
         let mounted = mount_rootfs(&o.rootfs, &rootfs)?;
         let init = Arc::new(Process::new("", o.stdio.clone(), None));
@@ -87,6 +92,7 @@ impl Container {
             config: o.config.clone(),
             lifecycle: Mutex::new(()),
             thawed_early: Default::default(),
+            lazy: Mutex::new(None),
         };
         if let Some(staged) = &o.rootfs_changes {
             crate::migrate::rootfs::apply(staged, &rootfs)?;
@@ -101,6 +107,17 @@ impl Container {
             no_pivot: o.no_pivot,
             no_new_keyring: o.no_new_keyring,
         };
+        // The lazy-pages daemon listens before CRIU looks for it.
+        if let (Some(args), Some(pages)) = (&o.restore, o.lazy_pages.take()) {
+            let lazy = LazyRestore::start(
+                &o.id,
+                &args.work_path,
+                &args.image_path,
+                pages,
+                kill_on_failure(container.runc.clone(), &o.id),
+            )?;
+            *container.lazy.lock().unwrap() = Some(lazy);
+        }
         // A restore makes the same runc container from images instead.
         let runc = &container.runc;
         let make = |stdio| match &o.restore {
@@ -161,6 +178,18 @@ impl Container {
         Ok(self.init.pid())
     }
 
+    /// A checkpoint needs the whole memory: a lazily restored container's
+    /// pages must all be in place first (waited for, at most `timeout`).
+    pub fn memory_in_place(&self, timeout: std::time::Duration) -> Result<()> {
+        let mut lazy = self.lazy.lock().unwrap();
+        if let Some(l) = lazy.as_ref() {
+            l.wait(timeout)
+                .map_err(|e| e.with_note(&format!("container {}", self.id)))?;
+            *lazy = None;
+        }
+        Ok(())
+    }
+
     /// `runc checkpoint` through the CRIU front. With `leave_running` the
     /// container goes on; without, its processes exit once dumped.
     pub fn checkpoint(&self, args: &CriuArgs, env: &[(&str, &str)]) -> Result<DumpStats> {
@@ -170,6 +199,9 @@ impl Container {
                 self.id
             )));
         }
+        self.memory_in_place(std::time::Duration::from_secs(
+            self.config.criu_timeout_secs,
+        ))?;
         std::fs::create_dir_all(&args.image_path)
             .and_then(|_| std::fs::create_dir_all(&args.work_path))
             .map_err(|e| Error::io("create checkpoint directories", e))?;
@@ -412,6 +444,17 @@ impl Drop for Container {
     }
 }
 
+/// What a lazy restore does when a page cannot be had: the container's
+/// tasks die, since their memory can never be whole.
+fn kill_on_failure(runc: Arc<dyn Runtime>, id: &str) -> OnFailure {
+    let id = id.to_string();
+    Box::new(move |_why| {
+        if let Err(e) = runc.kill(&id, libc::SIGKILL as u32, true) {
+            log::error!("{id}: cannot kill it after its lazy restore failed: {e}");
+        }
+    })
+}
+
 fn read_pid(path: &Path) -> Result<i32> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::io(format!("read pid file {}", path.display()), e))?;
@@ -512,6 +555,7 @@ pub(crate) mod tests {
             no_new_keyring: false,
             restore: restore.then(CriuArgs::default),
             rootfs_changes: None,
+            lazy_pages: None,
             config: criu_shim_config::ShimConfig::defaults("test"),
         };
         Container::create(opts, fake).unwrap()

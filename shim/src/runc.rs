@@ -123,6 +123,8 @@ pub struct CriuArgs {
     pub file_locks: bool,
     pub empty_ns: Vec<String>,
     pub cgroups_mode: Option<String>,
+    /// Restore without private memory: a lazy-pages daemon serves it.
+    pub lazy_pages: bool,
 }
 
 impl CriuArgs {
@@ -137,6 +139,7 @@ impl CriuArgs {
             (self.ext_unix_sk, "--ext-unix-sk"),
             (self.shell_job, "--shell-job"),
             (self.file_locks, "--file-locks"),
+            (self.lazy_pages && restore, "--lazy-pages"),
         ] {
             if on {
                 cmd.arg(flag);

@@ -192,7 +192,7 @@ impl Service {
         save_shim_state(&bundle, &config);
         let runc = runc_for(&config, &bundle);
         // Holds a fetched archive's staging until the restore is done.
-        let prepared = restore::prepare(req, &bundle, &config, deadline)?;
+        let mut prepared = restore::prepare(req, &bundle, &config, deadline)?;
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -216,6 +216,7 @@ impl Service {
             no_new_keyring: config.no_new_keyring,
             restore: prepared.as_ref().map(|p| p.args.clone()),
             rootfs_changes: prepared.as_ref().and_then(|p| p.rootfs_changes.clone()),
+            lazy_pages: prepared.as_mut().and_then(|p| p.lazy.take()),
             config: config.clone(),
         };
         let restoring = prepared.is_some();

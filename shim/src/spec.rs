@@ -49,6 +49,20 @@ impl Spec {
         self.ours(cfg::ANNOTATION_RESTORE_FROM)
     }
 
+    /// How a restore of this container brings memory back: its
+    /// annotation, else the node's setting.
+    pub fn migration(&self, node: cfg::MigrationMode) -> Result<cfg::MigrationMode> {
+        match self.ours(cfg::ANNOTATION_MIGRATION) {
+            None => Ok(node),
+            Some(v) => cfg::MigrationMode::parse(v).ok_or_else(|| {
+                crate::error::Error::InvalidArgument(format!(
+                    "{}={v}: expected cold or lazy",
+                    cfg::ANNOTATION_MIGRATION
+                ))
+            }),
+        }
+    }
+
     /// The container's name in its pod (CRI), the same on every node.
     pub fn container_name(&self) -> Option<&str> {
         self.annotation(cfg::ANNOTATION_CONTAINER_NAME)

@@ -419,17 +419,18 @@ impl Containerd {
 
     /// Creates and starts `id` restored from `reference` (our annotation).
     pub fn run_restored(&self, id: &str, reference: &str) -> Output {
+        self.run_restored_with(id, reference, &[])
+    }
+
+    /// [`Containerd::run_restored`] with more annotations (`name=value`).
+    pub fn run_restored_with(&self, id: &str, reference: &str, annotations: &[&str]) -> Output {
         let ann = format!("criu-shim.io/restore-from={reference}");
-        self.ctr(&[
-            "run",
-            "-d",
-            "--runtime",
-            RUNTIME,
-            "--annotation",
-            &ann,
-            IMAGE,
-            id,
-        ])
+        let mut args = vec!["run", "-d", "--runtime", RUNTIME, "--annotation", &ann];
+        for a in annotations {
+            args.extend(["--annotation", a]);
+        }
+        args.extend([IMAGE, id]);
+        self.ctr(&args)
     }
 
     pub fn log(&self) -> String {

@@ -780,3 +780,53 @@ fn a_long_checkpoint_shows_its_progress() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("published"));
 }
+
+/// Lazy migration: node B's container answers before its memory has moved;
+/// every page arrives (the memory's hash), exec works meanwhile, and a
+/// later checkpoint of it carries the whole memory back to node A.
+#[test]
+fn a_lazy_restore_answers_at_once_and_its_memory_arrives_whole() {
+    let share = share();
+    let a = Containerd::node(share.path(), &[]);
+    let b = Containerd::node(share.path(), &[]);
+    a.run_detached("app", &["/testapp", "-m", "64", "--fill", "realistic"]);
+    assert_eq!(a.count("app"), 1);
+    let hash = |node: &Containerd, exec: &str| {
+        let (code, out, err) =
+            node.exec("app", exec, &["wget", "-qO-", "http://127.0.0.1:8080/hash"]);
+        assert_eq!(code, 0, "{err}");
+        out.split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let before = hash(&a, "h1");
+    assert_eq!(before.len(), 2);
+    let out = a.cli_checkpoint("app", &["--to", "lazy"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let out = b.run_restored_with("app", "lazy", &["criu-shim.io/migration=lazy"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(b.count("app"), 2, "the count continues");
+    let (code, out, _) = b.exec("app", "ls", &["ls", "/"]);
+    assert_eq!(code, 0, "exec works while pages move: {out}");
+    assert_eq!(hash(&b, "h2"), before, "the memory did not arrive whole");
+    wait_until(Duration::from_secs(30), "every page in place", || {
+        b.log().contains("lazy restore of app: all")
+    });
+    for line in b
+        .log()
+        .lines()
+        .filter(|l| l.contains("lazy restore") || l.contains("restored app"))
+    {
+        eprintln!("B: {line}");
+    }
+
+    // Back to A, cold, from a checkpoint of the lazily restored container.
+    let out = b.cli_checkpoint("app", &["--to", "back"]);
+    assert!(out.status.success(), "{}", text(&out));
+    a.remove("app");
+    let out = a.run_restored("app", "back");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(a.count("app"), 3);
+    assert_eq!(hash(&a, "h3"), before, "the memory did not come back whole");
+}

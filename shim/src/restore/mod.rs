@@ -12,16 +12,19 @@
 //!    before CRIU runs if the archive holds more.
 //! 4. [`crate::container::Container::create`] applies the writable-layer
 //!    changes and has runc restore from the images, tasks left stopped
-//!    until Start.
+//!    until Start. A lazy restore ([`lazy`], `criu-shim.io/migration:
+//!    lazy`) leaves the memory out and serves it once the tasks run.
 
+pub mod lazy;
 pub mod privileges;
 pub mod source;
+mod uffd;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use containerd_shim::api;
-use criu_shim_config::ShimConfig;
+use criu_shim_config::{MigrationMode, ShimConfig};
 
 use crate::error::Result;
 use crate::migrate::share::Tenant;
@@ -36,7 +39,10 @@ pub struct Prepared {
     /// The staged archive whose writable-layer changes go onto the rootfs.
     pub rootfs_changes: Option<PathBuf>,
     /// Owns the staging directory; dropped once the restore is done.
-    _fetched: Option<Fetched>,
+    _fetched: Option<std::sync::Arc<Fetched>>,
+    /// A lazy restore's pages (it owns the staging then, until every page
+    /// has moved).
+    pub lazy: Option<Box<dyn lazy::PageSource>>,
 }
 
 /// Steps 1-3 for one Create; None when it is not a restore.
@@ -57,7 +63,8 @@ pub fn prepare(
         .version()?;
     // Read before anything is fetched: a spec we cannot read fails fast.
     let allowed = privileges::Allowed::from_bundle(bundle)?;
-    let prepared = match src {
+    let lazy = spec.migration(config.migration)? == MigrationMode::Lazy;
+    let mut prepared = match src {
         Source::Images(images) => Prepared {
             args: CriuArgs {
                 image_path: images,
@@ -66,6 +73,7 @@ pub fn prepare(
             },
             rootfs_changes: None,
             _fetched: None,
+            lazy: None,
         },
         Source::Archive(reference) => {
             let tenant = spec.tenant()?;
@@ -77,7 +85,8 @@ pub fn prepare(
                     ..Default::default()
                 },
                 rootfs_changes: Some(f.staging.path().to_path_buf()),
-                _fetched: Some(f),
+                _fetched: Some(std::sync::Arc::new(f)),
+                lazy: None,
             }
         }
     };
@@ -88,6 +97,9 @@ pub fn prepare(
         req.id,
         checked.elapsed()
     );
+    if lazy {
+        prepared.go_lazy();
+    }
     Ok(Some(prepared))
 }
 
@@ -96,6 +108,18 @@ const KEPT_LOGS: usize = 20;
 const KEPT_LOG_BYTES: u64 = 256 << 10;
 
 impl Prepared {
+    /// Restore without the memory, served from the staged images once the
+    /// tasks run.
+    fn go_lazy(&mut self) {
+        let keep: Box<dyn Send> = match &self._fetched {
+            Some(fetched) => Box::new(fetched.clone()),
+            None => Box::new(()),
+        };
+        let images = self.args.image_path.clone();
+        self.lazy = Some(Box::new(lazy::StagedPages::new(&images, keep)));
+        self.args.lazy_pages = true;
+    }
+
     /// After a failed restore: CRIU's log (its last 256 KiB) is kept in
     /// `<staging>/failed-restores/`, since the staging it was in goes
     /// away with the failure; only the newest 20 are kept. Returns where.
@@ -188,6 +212,7 @@ mod tests {
             },
             rootfs_changes: None,
             _fetched: None,
+            lazy: None,
         };
         let staging = root.path().join("staging");
         let kept = p.keep_failed_log(&staging, "app").unwrap();

@@ -1,0 +1,836 @@
+//! Lazy restore: the restored tasks run before their memory is back.
+//!
+//! A cold restore copies every page into the new tasks before they run, so
+//! downtime grows with memory. With `criu-shim.io/migration: lazy`, runc
+//! restores with `--lazy-pages`: CRIU rebuilds the process tree without the
+//! private anonymous pages and registers those mappings with userfaultfd,
+//! handing each task's uffd to this daemon over `lazy-pages.socket`
+//! (criu-sys [`criu_sys::lazy`]). From then on:
+//! - a thread touching a missing page waits until we copy it in
+//!   (UFFDIO_COPY); we copy a run around it, read from a [`PageSource`];
+//! - once CRIU says the restore is finished, the rest moves in the
+//!   background, mapping by mapping, until every page is in place, and
+//!   the uffds are closed;
+//! - pages the images never held are the zero page;
+//! - fork, mremap, madvise(DONTNEED) and munmap are followed, so a task that
+//!   changes its memory while pages move gets what it would have had.
+//!
+//! A page the source cannot give (a digest that does not match, a read
+//! error) means the task's memory can never be whole: the container is
+//! killed *before* the uffds are closed (closing them would let the tasks
+//! run on with zero pages where their data was), and the failure is
+//! logged with its reason.
+//!
+//! The daemon is one thread in the shim; it owns the page source (and the
+//! staging the source reads from) until every page has moved.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use criu_sys::lazy::{LazyConnection, LazyListener, LazyMessage};
+use criu_sys::memory::{task_memory, LazyRange, PAGE_SIZE};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use super::uffd::{self, Event, Filled};
+use crate::error::{Error, Result};
+
+/// Bytes copied around a faulting page: enough to make a sequential scan
+/// cheap, small enough that one fault does not wait long.
+const FAULT_RUN: u64 = 128 << 10;
+/// Bytes copied per background step (between two looks at the uffds).
+const BACKGROUND_RUN: u64 = 1 << 20;
+/// How often a waiting daemon looks at its stop flag.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+/// How often progress is logged.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// Where the bytes of the images' pages come from.
+pub trait PageSource: Send {
+    /// Fills `buf` with the bytes at `offset` of `pages-<pages_id>.img`,
+    /// verified; an error names what went wrong.
+    fn read(
+        &mut self,
+        pages_id: u32,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<(), String>;
+}
+
+/// Pages from images already fetched and verified into staging.
+pub struct StagedPages {
+    dir: PathBuf,
+    files: BTreeMap<u32, File>,
+    /// The staging directory, kept until every page has moved.
+    _keep: Box<dyn Send>,
+}
+
+impl StagedPages {
+    pub fn new(dir: &Path, keep: Box<dyn Send>) -> StagedPages {
+        StagedPages {
+            dir: dir.to_path_buf(),
+            files: BTreeMap::new(),
+            _keep: keep,
+        }
+    }
+
+    fn file(&mut self, id: u32) -> std::result::Result<&File, String> {
+        if !self.files.contains_key(&id) {
+            let path = self.dir.join(format!("pages-{id}.img"));
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&path)
+                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            self.files.insert(id, f);
+        }
+        self.files
+            .get(&id)
+            .ok_or_else(|| format!("pages-{id}.img vanished"))
+    }
+}
+
+impl PageSource for StagedPages {
+    fn read(&mut self, id: u32, offset: u64, buf: &mut [u8]) -> std::result::Result<(), String> {
+        self.file(id)?.read_exact_at(buf, offset).map_err(|e| {
+            format!(
+                "pages-{id}.img: {} bytes at {offset}: {e} (the images are truncated)",
+                buf.len()
+            )
+        })
+    }
+}
+
+/// Where a lazy restore stands.
+#[derive(Debug, Clone)]
+pub enum State {
+    /// CRIU has not handed over every task yet.
+    Restoring,
+    /// Tasks may run; pages are moving.
+    Moving { moved: u64, total: u64 },
+    /// Every page is in place.
+    Done(Summary),
+    /// A page could not be had; the container was killed.
+    Failed(String),
+    /// Stopped before the end (the container went away).
+    Stopped,
+}
+
+/// What a finished lazy restore measured.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub bytes: u64,
+    pub faults: u64,
+    /// From the first task handed over to the last page in place.
+    pub elapsed: Duration,
+    /// Time to serve a fault: mean and worst.
+    pub mean_fault: Duration,
+    pub worst_fault: Duration,
+}
+
+struct Shared {
+    stop: AtomicBool,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Shared {
+    fn set(&self, s: State) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        self.changed.notify_all();
+    }
+}
+
+/// Called once if a page cannot be had: must kill the container.
+pub type OnFailure = Box<dyn FnOnce(&str) + Send>;
+
+/// A lazy restore's daemon thread.
+pub struct LazyRestore {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LazyRestore {
+    /// Listens in CRIU's `work_dir` and serves pages of the tasks in
+    /// `images` from `source`. Start it before the restore.
+    pub fn start(
+        id: &str,
+        work_dir: &Path,
+        images: &Path,
+        source: Box<dyn PageSource>,
+        on_failure: OnFailure,
+    ) -> Result<LazyRestore> {
+        uffd::available().map_err(|why| {
+            Error::FailedPrecondition(format!("lazy restore of {id}: {why}; restore it cold"))
+        })?;
+        // runc makes CRIU's work directory when it restores; we listen first.
+        let listener = std::os::unix::fs::DirBuilderExt::mode(
+            std::fs::DirBuilder::new().recursive(true),
+            0o700,
+        )
+        .create(work_dir)
+        .and_then(|()| LazyListener::bind(work_dir))
+        .map_err(|e| {
+            Error::Other(format!(
+                "lazy restore of {id}: cannot listen in {}: {e}",
+                work_dir.display()
+            ))
+        })?;
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            state: Mutex::new(State::Restoring),
+            changed: Condvar::new(),
+        });
+        let daemon = Daemon {
+            id: id.to_string(),
+            images: images.to_path_buf(),
+            source,
+            listener: Some(listener),
+            conn: None,
+            tasks: Vec::new(),
+            finished: false,
+            pending: Vec::new(),
+            buf: Vec::new(),
+            shared: shared.clone(),
+            total: 0,
+            moved: 0,
+            faults: 0,
+            fault_time: Duration::ZERO,
+            worst_fault: Duration::ZERO,
+            started: None,
+            logged: Instant::now(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("lazy-{id}"))
+            .spawn(move || daemon.run(on_failure))
+            .map_err(|e| Error::Other(format!("lazy restore of {id}: no thread: {e}")))?;
+        Ok(LazyRestore {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Waits until every page has moved (a checkpoint needs the whole
+    /// memory), at most `timeout`.
+    pub fn wait(&self, timeout: Duration) -> Result<Summary> {
+        let end = Instant::now() + timeout;
+        let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match &*state {
+                State::Done(s) => return Ok(s.clone()),
+                State::Failed(why) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "its lazy restore failed: {why}"
+                    )))
+                }
+                State::Stopped => {
+                    return Err(Error::FailedPrecondition(
+                        "its lazy restore was stopped".into(),
+                    ))
+                }
+                State::Restoring | State::Moving { .. } => {}
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let how_far = match &*state {
+                    State::Moving { moved, total } => {
+                        format!("{} of {} MiB moved", moved >> 20, total >> 20)
+                    }
+                    _ => "the restore has not finished".into(),
+                };
+                return Err(Error::DeadlineExceeded(format!(
+                    "its memory is still moving from its lazy restore ({how_far}); try again \
+                     once it is in place"
+                )));
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Drop for LazyRestore {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Pages of one task still to move: start -> (end, offset in its pages image).
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Ranges(BTreeMap<u64, Piece>);
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Piece {
+    end: u64,
+    offset: u64,
+}
+
+impl Ranges {
+    fn of(ranges: &[LazyRange]) -> Ranges {
+        Ranges(
+            ranges
+                .iter()
+                .map(|r| {
+                    (
+                        r.start,
+                        Piece {
+                            end: r.end,
+                            offset: r.offset,
+                        },
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    fn find(&self, addr: u64) -> Option<(u64, Piece)> {
+        let (&s, &p) = self.0.range(..=addr).next_back()?;
+        (addr < p.end).then_some((s, p))
+    }
+
+    fn first(&self) -> Option<(u64, Piece)> {
+        self.0.iter().next().map(|(&s, &p)| (s, p))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn bytes(&self) -> u64 {
+        self.0.iter().map(|(s, p)| p.end - s).sum()
+    }
+
+    /// Removes [start, end) and returns what of it was there.
+    fn take(&mut self, start: u64, end: u64) -> Vec<(u64, Piece)> {
+        let hit: Vec<(u64, Piece)> = self
+            .0
+            .range(..end)
+            .rev()
+            .take_while(|(_, p)| p.end > start)
+            .map(|(&s, &p)| (s, p))
+            .collect();
+        let mut out = Vec::new();
+        for (s, p) in hit.into_iter().rev() {
+            self.0.remove(&s);
+            if s < start {
+                self.0.insert(
+                    s,
+                    Piece {
+                        end: start,
+                        offset: p.offset,
+                    },
+                );
+            }
+            if p.end > end {
+                self.0.insert(
+                    end,
+                    Piece {
+                        end: p.end,
+                        offset: p.offset + (end - s),
+                    },
+                );
+            }
+            let from = s.max(start);
+            out.push((
+                from,
+                Piece {
+                    end: p.end.min(end),
+                    offset: p.offset + (from - s),
+                },
+            ));
+        }
+        out
+    }
+
+    fn put(&mut self, start: u64, p: Piece) {
+        if start < p.end {
+            self.0.insert(start, p);
+        }
+    }
+
+    /// `mremap` moved [from, from + len) to `to`.
+    fn remap(&mut self, from: u64, to: u64, len: u64) {
+        for (s, p) in self.take(from, from.saturating_add(len)) {
+            let moved = s - from + to;
+            self.put(
+                moved,
+                Piece {
+                    end: moved + (p.end - s),
+                    offset: p.offset,
+                },
+            );
+        }
+    }
+}
+
+struct Task {
+    pid: u32,
+    uffd: OwnedFd,
+    pages_id: u32,
+    ranges: Ranges,
+    /// A forked child shares its parent's images: its copies do not count
+    /// towards the progress of the restore.
+    counts: bool,
+    gone: bool,
+}
+
+enum Exit {
+    Done,
+    Stopped,
+}
+
+struct Daemon {
+    id: String,
+    images: PathBuf,
+    source: Box<dyn PageSource>,
+    listener: Option<LazyListener>,
+    conn: Option<LazyConnection>,
+    tasks: Vec<Task>,
+    /// CRIU said every task is restored: background copying may start.
+    finished: bool,
+    /// Faults to serve again once the task's mappings settle.
+    pending: Vec<(usize, u64, Instant)>,
+    buf: Vec<u8>,
+    shared: Arc<Shared>,
+    total: u64,
+    moved: u64,
+    faults: u64,
+    fault_time: Duration,
+    worst_fault: Duration,
+    started: Option<Instant>,
+    logged: Instant,
+}
+
+impl Daemon {
+    fn run(mut self, on_failure: OnFailure) {
+        match self.serve() {
+            Ok(Exit::Done) => {
+                let s = self.summary();
+                log::info!(
+                    "lazy restore of {}: all {} MiB in place {:?} after the restore began \
+                     ({:.0} MiB/s); {} faults served, mean {:?}, worst {:?}",
+                    self.id,
+                    s.bytes >> 20,
+                    s.elapsed,
+                    mib_per_s(s.bytes, s.elapsed),
+                    s.faults,
+                    s.mean_fault,
+                    s.worst_fault
+                );
+                self.shared.set(State::Done(s));
+            }
+            Ok(Exit::Stopped) => self.shared.set(State::Stopped),
+            Err(why) => {
+                log::error!(
+                    "lazy restore of {} failed: {why}; killing the container, whose memory \
+                     cannot be made whole",
+                    self.id
+                );
+                // Before the uffds close: after, the tasks would run on with
+                // zero pages where their data was.
+                on_failure(&why);
+                self.shared.set(State::Failed(why));
+            }
+        }
+        // The uffds close here, with the tasks.
+    }
+
+    fn summary(&self) -> Summary {
+        Summary {
+            bytes: self.moved,
+            faults: self.faults,
+            elapsed: self.started.map(|t| t.elapsed()).unwrap_or_default(),
+            mean_fault: self
+                .fault_time
+                .checked_div(self.faults.max(1) as u32)
+                .unwrap_or_default(),
+            worst_fault: self.worst_fault,
+        }
+    }
+
+    fn serve(&mut self) -> std::result::Result<Exit, String> {
+        loop {
+            if self.shared.stop.load(Ordering::SeqCst) {
+                return Ok(Exit::Stopped);
+            }
+            let background = self.finished && self.tasks.iter().any(|t| !t.ranges.is_empty());
+            let ready = self.wait_for_input(if background {
+                Duration::ZERO
+            } else {
+                IDLE_POLL
+            })?;
+            if ready.listener {
+                self.accept()?;
+            }
+            if ready.conn {
+                self.read_restore()?;
+            }
+            for i in ready.tasks {
+                self.drain(i)?;
+            }
+            self.retry_pending()?;
+            if self.finished {
+                self.background_step()?;
+            }
+            self.drop_finished_tasks();
+            self.report();
+            if self.finished && self.tasks.is_empty() {
+                return Ok(Exit::Done);
+            }
+        }
+    }
+
+    fn wait_for_input(&self, timeout: Duration) -> std::result::Result<Ready, String> {
+        let mut fds: Vec<PollFd> = Vec::new();
+        let listener = self.conn.is_none() && self.listener.is_some();
+        if let (true, Some(l)) = (listener, &self.listener) {
+            fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
+        }
+        if let Some(c) = &self.conn {
+            fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
+        }
+        let first_task = fds.len();
+        for t in &self.tasks {
+            fds.push(PollFd::new(t.uffd.as_fd(), PollFlags::POLLIN));
+        }
+        let ms = PollTimeout::from(timeout.as_millis().min(1000) as u16);
+        match poll(&mut fds, ms) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(format!("poll: {e}")),
+        }
+        let hit = |f: &PollFd| {
+            f.revents().is_some_and(|r| {
+                r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
+            })
+        };
+        let mut at = 0;
+        let mut ready = Ready::default();
+        if listener {
+            ready.listener = hit(&fds[at]);
+            at += 1;
+        }
+        if self.conn.is_some() {
+            ready.conn = hit(&fds[at]);
+        }
+        ready.tasks = fds[first_task..]
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| hit(f))
+            .map(|(i, _)| i)
+            .collect();
+        Ok(ready)
+    }
+
+    fn accept(&mut self) -> std::result::Result<(), String> {
+        if let Some(l) = &self.listener {
+            if let Some(c) = l
+                .accept()
+                .map_err(|e| format!("accept CRIU's connection: {e}"))?
+            {
+                self.conn = Some(c);
+                // One restore, one connection.
+                self.listener = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_restore(&mut self) -> std::result::Result<(), String> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        match conn.recv() {
+            Ok(Some(LazyMessage::Task { pid, uffd })) => {
+                let mem = task_memory(&self.images, pid).map_err(|e| e.to_string())?;
+                self.started.get_or_insert_with(Instant::now);
+                self.total += mem.bytes();
+                log::debug!(
+                    "lazy restore of {}: task {pid}: {} MiB in {} runs",
+                    self.id,
+                    mem.bytes() >> 20,
+                    mem.ranges.len()
+                );
+                self.tasks.push(Task {
+                    pid,
+                    uffd,
+                    pages_id: mem.pages_id,
+                    ranges: Ranges::of(&mem.ranges),
+                    counts: true,
+                    gone: false,
+                });
+            }
+            Ok(Some(LazyMessage::Zombie { .. })) => {}
+            Ok(Some(LazyMessage::RestoreFinished)) => {
+                self.finished = true;
+                self.shared.set(State::Moving {
+                    moved: self.moved,
+                    total: self.total,
+                });
+            }
+            Ok(None) => {
+                self.conn = None;
+                if !self.finished {
+                    // CRIU failed (runc reports why); its tasks are gone.
+                    return Err(
+                        "CRIU closed the lazy-pages socket before the restore finished".into(),
+                    );
+                }
+            }
+            Err(e) => return Err(format!("read from CRIU's lazy-pages socket: {e}")),
+        }
+        Ok(())
+    }
+
+    /// Every message waiting on task `i`'s uffd.
+    fn drain(&mut self, i: usize) -> std::result::Result<(), String> {
+        loop {
+            if self.tasks[i].gone {
+                return Ok(());
+            }
+            let event = match uffd::read_event(&self.tasks[i].uffd) {
+                Ok(Some(e)) => e,
+                Ok(None) => return Ok(()),
+                Err(nix::errno::Errno::ESRCH) => {
+                    self.tasks[i].gone = true;
+                    return Ok(());
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "task {}: read its userfaultfd: {e}",
+                        self.tasks[i].pid
+                    ))
+                }
+            };
+            match event {
+                Event::PageFault { address } => self.fault(i, address, Instant::now())?,
+                Event::Fork { child } => {
+                    let parent = &self.tasks[i];
+                    let t = Task {
+                        pid: parent.pid,
+                        uffd: child,
+                        pages_id: parent.pages_id,
+                        ranges: parent.ranges.clone(),
+                        counts: false,
+                        gone: false,
+                    };
+                    self.tasks.push(t);
+                }
+                Event::Remap { from, to, len } => self.tasks[i].ranges.remap(from, to, len),
+                Event::Remove { start, end } => {
+                    let dropped = self.tasks[i].ranges.take(start, end);
+                    if self.tasks[i].counts {
+                        // Pages the task threw away count as moved.
+                        self.moved += dropped.iter().map(|(s, p)| p.end - s).sum::<u64>();
+                    }
+                }
+            }
+        }
+    }
+
+    fn fault(&mut self, i: usize, address: u64, since: Instant) -> std::result::Result<(), String> {
+        let page = address & !(PAGE_SIZE - 1);
+        let filled = match self.tasks[i].ranges.find(page) {
+            None => uffd::zero(&self.tasks[i].uffd, page)
+                .map_err(|e| format!("task {}: zero page at {page:#x}: {e}", self.tasks[i].pid))?,
+            Some((_, p)) => {
+                let end = p.end.min(page + FAULT_RUN);
+                let mut last = Filled::Done;
+                for (s, piece) in self.tasks[i].ranges.take(page, end) {
+                    last = self.fill(i, s, piece)?;
+                    if last != Filled::Done {
+                        break;
+                    }
+                }
+                last
+            }
+        };
+        match filled {
+            Filled::Retry { .. } => self.pending.push((i, page, since)),
+            Filled::Gone => self.tasks[i].gone = true,
+            Filled::Done => {
+                let took = since.elapsed();
+                self.faults += 1;
+                self.fault_time += took;
+                self.worst_fault = self.worst_fault.max(took);
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies one piece in; what is not copied goes back to the ranges.
+    fn fill(&mut self, i: usize, start: u64, p: Piece) -> std::result::Result<Filled, String> {
+        let len = (p.end - start) as usize;
+        self.buf.resize(len, 0);
+        let task = &mut self.tasks[i];
+        self.source
+            .read(task.pages_id, p.offset, &mut self.buf[..len])
+            .map_err(|why| format!("task {}: memory at {start:#x}: {why}", task.pid))?;
+        let filled = uffd::copy(&task.uffd, start, &self.buf[..len])
+            .map_err(|e| format!("task {}: copy {len} bytes to {start:#x}: {e}", task.pid))?;
+        let done = match filled {
+            Filled::Done => len as u64,
+            Filled::Retry { done } => {
+                task.ranges.put(
+                    start + done,
+                    Piece {
+                        end: p.end,
+                        offset: p.offset + done,
+                    },
+                );
+                done
+            }
+            Filled::Gone => {
+                task.gone = true;
+                0
+            }
+        };
+        if task.counts {
+            self.moved += done;
+        }
+        Ok(filled)
+    }
+
+    fn retry_pending(&mut self) -> std::result::Result<(), String> {
+        for (i, page, since) in std::mem::take(&mut self.pending) {
+            if !self.tasks[i].gone {
+                self.fault(i, page, since)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn background_step(&mut self) -> std::result::Result<(), String> {
+        let Some(i) = self
+            .tasks
+            .iter()
+            .position(|t| !t.gone && !t.ranges.is_empty())
+        else {
+            return Ok(());
+        };
+        let Some((s, p)) = self.tasks[i].ranges.first() else {
+            return Ok(());
+        };
+        let end = p.end.min(s + BACKGROUND_RUN);
+        for (start, piece) in self.tasks[i].ranges.take(s, end) {
+            if self.fill(i, start, piece)? != Filled::Done {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Tasks that exited, and (once the restore is finished) tasks with
+    /// nothing left to move: their uffds close, and their mappings behave
+    /// as any other memory from then on.
+    fn drop_finished_tasks(&mut self) {
+        if !self.pending.is_empty() {
+            return; // indices in `pending` must stay valid
+        }
+        let finished = self.finished;
+        let mut moved_away = 0;
+        self.tasks.retain(|t| {
+            let done = finished && t.ranges.is_empty();
+            let keep = !t.gone && !done;
+            if !keep && t.gone && t.counts {
+                moved_away += t.ranges.bytes();
+            }
+            keep
+        });
+        // A task that exits leaves nothing to move.
+        self.moved += moved_away;
+    }
+
+    fn report(&mut self) {
+        if self.logged.elapsed() < PROGRESS_EVERY || !self.finished {
+            return;
+        }
+        self.logged = Instant::now();
+        let elapsed = self.started.map(|t| t.elapsed()).unwrap_or_default();
+        log::info!(
+            "lazy restore of {}: {} of {} MiB moved ({:.0} MiB/s), {} faults served",
+            self.id,
+            self.moved >> 20,
+            self.total >> 20,
+            mib_per_s(self.moved, elapsed),
+            self.faults
+        );
+        self.shared.set(State::Moving {
+            moved: self.moved,
+            total: self.total,
+        });
+    }
+}
+
+#[derive(Default)]
+struct Ready {
+    listener: bool,
+    conn: bool,
+    tasks: Vec<usize>,
+}
+
+fn mib_per_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / d.as_secs_f64().max(1e-3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u64 = PAGE_SIZE;
+
+    fn ranges(v: &[(u64, u64, u64)]) -> Ranges {
+        Ranges::of(
+            &v.iter()
+                .map(|&(start, end, offset)| LazyRange { start, end, offset })
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    #[test]
+    fn taking_splits_pieces_and_keeps_offsets() {
+        let mut r = ranges(&[(0, 4 * P, 100 * P), (8 * P, 12 * P, 200 * P)]);
+        let got = r.take(P, 10 * P);
+        assert_eq!(
+            got,
+            vec![
+                (
+                    P,
+                    Piece {
+                        end: 4 * P,
+                        offset: 101 * P
+                    }
+                ),
+                (
+                    8 * P,
+                    Piece {
+                        end: 10 * P,
+                        offset: 200 * P
+                    }
+                ),
+            ]
+        );
+        assert_eq!(r, ranges(&[(0, P, 100 * P), (10 * P, 12 * P, 202 * P)]));
+        assert_eq!(r.find(P), None, "taken pages are no longer found");
+        assert_eq!(r.find(11 * P).map(|(s, _)| s), Some(10 * P));
+        assert_eq!(r.bytes(), 3 * P);
+    }
+
+    #[test]
+    fn remapped_pages_are_found_at_their_new_address() {
+        let mut r = ranges(&[(0, 4 * P, 0)]);
+        r.remap(2 * P, 100 * P, 2 * P);
+        assert_eq!(r, ranges(&[(0, 2 * P, 0), (100 * P, 102 * P, 2 * P)]));
+    }
+}
