@@ -24,7 +24,7 @@ use super::frames::{self, Destination, FrameStats, Sink};
 use super::hash_thread::HashThread;
 use super::unpack::read_full;
 
-use super::manifest::{Manifest, Member};
+use super::manifest::{FrameRef, Manifest, Member};
 use super::members;
 use crate::error::{Error, Result};
 
@@ -111,7 +111,7 @@ pub fn write<W: Destination>(
     body: impl FnOnce(&mut Writer) -> Result<Manifest>,
 ) -> Result<(Manifest, u64, FrameStats)> {
     let mtime = unix_now();
-    let (mut manifest, out, n, stats) = frames::write_framed(out, compression.mode(), |sink| {
+    let framed = frames::write_framed(out, compression.mode(), |sink| {
         let mut w = Writer {
             sink,
             mtime,
@@ -124,7 +124,13 @@ pub fn write<W: Destination>(
         manifest.members = w.members;
         Ok::<_, Error>(manifest)
     })?;
+    let (mut manifest, out, n, stats) = (framed.value, framed.out, framed.len, framed.stats);
     manifest.compression = compression.name().into();
+    manifest.frames = framed
+        .frames
+        .iter()
+        .map(|f| FrameRef(f.at, f.len, f.raw_len, hex(&f.sha256)))
+        .collect();
     let mut counted = Counting { inner: out, n };
     match compression {
         Compression::None => write_trailer(&mut counted, &manifest, mac_key)?,
@@ -217,6 +223,7 @@ impl Writer<'_, '_> {
             .map_err(|e| Error::io(format!("stat {}", s.path.display()), e))?
             .len();
         write_header(self.sink, &s.name, size, self.mtime)?;
+        let offset = self.sink.position();
         let (n, sha256) = self
             .copy(&s.name, file, size, None, consume)
             .map_err(|e| match e {
@@ -230,7 +237,7 @@ impl Writer<'_, '_> {
                 s.path.display()
             )));
         }
-        self.finish_member(&s.name, size, sha256)
+        self.finish_member(&s.name, size, sha256, offset)
     }
 
     /// A file CRIU is still writing, as member `name`: read as it grows
@@ -242,6 +249,7 @@ impl Writer<'_, '_> {
             .slot()
             .map_err(|e| write_error("a member's header", e))?;
         let consume = self.consume;
+        let offset = self.sink.position();
         let (size, sha256) = self.copy(name, file, u64::MAX, Some((follow, name)), consume)?;
         let mut h = header(size, self.mtime);
         h.set_path(name)
@@ -250,15 +258,16 @@ impl Writer<'_, '_> {
         let mut block = [0u8; frames::SLOT_LEN];
         block.copy_from_slice(h.as_bytes());
         self.sink.fill(slot, block);
-        self.finish_member(name, size, sha256)
+        self.finish_member(name, size, sha256, offset)
     }
 
-    fn finish_member(&mut self, name: &str, size: u64, sha256: String) -> Result<()> {
+    fn finish_member(&mut self, name: &str, size: u64, sha256: String, offset: u64) -> Result<()> {
         pad(self.sink, size).map_err(|e| write_error(name, e))?;
         self.members.push(Member {
             path: name.to_string(),
             size,
             sha256,
+            offset: Some(offset),
         });
         Ok(())
     }

@@ -31,6 +31,12 @@
 //! tar header) whose content is written once known, which is how a member
 //! still growing (CRIU's page images during the dump) can be archived
 //! before its size is known.
+//!
+//! The writer also records every frame ([`FrameRecord`]: where it is,
+//! how many archive bytes it decodes to, and the SHA-256 of its bytes as
+//! written). The manifest carries that table, so a reader can fetch and
+//! verify any part of the archive alone (a lazy restore serving one page
+//! from the share) with the same trust as the whole.
 
 use std::io::{self, Seek, SeekFrom, Write};
 use std::ops::Range;
@@ -83,9 +89,21 @@ pub struct FrameStats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slot(usize);
 
+/// One frame as written: at `at` in the file, `len` bytes, decoding to
+/// `raw_len` bytes of the archive (the tar stream) that follow the ones of
+/// the frames before it; `sha256` of its `len` bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameRecord {
+    pub at: u64,
+    pub len: u64,
+    pub raw_len: u64,
+    pub sha256: [u8; 32],
+}
+
 enum Item {
-    Ready(Vec<u8>),
-    Compressing(Receiver<io::Result<Vec<u8>>>),
+    /// A frame and the raw bytes it holds.
+    Ready(Vec<u8>, usize),
+    Compressing(Receiver<io::Result<Vec<u8>>>, usize),
     Slot,
 }
 
@@ -168,14 +186,22 @@ pub struct Sink {
     /// [`PROBE_EVERY`] anyway while a slow writer is behind, so the ratio
     /// it decides by follows memory that becomes compressible again.
     since_compressed: u32,
+    /// Raw (archive) bytes taken so far, slots included.
+    position: u64,
 }
 
 impl Sink {
+    /// Where the next byte written goes in the archive's raw stream.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
     /// Reserves 512 bytes here; [`Sink::fill`] gives their content.
     pub fn slot(&mut self) -> io::Result<Slot> {
         self.flush_chunk()?;
         self.send(Item::Slot)?;
         self.slots += 1;
+        self.position += SLOT_LEN as u64;
         Ok(Slot(self.slots - 1))
     }
 
@@ -195,6 +221,7 @@ impl Sink {
             return Ok(());
         }
         let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        let raw = chunk.len();
         let compress = match self.mode {
             Mode::Plain => false,
             Mode::Compressed { .. } => true,
@@ -212,7 +239,7 @@ impl Sink {
                 let (tx, rx) = sync_channel(1);
                 jobs.send((chunk, tx))
                     .map_err(|_| io::Error::other("the compressors stopped"))?;
-                self.send(Item::Compressing(rx))
+                self.send(Item::Compressing(rx, raw))
             }
             _ => {
                 self.since_compressed = self.since_compressed.saturating_add(1);
@@ -223,7 +250,7 @@ impl Sink {
                     stored_frame(&chunk)
                 };
                 self.waiting.fetch_add(1, Ordering::Relaxed);
-                self.send(Item::Ready(frame))
+                self.send(Item::Ready(frame, raw))
             }
         }
     }
@@ -233,6 +260,7 @@ impl Write for Sink {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let n = data.len().min(CHUNK - self.buf.len());
         self.buf.extend_from_slice(&data[..n]);
+        self.position += n as u64;
         if self.buf.len() == CHUNK {
             self.flush_chunk()?;
         }
@@ -292,14 +320,25 @@ fn sync_file_range(file: &std::fs::File, r: Range<u64>, flags: libc::c_uint) -> 
 
 impl Destination for io::Cursor<Vec<u8>> {}
 
+/// What [`write_framed`] wrote.
+pub struct Framed<T, W> {
+    /// What the body returned.
+    pub value: T,
+    pub out: W,
+    /// Bytes written.
+    pub len: u64,
+    pub stats: FrameStats,
+    /// Every frame, in order (none for [`Mode::Plain`]).
+    pub frames: Vec<FrameRecord>,
+}
+
 /// Runs `body` with a [`Sink`] whose bytes end up in `out` as `mode`
-/// says; returns what `body` returned, `out`, the bytes written and how
-/// the chunks went. Slots are filled before this returns.
+/// says. Slots are filled before this returns.
 pub fn write_framed<W, T, E>(
     out: W,
     mode: Mode,
     body: impl FnOnce(&mut Sink) -> Result<T, E>,
-) -> Result<(T, W, u64, FrameStats), E>
+) -> Result<Framed<T, W>, E>
 where
     W: Destination,
     E: From<io::Error>,
@@ -338,6 +377,7 @@ where
             fills: Vec::new(),
             stats: FrameStats::default(),
             since_compressed: 0,
+            position: 0,
         };
         let result = body(&mut sink).and_then(|t| {
             sink.flush_chunk()?;
@@ -356,13 +396,31 @@ where
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("the archive writer panicked")));
         let t = result?;
-        let (mut out, n, offsets) = written?;
+        let Written {
+            mut out,
+            len,
+            slots,
+            mut frames,
+        } = written?;
         for (Slot(i), bytes) in fills {
-            out.seek(SeekFrom::Start(offsets[i]))?;
+            let (at, frame) = slots[i];
+            out.seek(SeekFrom::Start(at))?;
             out.write_all(&bytes)?;
+            if let Some(f) = frames.get_mut(frame) {
+                f.sha256 = sha256(&stored_frame(&bytes));
+            }
         }
         out.seek(SeekFrom::End(0))?;
-        Ok((t, out, n, stats))
+        if !stored {
+            frames.clear();
+        }
+        Ok(Framed {
+            value: t,
+            out,
+            len,
+            stats,
+            frames,
+        })
     })
 }
 
@@ -396,16 +454,29 @@ fn compressor(jobs: &Mutex<Receiver<Job>>, level: i32, waiting: &AtomicUsize, ra
     }
 }
 
-/// Writes items in order; returns `out`, the bytes written and where each
-/// slot's 512 bytes are. After an error it keeps taking items (so the
-/// producer never blocks) and returns the error at the end.
+struct Written<W> {
+    out: W,
+    len: u64,
+    /// Where each slot's 512 bytes are, and its frame's index.
+    slots: Vec<(u64, usize)>,
+    frames: Vec<FrameRecord>,
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).into()
+}
+
+/// Writes items in order; returns `out`, the bytes written, where each
+/// slot's 512 bytes are and every frame. After an error it keeps taking
+/// items (so the producer never blocks) and returns the error at the end.
 fn writer<W: Destination>(
     mut out: W,
     items: Receiver<Item>,
     waiting: &AtomicUsize,
     rates: &Rates,
     stored: bool,
-) -> io::Result<(W, u64, Vec<u64>)> {
+) -> io::Result<Written<W>> {
     let mut n = 0u64;
     let mut synced = 0u64..0u64;
     // The destination's speed: bytes per window over the time spent
@@ -413,31 +484,33 @@ fn writer<W: Destination>(
     // for chunks).
     let mut busy = Duration::ZERO;
     let mut offsets = Vec::new();
+    let mut frames = Vec::new();
     let mut failed = None;
     for item in items {
-        let bytes = match item {
-            Item::Ready(b) => b,
-            Item::Compressing(rx) => match rx.recv() {
-                Ok(Ok(b)) => b,
+        let (bytes, raw_len) = match item {
+            Item::Ready(b, raw) => (b, raw),
+            Item::Compressing(rx, raw) => match rx.recv() {
+                Ok(Ok(b)) => (b, raw),
                 Ok(Err(e)) => {
                     failed.get_or_insert(e);
-                    Vec::new()
+                    (Vec::new(), 0)
                 }
                 Err(_) => {
                     failed.get_or_insert(io::Error::other("a compressor stopped"));
-                    Vec::new()
+                    (Vec::new(), 0)
                 }
             },
             Item::Slot => {
                 let header = if stored { SLOT_HEADER } else { 0 };
-                offsets.push(n + header);
+                offsets.push((n + header, frames.len()));
                 // Not counted in `waiting`: take it back from below.
                 waiting.fetch_add(1, Ordering::Relaxed);
-                if stored {
+                let b = if stored {
                     stored_frame(&[0u8; SLOT_LEN])
                 } else {
                     vec![0u8; SLOT_LEN]
-                }
+                };
+                (b, SLOT_LEN)
             }
         };
         waiting.fetch_sub(1, Ordering::Relaxed);
@@ -445,6 +518,14 @@ fn writer<W: Destination>(
             continue;
         }
         let started = Instant::now();
+        if stored {
+            frames.push(FrameRecord {
+                at: n,
+                len: bytes.len() as u64,
+                raw_len: raw_len as u64,
+                sha256: sha256(&bytes),
+            });
+        }
         let mut written = out.write_all(&bytes).map(|()| n += bytes.len() as u64);
         if written.is_ok() && n - synced.end >= WRITEBACK_WINDOW {
             let window = synced.end..n;
@@ -464,7 +545,12 @@ fn writer<W: Destination>(
         return Err(e);
     }
     out.flush()?;
-    Ok((out, n, offsets))
+    Ok(Written {
+        out,
+        len: n,
+        slots: offsets,
+        frames,
+    })
 }
 
 /// `data` as one zstd frame of raw blocks (no compression, no checksum:
@@ -553,13 +639,12 @@ mod tests {
             level: 1,
             workers: 2,
         };
-        let (_, slow, _, stats) =
-            write_framed::<_, _, io::Error>(Slow(Cursor::new(Vec::new())), mode, |s| {
-                s.write_all(data)
-            })
-            .unwrap();
-        assert!(decode(&slow.0.into_inner()) == data);
-        stats
+        let f = write_framed::<_, _, io::Error>(Slow(Cursor::new(Vec::new())), mode, |s| {
+            s.write_all(data)
+        })
+        .unwrap();
+        assert!(decode(&f.out.0.into_inner()) == data);
+        f.stats
     }
 
     #[test]
@@ -584,16 +669,17 @@ mod tests {
                 workers: 2,
             },
         ] {
-            let ((), out, n, stats) =
-                write_framed::<_, _, io::Error>(Cursor::new(Vec::new()), mode, |s| {
-                    s.write_all(b"head")?;
-                    let slot = s.slot()?;
-                    s.write_all(&data)?;
-                    s.fill(slot, [b'h'; SLOT_LEN]);
-                    s.write_all(b"tail")
-                })
-                .unwrap();
-            let bytes = out.into_inner();
+            let f = write_framed::<_, _, io::Error>(Cursor::new(Vec::new()), mode, |s| {
+                s.write_all(b"head")?;
+                let slot = s.slot()?;
+                assert_eq!(s.position(), 4 + SLOT_LEN as u64);
+                s.write_all(&data)?;
+                s.fill(slot, [b'h'; SLOT_LEN]);
+                s.write_all(b"tail")
+            })
+            .unwrap();
+            let (n, stats) = (f.len, f.stats);
+            let bytes = f.out.into_inner();
             assert_eq!(n, bytes.len() as u64);
             let plain = if mode == Mode::Plain {
                 bytes.clone()
@@ -605,6 +691,27 @@ mod tests {
             want.extend(&data);
             want.extend(b"tail");
             assert!(plain == want, "{mode:?}");
+            // The frame table finds and verifies every frame on its own.
+            if mode == Mode::Plain {
+                assert!(f.frames.is_empty());
+            } else {
+                let (mut at, mut raw) = (0u64, 0usize);
+                for fr in &f.frames {
+                    assert_eq!(fr.at, at, "{mode:?}: frames follow each other");
+                    let frame = &bytes[fr.at as usize..(fr.at + fr.len) as usize];
+                    assert_eq!(
+                        fr.sha256,
+                        sha256(frame),
+                        "{mode:?}: digest of the frame as written"
+                    );
+                    let decoded = decode(frame);
+                    assert_eq!(decoded.len() as u64, fr.raw_len);
+                    assert!(decoded == want[raw..raw + decoded.len()], "{mode:?}");
+                    at += fr.len;
+                    raw += decoded.len();
+                }
+                assert_eq!((at, raw), (n, want.len()));
+            }
             if let Mode::Compressed { .. } = mode {
                 assert_eq!(stats.stored, 0);
                 assert!(bytes.len() < data.len() / 4);
@@ -625,11 +732,11 @@ mod tests {
             level: 1,
             workers: 2,
         };
-        let (_, _, _, first) =
-            write_framed::<_, _, io::Error>(Cursor::new(Vec::new()), mode, |s| {
-                s.write_all(&data[..CHUNK])
-            })
-            .unwrap();
+        let first = write_framed::<_, _, io::Error>(Cursor::new(Vec::new()), mode, |s| {
+            s.write_all(&data[..CHUNK])
+        })
+        .unwrap()
+        .stats;
         assert_eq!((first.stored, first.compressed), (1, 0));
     }
 

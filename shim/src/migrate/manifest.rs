@@ -16,7 +16,17 @@ pub struct Member {
     pub path: String,
     pub size: u64,
     pub sha256: String,
+    /// Where the member's data starts in the archive's raw (tar) stream:
+    /// with [`Manifest::frames`], a reader can fetch it alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
 }
+
+/// One zstd frame of the archive: `[at, len, raw_len, sha256]`: its
+/// offset and length in the file, the raw (tar) bytes it decodes to (the
+/// ones after the previous frame's), and the SHA-256 of its `len` bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrameRef(pub u64, pub u64, pub u64, pub String);
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
@@ -47,6 +57,11 @@ pub struct Manifest {
     pub tcp_established: bool,
     pub stats: Stats,
     pub members: Vec<Member>,
+    /// Every frame before the manifest's own, in order (archives of this
+    /// shim that are compressed; empty otherwise). Absent in archives of
+    /// older shims, which readers fetch whole.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frames: Vec<FrameRef>,
 }
 
 impl Manifest {

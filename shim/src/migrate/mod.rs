@@ -23,6 +23,7 @@ pub mod frames;
 mod hash_thread;
 pub mod mac;
 pub mod manifest;
+pub mod parts;
 pub mod rootfs;
 pub mod sequence;
 pub mod share;
@@ -290,6 +291,7 @@ fn write_members(
             pages_bytes,
         },
         members: Vec::new(),
+        frames: Vec::new(),
     })
 }
 
@@ -336,7 +338,26 @@ pub struct FetchRequest<'a> {
 }
 
 /// fetch -> unpack -> verify. On error nothing is left in staging.
+#[cfg(test)]
 pub fn fetch_archive(r: &FetchRequest) -> Result<Fetched> {
+    open_archive(r)?.fetch_all()
+}
+
+/// An archive on the share whose manifest is authenticated (and made for
+/// the restoring tenant), with fresh staging; nothing extracted yet.
+pub struct Opened {
+    file: std::fs::File,
+    len: u64,
+    expected: verify::Expected,
+    pub archive: PathBuf,
+    what: String,
+    pub staging: Staging,
+    /// Stop when containerd has given up on the Create.
+    pub deadline: unpack::Deadline,
+}
+
+/// Steps 1-2 of [`unpack`] for an archive the request names.
+pub fn open_archive(r: &FetchRequest) -> Result<Opened> {
     let share = Share::open(r.share)?
         .tenant(r.tenant, false)?
         .ok_or_else(|| {
@@ -348,22 +369,63 @@ pub fn fetch_archive(r: &FetchRequest) -> Result<Fetched> {
             ))
         })?;
     let archive = share.resolve_waiting(r.reference, r.wait)?;
-    let (file, _size) = archive.open()?;
+    let (mut file, len) = archive.open()?;
     let path = archive.path();
-    let staging = Staging::new(r.staging_root, &format!("restore-{}", r.id))?;
     let what = path.display().to_string();
-    let options = unpack::Options {
-        limits: r.limits,
-        key: r.mac_key,
-        deadline: r.deadline,
-    };
-    let manifest = unpack::unpack(file, staging.path(), &what, &options)?;
-    check_tenant(&manifest, r.tenant, r.cross_tenant, &what)?;
-    Ok(Fetched {
-        staging,
-        manifest,
+    let trailer = unpack::read_trailer(&mut file, &what, &r.limits)?;
+    let expected = verify::authenticate(&trailer, &what, r.mac_key, &r.limits)?;
+    check_tenant(&expected.manifest, r.tenant, r.cross_tenant, &what)?;
+    let staging = Staging::new(r.staging_root, &format!("restore-{}", r.id))?;
+    Ok(Opened {
+        file,
+        len,
+        expected,
         archive: path,
+        what,
+        staging,
+        deadline: r.deadline,
     })
+}
+
+impl Opened {
+    pub fn manifest(&self) -> &Manifest {
+        &self.expected.manifest
+    }
+
+    /// The whole archive into staging, every member verified.
+    pub fn fetch_all(self) -> Result<Fetched> {
+        unpack::unpack_authenticated(
+            self.file,
+            self.staging.path(),
+            &self.expected,
+            &self.what,
+            self.deadline,
+        )?;
+        Ok(Fetched {
+            staging: self.staging,
+            manifest: self.expected.manifest,
+            archive: self.archive,
+        })
+    }
+
+    /// A reader of verified parts; None if the archive can only be read
+    /// whole (no frame table).
+    pub fn parts(&self) -> Result<Option<parts::Parts>> {
+        let file = self
+            .file
+            .try_clone()
+            .map_err(|e| Error::io(format!("reopen {}", self.what), e))?;
+        parts::Parts::new(file, self.len, self.manifest(), &self.what)
+    }
+
+    /// Staging holds what was extracted into it by parts.
+    pub fn into_fetched(self) -> Fetched {
+        Fetched {
+            staging: self.staging,
+            manifest: self.expected.manifest,
+            archive: self.archive,
+        }
+    }
 }
 
 /// An archive belongs to the tenant it was made for (recorded in the
@@ -785,8 +847,10 @@ mod tests {
                     path: p.to_string(),
                     size: *size,
                     sha256: sha.to_string(),
+                    offset: None,
                 })
                 .collect(),
+            frames: Vec::new(),
         }
     }
 

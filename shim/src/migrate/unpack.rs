@@ -66,7 +66,7 @@ impl Limits {
 pub struct Deadline(pub Option<Instant>);
 
 impl Deadline {
-    fn check(&self, what: &str) -> Result<()> {
+    pub fn check(&self, what: &str) -> Result<()> {
         match self.0 {
             Some(t) if Instant::now() >= t => Err(Error::DeadlineExceeded(format!(
                 "unpacking {what} stopped: the request's deadline passed (containerd gave up \
@@ -103,11 +103,22 @@ pub struct Trailer {
 pub fn unpack(mut file: File, dest: &Path, what: &str, o: &Options) -> Result<Manifest> {
     let trailer = read_trailer(&mut file, what, &o.limits)?;
     let expected = verify::authenticate(&trailer, what, o.key, &o.limits)?;
+    unpack_authenticated(file, dest, &expected, what, o.deadline)?;
+    Ok(expected.manifest)
+}
+
+/// Step 3 alone, for a caller that has authenticated the manifest.
+pub fn unpack_authenticated(
+    mut file: File,
+    dest: &Path,
+    expected: &Expected,
+    what: &str,
+    deadline: Deadline,
+) -> Result<()> {
     check_room(dest, expected.total_bytes(), what)?;
     file.seek(SeekFrom::Start(0))
         .map_err(|e| corrupt(what, &e.to_string()))?;
-    extract(file, dest, &expected, what, o.deadline)?;
-    Ok(expected.manifest)
+    extract(file, dest, expected, what, deadline)
 }
 
 fn corrupt(what: &str, why: &str) -> Error {
@@ -285,7 +296,7 @@ fn trailer_of_plain_tar(file: &mut File, what: &str, limits: &Limits) -> Result<
 /// The staging disk must hold what the manifest declares, and keep a
 /// reserve (5% of it, at most 1 GiB): an archive may not fill the node's
 /// disk, even one whose declared sizes are all true.
-fn check_room(dest: &Path, need: u64, what: &str) -> Result<()> {
+pub fn check_room(dest: &Path, need: u64, what: &str) -> Result<()> {
     let Ok(st) = nix::sys::statvfs::statvfs(dest) else {
         return Ok(());
     };

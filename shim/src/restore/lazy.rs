@@ -25,9 +25,7 @@
 //! staging the source reads from) until every page has moved.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -60,50 +58,6 @@ pub trait PageSource: Send {
         offset: u64,
         buf: &mut [u8],
     ) -> std::result::Result<(), String>;
-}
-
-/// Pages from images already fetched and verified into staging.
-pub struct StagedPages {
-    dir: PathBuf,
-    files: BTreeMap<u32, File>,
-    /// The staging directory, kept until every page has moved.
-    _keep: Box<dyn Send>,
-}
-
-impl StagedPages {
-    pub fn new(dir: &Path, keep: Box<dyn Send>) -> StagedPages {
-        StagedPages {
-            dir: dir.to_path_buf(),
-            files: BTreeMap::new(),
-            _keep: keep,
-        }
-    }
-
-    fn file(&mut self, id: u32) -> std::result::Result<&File, String> {
-        if !self.files.contains_key(&id) {
-            let path = self.dir.join(format!("pages-{id}.img"));
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&path)
-                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-            self.files.insert(id, f);
-        }
-        self.files
-            .get(&id)
-            .ok_or_else(|| format!("pages-{id}.img vanished"))
-    }
-}
-
-impl PageSource for StagedPages {
-    fn read(&mut self, id: u32, offset: u64, buf: &mut [u8]) -> std::result::Result<(), String> {
-        self.file(id)?.read_exact_at(buf, offset).map_err(|e| {
-            format!(
-                "pages-{id}.img: {} bytes at {offset}: {e} (the images are truncated)",
-                buf.len()
-            )
-        })
-    }
 }
 
 /// Where a lazy restore stands.

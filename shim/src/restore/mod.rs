@@ -5,7 +5,7 @@
 //!    annotation, which names an archive *on the share*: a pod's author
 //!    controls annotations, so a path on the node is refused unless the
 //!    operator allowed a directory for it (`CRIU_SHIM_LOCAL_IMAGES_DIR`).
-//! 2. [`crate::migrate::fetch_archive`]: fetch, unpack and verify the
+//! 2. [`crate::migrate::open_archive`]: authenticate, then fetch, unpack and verify the
 //!    archive into private staging (digests, and the cluster key's MAC).
 //! 3. [`privileges`]: what CRIU will give each process, read from the
 //!    images themselves, against the target container's spec. Refused
@@ -16,11 +16,13 @@
 //!    lazy`) leaves the memory out and serves it once the tasks run.
 
 pub mod lazy;
+pub mod pages;
 pub mod privileges;
 pub mod source;
 mod uffd;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use containerd_shim::api;
@@ -39,7 +41,7 @@ pub struct Prepared {
     /// The staged archive whose writable-layer changes go onto the rootfs.
     pub rootfs_changes: Option<PathBuf>,
     /// Owns the staging directory; dropped once the restore is done.
-    _fetched: Option<std::sync::Arc<Fetched>>,
+    _fetched: Option<Arc<Fetched>>,
     /// A lazy restore's pages (it owns the staging then, until every page
     /// has moved).
     pub lazy: Option<Box<dyn lazy::PageSource>>,
@@ -77,16 +79,17 @@ pub fn prepare(
         },
         Source::Archive(reference) => {
             let tenant = spec.tenant()?;
-            let f = fetch(&reference, &tenant, &req.id, config, deadline)?;
+            let (f, pages) = fetch(&reference, &tenant, &req.id, config, deadline, lazy)?;
             Prepared {
                 args: CriuArgs {
                     image_path: f.images(),
                     work_path: f.staging.path().join("work"),
+                    lazy_pages: pages.is_some(),
                     ..Default::default()
                 },
                 rootfs_changes: Some(f.staging.path().to_path_buf()),
-                _fetched: Some(std::sync::Arc::new(f)),
-                lazy: None,
+                _fetched: Some(f),
+                lazy: pages,
             }
         }
     };
@@ -97,7 +100,7 @@ pub fn prepare(
         req.id,
         checked.elapsed()
     );
-    if lazy {
+    if lazy && prepared.lazy.is_none() {
         prepared.go_lazy();
     }
     Ok(Some(prepared))
@@ -116,7 +119,7 @@ impl Prepared {
             None => Box::new(()),
         };
         let images = self.args.image_path.clone();
-        self.lazy = Some(Box::new(lazy::StagedPages::new(&images, keep)));
+        self.lazy = Some(Box::new(pages::StagedPages::new(&images, keep)));
         self.args.lazy_pages = true;
     }
 
@@ -162,16 +165,19 @@ fn prune_logs(dir: &Path) {
     }
 }
 
+/// The archive into staging: whole for a cold restore; for a lazy one,
+/// all but the memory its page source will serve (see [`pages`]).
 fn fetch(
     reference: &str,
     tenant: &Tenant,
     id: &str,
     config: &ShimConfig,
     deadline: Deadline,
-) -> Result<Fetched> {
+    lazy: bool,
+) -> Result<(Arc<Fetched>, Option<pages::Source>)> {
     let started = Instant::now();
     let key = migrate::mac::configured(config.archive_key_file.as_deref())?;
-    let f = migrate::fetch_archive(&migrate::FetchRequest {
+    let opened = migrate::open_archive(&migrate::FetchRequest {
         share: &config.share_dir,
         tenant,
         reference,
@@ -183,6 +189,12 @@ fn fetch(
         limits: Limits::from_config(config),
         deadline,
     })?;
+    let (f, source) = if lazy {
+        let (f, source) = pages::fetch_from_share(opened)?;
+        (f, Some(source))
+    } else {
+        (Arc::new(opened.fetch_all()?), None)
+    };
     log::info!(
         "fetched and verified {} for {id} in {:?} (checkpoint of {}, CRIU {})",
         f.archive.display(),
@@ -190,7 +202,7 @@ fn fetch(
         f.manifest.container_id,
         f.manifest.criu_version
     );
-    Ok(f)
+    Ok((f, source))
 }
 
 #[cfg(test)]
