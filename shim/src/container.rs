@@ -168,6 +168,12 @@ impl Container {
                 self.id
             )));
         }
+        if let Some(why) = self.lazy.lock().unwrap().as_ref().and_then(|l| l.failure()) {
+            return Err(Error::FailedPrecondition(format!(
+                "container {}: its lazy restore failed and its tasks were killed: {why}",
+                self.id
+            )));
+        }
         if self.restored {
             // CRIU left the restored tasks stopped; let them run.
             self.runc.kill(&self.id, libc::SIGCONT as u32, true)?;

@@ -830,3 +830,44 @@ fn a_lazy_restore_answers_at_once_and_its_memory_arrives_whole() {
     assert_eq!(a.count("app"), 3);
     assert_eq!(hash(&a, "h3"), before, "the memory did not come back whole");
 }
+
+/// A page the share cannot give as it was written (here one modified byte
+/// in the memory's frames) fails the lazy restore where it is read: the
+/// container is killed, not left running with a wrong page, the reason is
+/// in the log, and the node is left clean.
+#[test]
+fn a_modified_page_kills_a_lazily_restored_container() {
+    let share = share();
+    let a = Containerd::node(share.path(), &[]);
+    let b = Containerd::node(share.path(), &[]);
+    a.run_detached("app", &["/testapp", "-m", "64", "--fill", "realistic"]);
+    assert_eq!(a.count("app"), 1);
+    let out = a.cli_checkpoint("app", &["--to", "bad"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let archive = archives(share.path(), "bad").pop().unwrap();
+    let mut bytes = std::fs::read(&archive).unwrap();
+    // The middle of the archive is memory (64 MiB of it, 1 MiB frames).
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&archive, &bytes).unwrap();
+
+    let out = b.run_restored_with("app", "bad", &["criu-shim.io/migration=lazy"]);
+    wait_until(Duration::from_secs(30), "the lazy restore to fail", || {
+        b.log().contains("lazy restore of app failed")
+    });
+    assert!(
+        b.log().contains("does not match its digest"),
+        "the reason is not in the log"
+    );
+    wait_until(Duration::from_secs(10), "the container to be dead", || {
+        matches!(b.task_status("app").as_deref(), None | Some("STOPPED"))
+    });
+    if out.status.success() {
+        // It started before the bad frame was read; it answers no more.
+        assert!(b.task_status("app").as_deref() == Some("STOPPED"));
+    } else {
+        assert!(text(&out).contains("lazy restore failed"), "{}", text(&out));
+    }
+    b.remove("app");
+    criu_shim_tests::assert_clean(&b, "app");
+}

@@ -545,6 +545,82 @@ mod tests {
         publish_checkpoint(&d, &t).unwrap()
     }
 
+    /// What a lazy restore reads by parts is what a whole fetch unpacks,
+    /// and a modified frame is refused where it is read, nowhere else.
+    #[test]
+    fn parts_of_an_archive_are_read_and_verified_on_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let share = tempfile::tempdir().unwrap();
+        let adaptive = Compression::Adaptive {
+            level: 1,
+            workers: 2,
+        };
+        let report = publish_one(dir.path(), share.path(), adaptive);
+        assert!(!report.manifest.frames.is_empty(), "no frame table");
+        fn request<'a>(share: &'a Path, staging: &'a Path) -> FetchRequest<'a> {
+            FetchRequest {
+                share,
+                tenant: &Tenant::Containerd,
+                reference: "job",
+                staging_root: staging,
+                id: "c2",
+                wait: Duration::ZERO,
+                mac_key: None,
+                cross_tenant: false,
+                limits: Default::default(),
+                deadline: Default::default(),
+            }
+        }
+        let share_path = share.path().to_path_buf();
+        let whole_root = dir.path().join("whole");
+        let whole = open_archive(&request(&share_path, &whole_root))
+            .unwrap()
+            .fetch_all()
+            .unwrap();
+        let parts_root = dir.path().join("parts");
+        let opened = open_archive(&request(&share_path, &parts_root)).unwrap();
+        let mut parts = opened.parts().unwrap().expect("a frame table");
+        for m in &opened.manifest().members {
+            parts::extract_member(&mut parts, m, opened.staging.path()).unwrap();
+            let a = std::fs::read(whole.staging.path().join(&m.path)).unwrap();
+            let b = std::fs::read(opened.staging.path().join(&m.path)).unwrap();
+            assert!(a == b, "{} differs", m.path);
+        }
+        let pages = opened
+            .manifest()
+            .members
+            .iter()
+            .find(|m| m.path == "checkpoint/pages-1.img")
+            .unwrap()
+            .clone();
+        // Damage one byte in the middle of the page image's frames.
+        let archive = report.archive.clone();
+        let mut bytes = std::fs::read(&archive).unwrap();
+        let frame = opened
+            .manifest()
+            .frames
+            .iter()
+            .find(|f| f.1 > 100_000)
+            .unwrap()
+            .clone();
+        bytes[(frame.0 + frame.1 / 2) as usize] ^= 1;
+        std::fs::write(&archive, &bytes).unwrap();
+        let opened = open_archive(&request(&share_path, &dir.path().join("again"))).unwrap();
+        let mut parts = opened.parts().unwrap().unwrap();
+        let err = parts::extract_member(&mut parts, &pages, opened.staging.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not match its digest"), "{err}");
+        let spec = opened
+            .manifest()
+            .members
+            .iter()
+            .find(|m| m.path == members::SPEC)
+            .unwrap()
+            .clone();
+        parts::extract_member(&mut parts, &spec, opened.staging.path()).unwrap();
+    }
+
     /// The dump writes its page images in pieces while the archive is
     /// written; what is published is what CRIU wrote, complete, and the
     /// staged copies are punched out as they are archived.

@@ -169,6 +169,14 @@ impl LazyRestore {
         })
     }
 
+    /// Why the restore failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        match &*self.shared.state.lock().unwrap_or_else(|e| e.into_inner()) {
+            State::Failed(why) => Some(why.clone()),
+            _ => None,
+        }
+    }
+
     /// Waits until every page has moved (a checkpoint needs the whole
     /// memory), at most `timeout`.
     pub fn wait(&self, timeout: Duration) -> Result<Summary> {
