@@ -1,6 +1,7 @@
 //! The test image's program: an HTTP counter that holds memory.
 //!
 //!   testapp [--port P] [-m MIB] [--fill pattern|random|realistic|zero] [--random]
+//!           [--touch all|PAGES]
 //!
 //! Every HTTP request gets the next count ("1", "2", ...), so a restored
 //! container proves it kept its memory by answering with the count that
@@ -15,6 +16,11 @@
 //!   `zstd -1`, like real programs' memory;
 //! - `zero`: touched pages of zeros.
 //!
+//! Each count reads one byte of every page of that memory (`--touch all`,
+//! the default: a simulation stepping through its state), or of PAGES
+//! pages spread over it (`--touch 16`: a cache answering a lookup), which
+//! is what decides how soon a lazily restored copy can answer.
+//!
 //! `GET /hash` answers `HASH EXPECTED` (FNV-1a of all the memory now, and
 //! when it was filled) without counting: after a move the two must match.
 //! Built statically: the test image has no libc.
@@ -27,6 +33,7 @@ fn main() {
     let mut port = 8080u16;
     let mut mib = 0usize;
     let mut kind = Fill::Pattern;
+    let mut touch: Option<usize> = None;
     let mut i = 1;
     while i < args.len() {
         match args[i].as_str() {
@@ -39,6 +46,13 @@ fn main() {
                 i += 1;
             }
             "--random" => kind = Fill::Random,
+            "--touch" => {
+                touch = match args[i + 1].as_str() {
+                    "all" => None,
+                    n => Some(n.parse().expect("--touch all|PAGES")),
+                };
+                i += 1;
+            }
             "--fill" => {
                 kind = match args[i + 1].as_str() {
                     "pattern" => Fill::Pattern,
@@ -80,11 +94,21 @@ fn main() {
             continue;
         }
         count += 1;
-        // Touch the memory so it stays resident and is really in use.
-        let check = memory
-            .iter()
-            .step_by(4096)
-            .fold(0u8, |a, b| a.wrapping_add(*b));
+        // Touch the memory so it stays resident and is really in use: all
+        // of it (a simulation's step), or a few pages (a cache's lookup).
+        let check = match touch {
+            None => memory
+                .iter()
+                .step_by(4096)
+                .fold(0u8, |a, b| a.wrapping_add(*b)),
+            Some(pages) => (0..pages).fold(0u8, |a, k| {
+                let page = (count as usize)
+                    .wrapping_mul(2_654_435_761)
+                    .wrapping_add(k.wrapping_mul(40_503))
+                    % (memory.len() / 4096).max(1);
+                a.wrapping_add(memory.get(page * 4096).copied().unwrap_or(0))
+            }),
+        };
         let body = format!("{count}\n");
         // A log line per answer: restored containers must keep logging.
         let _ = writeln!(std::io::stdout(), "served {count}");
