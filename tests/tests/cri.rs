@@ -184,6 +184,83 @@ fn a_pod_migrates_between_nodes_through_the_cri() {
     assert_node_clean(&a, &mut ca, &[&pod_a, &ids_a[0]]);
 }
 
+/// Lazy migration through the CRI: the kubelet's checkpoint API on A, a
+/// pod on B with `criu-shim.io/migration: lazy`. B answers, the memory
+/// arrives whole (its hash), the writable layer and exec work, and both
+/// nodes are left clean.
+#[test]
+fn a_pod_migrates_lazily_through_the_cri() {
+    let share = tempfile::tempdir().unwrap();
+    let a = Containerd::cri_net_node(share.path(), &[]);
+    let b = Containerd::cri_net_node(share.path(), &[]);
+    let (mut ca, mut cb) = (a.cri(), b.cri());
+    let app: &[&str] = &[
+        "/testapp",
+        "-m",
+        "128",
+        "--fill",
+        "realistic",
+        "--touch",
+        "16",
+    ];
+    let (pod_a, ids_a, _) = run_pod(
+        &mut ca,
+        "cache",
+        &[("criu-shim.io/checkpoint-to", "cache-job")],
+        &[("cache", app)],
+    )
+    .expect("pod on A");
+    let ip_a = ca.pod_ip(&pod_a).unwrap();
+    assert_eq!(http_count_within(&ip_a, PORT, Duration::from_secs(30)), 1);
+    let hash = |cri: &mut Cri, id: &str| {
+        let (code, out, err) = cri
+            .exec_sync(id, &["wget", "-qO-", "http://127.0.0.1:8080/hash"])
+            .unwrap();
+        assert_eq!(code, 0, "{err}");
+        out.split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let before = hash(&mut ca, &ids_a[0]);
+    assert_eq!(before.len(), 2);
+    let (code, _, err) = ca
+        .exec_sync(&ids_a[0], &["sh", "-c", "echo kept > /state.txt"])
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let export = share.path().join("kubelet-checkpoint.tar");
+    ca.checkpoint_container(&ids_a[0], &export)
+        .expect("CheckpointContainer");
+    remove_pod(&mut ca, &pod_a);
+
+    let (pod_b, ids_b, _) = run_pod(
+        &mut cb,
+        "cache",
+        &[
+            ("criu-shim.io/restore-from", "cache-job"),
+            ("criu-shim.io/migration", "lazy"),
+        ],
+        &[("cache", app)],
+    )
+    .expect("restored pod on B");
+    let ip_b = cb.pod_ip(&pod_b).unwrap();
+    assert_eq!(http_count_within(&ip_b, PORT, Duration::from_secs(30)), 2);
+    let (code, out, err) = cb.exec_sync(&ids_b[0], &["cat", "/state.txt"]).unwrap();
+    assert_eq!((code, out.as_str()), (0, "kept\n"), "{err}");
+    assert_eq!(
+        hash(&mut cb, &ids_b[0]),
+        before,
+        "the memory did not arrive whole"
+    );
+    wait_until(Duration::from_secs(30), "every page in place", || {
+        b.log().contains(": all 128 MiB in place")
+    });
+    assert_eq!(http_count(&ip_b, PORT).unwrap(), 3);
+
+    remove_pod(&mut cb, &pod_b);
+    assert_node_clean(&b, &mut cb, &[&pod_b, &ids_b[0]]);
+    assert_node_clean(&a, &mut ca, &[&pod_a, &ids_a[0]]);
+}
+
 /// Flips one byte in the middle of `path`.
 fn corrupt(path: &Path) {
     let mut bytes = std::fs::read(path).unwrap();

@@ -140,25 +140,7 @@ impl LazyRestore {
             state: Mutex::new(State::Restoring),
             changed: Condvar::new(),
         });
-        let daemon = Daemon {
-            id: id.to_string(),
-            images: images.to_path_buf(),
-            source,
-            listener: Some(listener),
-            conn: None,
-            tasks: Vec::new(),
-            finished: false,
-            pending: Vec::new(),
-            buf: Vec::new(),
-            shared: shared.clone(),
-            total: 0,
-            moved: 0,
-            faults: 0,
-            fault_time: Duration::ZERO,
-            worst_fault: Duration::ZERO,
-            started: None,
-            logged: Instant::now(),
-        };
+        let daemon = Daemon::new(id, images, source, Some(listener), shared.clone());
         let thread = std::thread::Builder::new()
             .name(format!("lazy-{id}"))
             .spawn(move || daemon.run(on_failure))
@@ -376,6 +358,34 @@ struct Daemon {
 }
 
 impl Daemon {
+    fn new(
+        id: &str,
+        images: &Path,
+        source: Box<dyn PageSource>,
+        listener: Option<LazyListener>,
+        shared: Arc<Shared>,
+    ) -> Daemon {
+        Daemon {
+            id: id.to_string(),
+            images: images.to_path_buf(),
+            source,
+            listener,
+            conn: None,
+            tasks: Vec::new(),
+            finished: false,
+            pending: Vec::new(),
+            buf: Vec::new(),
+            shared,
+            total: 0,
+            moved: 0,
+            faults: 0,
+            fault_time: Duration::ZERO,
+            worst_fault: Duration::ZERO,
+            started: None,
+            logged: Instant::now(),
+        }
+    }
+
     fn run(mut self, on_failure: OnFailure) {
         match self.serve() {
             Ok(Exit::Done) => {
@@ -787,6 +797,271 @@ mod tests {
         assert_eq!(r.find(P), None, "taken pages are no longer found");
         assert_eq!(r.find(11 * P).map(|(s, _)| s), Some(10 * P));
         assert_eq!(r.bytes(), 3 * P);
+    }
+
+    /// A region of this process registered with a userfaultfd, as CRIU's
+    /// restorer registers a restored task's lazy mappings.
+    struct Region {
+        addr: u64,
+        len: u64,
+    }
+
+    impl Region {
+        fn new(pages: u64) -> (Region, OwnedFd) {
+            Region::with_features(pages, 0)
+        }
+
+        /// With userfaultfd `features` (CRIU asks for the fork, remap,
+        /// remove and unmap events).
+        fn with_features(pages: u64, features: u64) -> (Region, OwnedFd) {
+            use std::os::fd::{AsRawFd, FromRawFd};
+            let len = pages * P;
+            // SAFETY: a fresh anonymous private mapping, unmapped in Drop.
+            let addr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(addr, libc::MAP_FAILED);
+            // SAFETY: plain syscall; the fd is owned at once.
+            let fd =
+                unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+            assert!(fd >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
+            // SAFETY: the syscall returned a new descriptor.
+            let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+            #[repr(C)]
+            struct Api {
+                api: u64,
+                features: u64,
+                ioctls: u64,
+            }
+            #[repr(C)]
+            struct Register {
+                start: u64,
+                len: u64,
+                mode: u64,
+                ioctls: u64,
+            }
+            nix::ioctl_readwrite!(api, 0xAA, 0x3F, Api);
+            nix::ioctl_readwrite!(register, 0xAA, 0x00, Register);
+            let mut a = Api {
+                api: 0xAA,
+                features,
+                ioctls: 0,
+            };
+            // SAFETY: valid uffdio_api / uffdio_register structs.
+            unsafe { api(uffd.as_raw_fd(), &mut a) }.unwrap();
+            let mut r = Register {
+                start: addr as u64,
+                len,
+                mode: 1, // MISSING
+                ioctls: 0,
+            };
+            // SAFETY: as above.
+            unsafe { register(uffd.as_raw_fd(), &mut r) }.unwrap();
+            (
+                Region {
+                    addr: addr as u64,
+                    len,
+                },
+                uffd,
+            )
+        }
+
+        /// What a task reads at page `n` (faulting it in).
+        fn byte(&self, n: u64) -> u8 {
+            // SAFETY: inside the mapping.
+            unsafe { std::ptr::read_volatile((self.addr + n * P + 7) as *const u8) }
+        }
+    }
+
+    impl Drop for Region {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made in new().
+            unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len as usize) };
+        }
+    }
+
+    /// Every byte of page `n` of the images.
+    fn pattern(n: u64) -> u8 {
+        (n as u8).wrapping_add(1)
+    }
+
+    /// Pages holding [`pattern`]; reads past `fail_from` fail.
+    struct Pattern {
+        fail_from: u64,
+    }
+
+    impl PageSource for Pattern {
+        fn read(&mut self, _: u32, offset: u64, buf: &mut [u8]) -> std::result::Result<(), String> {
+            if offset.saturating_add(buf.len() as u64) > self.fail_from {
+                return Err("frame 3 does not match its digest".into());
+            }
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = pattern((offset + i as u64) / P);
+            }
+            Ok(())
+        }
+    }
+
+    fn daemon(source: Pattern) -> (Daemon, Arc<Shared>) {
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            state: Mutex::new(State::Restoring),
+            changed: Condvar::new(),
+        });
+        let d = Daemon::new(
+            "t",
+            Path::new("/nonexistent"),
+            Box::new(source),
+            None,
+            shared.clone(),
+        );
+        (d, shared)
+    }
+
+    #[test]
+    fn faults_are_served_and_the_rest_moves_in_the_background() {
+        let pages = 600u64;
+        let (region, uffd) = Region::new(pages);
+        let (mut d, shared) = daemon(Pattern {
+            fail_from: u64::MAX,
+        });
+        // The images hold pages 0..500 (page k at offset k pages); 500..600
+        // were never touched before the dump: zero pages.
+        d.tasks.push(Task {
+            pid: 1,
+            uffd,
+            pages_id: 1,
+            ranges: ranges(&[(region.addr, region.addr + 500 * P, 0)]),
+            counts: true,
+            gone: false,
+        });
+        d.total = 500 * P;
+        let faults = std::thread::scope(|s| {
+            let daemon = s.spawn(move || {
+                // Serve faults only, then (as if CRIU said so) everything.
+                let until = Instant::now() + Duration::from_millis(300);
+                while Instant::now() < until {
+                    let ready = d.wait_for_input(Duration::from_millis(10)).unwrap();
+                    for i in ready.tasks {
+                        d.drain(i).unwrap();
+                    }
+                }
+                let faults = d.faults;
+                d.finished = true;
+                d.run(Box::new(|why| panic!("failed: {why}")));
+                faults
+            });
+            // A task touching pages here and there while nothing moves in
+            // the background: each one is served on its fault.
+            for n in [3u64, 450, 0, 599, 200] {
+                let want = if n < 500 { pattern(n) } else { 0 };
+                assert_eq!(region.byte(n), want, "page {n}");
+            }
+            daemon.join().unwrap()
+        });
+        assert_eq!(faults, 5, "one fault per page touched");
+        let state = shared.state.lock().unwrap().clone();
+        let State::Done(summary) = state else {
+            panic!("{state:?}")
+        };
+        assert_eq!(summary.bytes, 500 * P, "every page moved");
+        // All in place: reading now faults no more (the uffd is closed, so
+        // a missing page would read as zero, not as its pattern).
+        for n in 0..500 {
+            assert_eq!(region.byte(n), pattern(n), "page {n}");
+        }
+    }
+
+    /// The task changes its memory while pages move (madvise DONTNEED,
+    /// mremap): what it reads is what it would have read had every page
+    /// been there at once.
+    #[test]
+    fn the_task_s_own_changes_to_its_memory_are_followed() {
+        const REMAP: u64 = 1 << 2;
+        const REMOVE: u64 = 1 << 3;
+        let (region, uffd) = Region::with_features(64, REMAP | REMOVE);
+        let (mut d, _shared) = daemon(Pattern {
+            fail_from: u64::MAX,
+        });
+        d.tasks.push(Task {
+            pid: 1,
+            uffd,
+            pages_id: 1,
+            ranges: ranges(&[(region.addr, region.addr + 64 * P, 0)]),
+            counts: true,
+            gone: false,
+        });
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let serving = s.spawn(|| {
+                while !stop.load(Ordering::SeqCst) {
+                    let ready = d.wait_for_input(Duration::from_millis(10)).unwrap();
+                    for i in ready.tasks {
+                        d.drain(i).unwrap();
+                    }
+                }
+            });
+            // SAFETY: calls on the test's own mapping, and a reserved
+            // mapping to move part of it to.
+            unsafe {
+                let dontneed = (region.addr + 10 * P) as *mut libc::c_void;
+                assert_eq!(
+                    libc::madvise(dontneed, (4 * P) as usize, libc::MADV_DONTNEED),
+                    0
+                );
+                let to = libc::mmap(
+                    std::ptr::null_mut(),
+                    (10 * P) as usize,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                assert_ne!(to, libc::MAP_FAILED);
+                let moved = libc::mremap(
+                    (region.addr + 20 * P) as *mut libc::c_void,
+                    (10 * P) as usize,
+                    (10 * P) as usize,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    to,
+                );
+                assert_eq!(moved, to, "{}", std::io::Error::last_os_error());
+                let at_new = std::ptr::read_volatile((to as u64 + 2 * P + 7) as *const u8);
+                assert_eq!(at_new, pattern(22), "a moved page keeps its content");
+                libc::munmap(to, (10 * P) as usize);
+            }
+            assert_eq!(region.byte(11), 0, "a page thrown away reads as zero");
+            assert_eq!(region.byte(5), pattern(5));
+            stop.store(true, Ordering::SeqCst);
+            serving.join().unwrap();
+        });
+    }
+
+    #[test]
+    fn a_page_the_source_cannot_give_fails_the_restore_and_calls_for_the_kill() {
+        let (region, uffd) = Region::new(64);
+        let (mut d, shared) = daemon(Pattern { fail_from: 16 * P });
+        d.tasks.push(Task {
+            pid: 1,
+            uffd,
+            pages_id: 1,
+            ranges: ranges(&[(region.addr, region.addr + 64 * P, 0)]),
+            counts: true,
+            gone: false,
+        });
+        d.finished = true;
+        let (tx, rx) = std::sync::mpsc::channel();
+        d.run(Box::new(move |why| tx.send(why.to_string()).unwrap()));
+        let why = rx.try_recv().expect("on_failure was called");
+        assert!(why.contains("does not match its digest"), "{why}");
+        assert!(matches!(&*shared.state.lock().unwrap(), State::Failed(w) if *w == why));
     }
 
     #[test]
