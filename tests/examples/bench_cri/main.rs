@@ -6,7 +6,10 @@
 //!
 //! The counters' memory is realistic records (`testapp --fill realistic`,
 //! about 3.6:1 with zstd -1, like real programs'); `BENCH_FILL=random`,
-//! `zero` or `pattern` chooses another kind.
+//! `zero` or `pattern` chooses another kind. Each answer reads one byte of
+//! every page (a simulation's step); `BENCH_TOUCH=16` makes it read 16
+//! pages (a cache's lookup), which decides how soon a lazily restored copy
+//! can answer.
 //!
 //! A client polls the service every 10 ms: the pod IP on node A, then the
 //! new pod's IP on node B as soon as the CRI reports it. Downtime is the
@@ -16,6 +19,9 @@
 //!   is on the share), pod B restores with the restore annotation;
 //! - `criu-shim cri`: CRI CheckpointContainer (the kubelet checkpoint API;
 //!   containerd 2.1 also writes its own tar), same restore;
+//! - `criu-shim cli lazy` and `criu-shim cri lazy`: the same checkpoints,
+//!   pod B restored with `criu-shim.io/migration: lazy` (it runs before
+//!   its memory is on node B; pages follow as it touches them);
 //! - `stock`: handler `runc` (containerd-shim-runc-v2): CRI
 //!   CheckpointContainer to a tar on the share, pod B's container created
 //!   from that tar (containerd 2.1's own CRI restore). That restore pulls
@@ -121,6 +127,8 @@ fn ask(addr: SocketAddr) -> bool {
 enum Way {
     CriuCli,
     CriuCri,
+    CriuCliLazy,
+    CriuCriLazy,
     Stock,
 }
 
@@ -129,8 +137,14 @@ impl Way {
         match self {
             Way::CriuCli => "criu-shim cli",
             Way::CriuCri => "criu-shim cri",
+            Way::CriuCliLazy => "criu-shim cli lazy",
+            Way::CriuCriLazy => "criu-shim cri lazy",
             Way::Stock => "stock",
         }
+    }
+
+    fn lazy(self) -> bool {
+        matches!(self, Way::CriuCliLazy | Way::CriuCriLazy)
     }
 }
 
@@ -172,7 +186,16 @@ fn migrate(
     let name = format!("counter-{run}");
     let mem = mib.to_string();
     let fill = std::env::var("BENCH_FILL").unwrap_or_else(|_| "realistic".into());
-    let cmd = ["/testapp", "-m", mem.as_str(), "--fill", fill.as_str()];
+    let touch = std::env::var("BENCH_TOUCH").unwrap_or_else(|_| "all".into());
+    let cmd = [
+        "/testapp",
+        "-m",
+        mem.as_str(),
+        "--fill",
+        fill.as_str(),
+        "--touch",
+        touch.as_str(),
+    ];
 
     let pod = pod_config(
         &name,
@@ -195,11 +218,11 @@ fn migrate(
     let mut t0 = Instant::now();
     let mut failed = 0;
     match way {
-        Way::CriuCli => {
+        Way::CriuCli | Way::CriuCliLazy => {
             let out = a.cli_checkpoint(&id_a, &[]);
             assert!(out.status.success(), "{}", criu_shim_tests::text(&out));
         }
-        Way::CriuCri => ca
+        Way::CriuCri | Way::CriuCriLazy => ca
             .checkpoint_container(&id_a, &tar)
             .expect("CheckpointContainer"),
         Way::Stock => {
@@ -223,7 +246,13 @@ fn migrate(
     let t1 = Instant::now();
     remove_pod(&mut ca, &pod_a);
 
-    let restore_ann = [("criu-shim.io/restore-from", key.as_str())];
+    let restore_ann = [
+        ("criu-shim.io/restore-from", key.as_str()),
+        (
+            "criu-shim.io/migration",
+            if way.lazy() { "lazy" } else { "cold" },
+        ),
+    ];
     let ann: &[(&str, &str)] = if way == Way::Stock { &[] } else { &restore_ann };
     let pod = pod_config(&name, &format!("uid-b-{key}"), ann, false);
     let pod_b = cb.run_pod_sandbox(&pod, handler).expect("pod B");
@@ -338,15 +367,23 @@ fn main() {
         let by_digest = format!("localhost:{}/criu-shim/testapp@{digest}", registry.port);
         node.ctr_ok(&["images", "tag", IMAGE, &by_digest]);
     }
-    // BENCH_WAYS=cli,cri,stock (default: all; stock last, the reference).
-    let wanted = std::env::var("BENCH_WAYS").unwrap_or_else(|_| "cli,cri,stock".into());
-    let ways: Vec<Way> = [Way::CriuCli, Way::CriuCri, Way::Stock]
+    // BENCH_WAYS=cli,cri,cli lazy,cri lazy,stock (default: all; stock
+    // last, the reference).
+    let wanted = std::env::var("BENCH_WAYS")
+        .unwrap_or_else(|_| "cli,cri,cli lazy,cri lazy,stock".into());
+    let ways: Vec<Way> = [
+        Way::CriuCli,
+        Way::CriuCri,
+        Way::CriuCliLazy,
+        Way::CriuCriLazy,
+        Way::Stock,
+    ]
         .into_iter()
         .filter(|w| wanted.split(',').any(|n| w.name().ends_with(n.trim())))
         .collect();
     assert!(
         !ways.is_empty(),
-        "BENCH_WAYS={wanted}: none of cli, cri, stock"
+        "BENCH_WAYS={wanted}: none of cli, cri, cli lazy, cri lazy, stock"
     );
     println!(
         "| size (MiB) | way | checkpoint (ms) | restore (ms) | downtime (ms) | downtime vs stock | failed checkpoints |"
