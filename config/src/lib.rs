@@ -85,6 +85,7 @@ pub mod env {
     pub const COMPRESSION: &str = "CRIU_SHIM_COMPRESSION";
     pub const PUBLISH: &str = "CRIU_SHIM_PUBLISH";
     pub const MIGRATION: &str = "CRIU_SHIM_MIGRATION";
+    pub const LAZY_TIMEOUT_SECS: &str = "CRIU_SHIM_LAZY_TIMEOUT";
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -216,6 +217,9 @@ pub struct ShimConfig {
     /// How restores bring memory back unless the container's
     /// [`ANNOTATION_MIGRATION`] says.
     pub migration: MigrationMode,
+    /// Longest a lazily restored container waits for the share to give
+    /// one of its pages before it is killed (a cut network).
+    pub lazy_timeout_secs: u64,
 }
 
 impl ShimConfig {
@@ -244,6 +248,7 @@ impl ShimConfig {
             compression: CompressionSetting::Auto,
             publish: PublishMode::Stream,
             migration: MigrationMode::Cold,
+            lazy_timeout_secs: 30,
         }
     }
 
@@ -299,6 +304,17 @@ impl ShimConfig {
                 value: v,
                 why: "expected a whole number of seconds (0: do not wait)",
             })?;
+        }
+        if let Some(v) = env(env::LAZY_TIMEOUT_SECS) {
+            c.lazy_timeout_secs =
+                v.parse::<u64>()
+                    .ok()
+                    .filter(|s| *s > 0)
+                    .ok_or(ConfigError::BadValue {
+                        name: env::LAZY_TIMEOUT_SECS,
+                        value: v,
+                        why: "expected a whole number of seconds > 0",
+                    })?;
         }
         if let Some(v) = env(env::ARCHIVE_KEY_FILE).filter(|v| !v.is_empty()) {
             let path = PathBuf::from(v);
@@ -459,6 +475,8 @@ mod tests {
         let env = |k: &str| (k == env::MIGRATION).then(|| "lazy".to_string());
         let c = ShimConfig::resolve("n", None, env, false).unwrap();
         assert_eq!(c.migration, MigrationMode::Lazy);
+        let env = |k: &str| (k == env::LAZY_TIMEOUT_SECS).then(|| "0".to_string());
+        assert!(ShimConfig::resolve("n", None, env, false).is_err());
         let env = |k: &str| (k == env::MIGRATION).then(|| "warm".to_string());
         let e = ShimConfig::resolve("n", None, env, false).unwrap_err();
         assert!(e.to_string().contains("CRIU_SHIM_MIGRATION"), "{e}");

@@ -13,7 +13,7 @@ pub struct SshfsShare {
     pub dir: tempfile::TempDir,
     sshd: Child,
     mounts: Vec<PathBuf>,
-    _net: NodeNet,
+    net: NodeNet,
 }
 
 impl SshfsShare {
@@ -84,7 +84,7 @@ impl SshfsShare {
         let mut share = SshfsShare {
             sshd,
             mounts: Vec::new(),
-            _net: net,
+            net,
             dir,
         };
         for i in 0..n {
@@ -120,6 +120,18 @@ impl SshfsShare {
     }
 
     /// Where node `i` sees the share.
+    /// Cuts the file server off the network (`false`) or brings it back:
+    /// reads of the mounts then hang, as over a cut link.
+    pub fn link_up(&self, up: bool) {
+        let ok = Command::new("ip")
+            .args(["link", "set", &format!("csh{}", self.net.index)])
+            .arg(if up { "up" } else { "down" })
+            .status()
+            .expect("run ip")
+            .success();
+        assert!(ok, "ip link set csh{} failed", self.net.index);
+    }
+
     pub fn mount_point(&self, i: usize) -> &Path {
         &self.mounts[i]
     }

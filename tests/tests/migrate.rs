@@ -871,3 +871,39 @@ fn a_modified_page_kills_a_lazily_restored_container() {
     b.remove("app");
     criu_shim_tests::assert_clean(&b, "app");
 }
+
+/// The network to the share is cut while a lazily restored container's
+/// pages move: it does not run on with missing memory nor hang for ever;
+/// once the share has not answered for CRIU_SHIM_LAZY_TIMEOUT it is
+/// killed, the reason is logged, and node B is left clean.
+#[test]
+fn a_share_cut_off_mid_copy_kills_the_lazily_restored_container() {
+    let share = criu_shim_tests::sshfs::SshfsShare::start(2);
+    let a = Containerd::node(share.mount_point(0), &[]);
+    let b = Containerd::node(share.mount_point(1), &[("CRIU_SHIM_LAZY_TIMEOUT", "3")]);
+    a.run_detached(
+        "app",
+        &["/testapp", "-m", "384", "--fill", "random", "--touch", "16"],
+    );
+    assert_eq!(a.count("app"), 1);
+    let out = a.cli_checkpoint("app", &["--to", "cut"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = b.run_restored_with("app", "cut", &["criu-shim.io/migration=lazy"]);
+    share.link_up(false);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_until(Duration::from_secs(30), "the lazy restore to fail", || {
+        b.log().contains("lazy restore of app failed")
+    });
+    let log = b.log();
+    assert!(log.contains("gave no answer"), "{log}");
+    assert!(
+        !log.contains("lazy restore of app: all"),
+        "every page moved before the cut: the test proves nothing"
+    );
+    wait_until(Duration::from_secs(10), "the container to be dead", || {
+        b.task_status("app").as_deref() == Some("STOPPED")
+    });
+    share.link_up(true);
+    b.remove("app");
+    criu_shim_tests::assert_clean(&b, "app");
+}

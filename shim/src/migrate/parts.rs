@@ -13,11 +13,14 @@
 //! A few decoded frames are kept, since faults and the background copy
 //! read neighbouring pages.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use sha2::Digest;
 
@@ -39,105 +42,24 @@ struct Frame {
     sha256: [u8; 32],
 }
 
-/// An archive on the share, read by parts.
-pub struct Parts {
+/// The archive and its frame table: what any reader of a part needs.
+struct Frames {
     file: File,
-    frames: Vec<Frame>,
+    table: Vec<Frame>,
     what: String,
-    cache: VecDeque<(usize, Vec<u8>)>,
     /// Bytes fetched from the share so far.
-    pub fetched: u64,
+    fetched: AtomicU64,
 }
 
-impl Parts {
-    /// The archive `file` (`len` bytes) of authenticated manifest `m`; None
-    /// if the archive has no frame table (a plain tar, or an older shim's),
-    /// which can only be read whole.
-    pub fn new(file: File, len: u64, m: &Manifest, what: &str) -> Result<Option<Parts>> {
-        if m.frames.is_empty() || m.members.iter().any(|x| x.offset.is_none()) {
-            return Ok(None);
-        }
-        let bad = |why: String| {
-            Error::InvalidArgument(format!(
-                "archive {what} failed verification: its frame table {why}"
-            ))
-        };
-        let mut frames = Vec::with_capacity(m.frames.len());
-        let (mut at, mut raw_at) = (0u64, 0u64);
-        for (i, f) in m.frames.iter().enumerate() {
-            let sha256 = unhex(&f.3).ok_or_else(|| bad(format!("has a bad digest at {i}")))?;
-            if f.0 != at || f.1 == 0 || f.1 > MAX_FRAME || f.2 == 0 || f.2 > MAX_RAW {
-                return Err(bad(format!("is inconsistent at frame {i}")));
-            }
-            frames.push(Frame {
-                at,
-                len: f.1,
-                raw_at,
-                raw_len: f.2,
-                sha256,
-            });
-            at += f.1;
-            raw_at += f.2;
-        }
-        if at > len {
-            return Err(bad(format!("ends past the file ({at} > {len} bytes)")));
-        }
-        for x in &m.members {
-            let end = x.offset.unwrap_or(0).checked_add(x.size);
-            if end.is_none_or(|e| e > raw_at) {
-                return Err(bad(format!("does not hold all of {}", x.path)));
-            }
-        }
-        Ok(Some(Parts {
-            file,
-            frames,
-            what: what.to_string(),
-            cache: VecDeque::new(),
-            fetched: 0,
-        }))
-    }
-
-    /// Fills `buf` with the raw bytes at `raw_at`.
-    pub fn read(&mut self, raw_at: u64, buf: &mut [u8]) -> Result<()> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = raw_at + done as u64;
-            let i = self.frames.partition_point(|f| f.raw_at + f.raw_len <= at);
-            let f = self
-                .frames
-                .get(i)
-                .ok_or_else(|| self.corrupt(format!("nothing at raw offset {at}")))?;
-            let from = (at - f.raw_at) as usize;
-            let data = self.frame(i)?;
-            let n = (data.len() - from).min(buf.len() - done);
-            buf[done..done + n].copy_from_slice(&data[from..from + n]);
-            done += n;
-        }
-        Ok(())
-    }
-
-    /// Frame `i`, decoded, from the cache or the share.
-    fn frame(&mut self, i: usize) -> Result<&[u8]> {
-        if let Some(pos) = self.cache.iter().position(|(k, _)| *k == i) {
-            let hit = self.cache.remove(pos).unwrap_or_default();
-            self.cache.push_front(hit);
-        } else {
-            let decoded = self.fetch(i)?;
-            if self.cache.len() == CACHED {
-                self.cache.pop_back();
-            }
-            self.cache.push_front((i, decoded));
-        }
-        Ok(self.cache.front().map(|(_, d)| d.as_slice()).unwrap_or(&[]))
-    }
-
-    fn fetch(&mut self, i: usize) -> Result<Vec<u8>> {
-        let f = &self.frames[i];
+impl Frames {
+    /// Frame `i`, read, verified, decoded.
+    fn fetch(&self, i: usize) -> Result<Vec<u8>> {
+        let f = &self.table[i];
         let mut bytes = vec![0u8; f.len as usize];
         self.file
             .read_exact_at(&mut bytes, f.at)
             .map_err(|e| self.corrupt(format!("frame {i} cannot be read: {e}")))?;
-        self.fetched += f.len;
+        self.fetched.fetch_add(f.len, Ordering::Relaxed);
         let digest: [u8; 32] = sha2::Sha256::digest(&bytes).into();
         if digest != f.sha256 {
             return Err(Error::InvalidArgument(format!(
@@ -164,6 +86,229 @@ impl Parts {
     }
 }
 
+/// An archive on the share, read by parts.
+pub struct Parts {
+    frames: Arc<Frames>,
+    cache: VecDeque<(usize, Arc<Vec<u8>>)>,
+    ahead: Option<ReadAhead>,
+}
+
+impl Parts {
+    /// The archive `file` (`len` bytes) of authenticated manifest `m`; None
+    /// if the archive has no frame table (a plain tar, or an older shim's),
+    /// which can only be read whole.
+    pub fn new(file: File, len: u64, m: &Manifest, what: &str) -> Result<Option<Parts>> {
+        if m.frames.is_empty() || m.members.iter().any(|x| x.offset.is_none()) {
+            return Ok(None);
+        }
+        let bad = |why: String| {
+            Error::InvalidArgument(format!(
+                "archive {what} failed verification: its frame table {why}"
+            ))
+        };
+        let mut table = Vec::with_capacity(m.frames.len());
+        let (mut at, mut raw_at) = (0u64, 0u64);
+        for (i, f) in m.frames.iter().enumerate() {
+            let sha256 = unhex(&f.3).ok_or_else(|| bad(format!("has a bad digest at {i}")))?;
+            if f.0 != at || f.1 == 0 || f.1 > MAX_FRAME || f.2 == 0 || f.2 > MAX_RAW {
+                return Err(bad(format!("is inconsistent at frame {i}")));
+            }
+            table.push(Frame {
+                at,
+                len: f.1,
+                raw_at,
+                raw_len: f.2,
+                sha256,
+            });
+            at += f.1;
+            raw_at += f.2;
+        }
+        if at > len {
+            return Err(bad(format!("ends past the file ({at} > {len} bytes)")));
+        }
+        for x in &m.members {
+            let end = x.offset.unwrap_or(0).checked_add(x.size);
+            if end.is_none_or(|e| e > raw_at) {
+                return Err(bad(format!("does not hold all of {}", x.path)));
+            }
+        }
+        Ok(Some(Parts {
+            frames: Arc::new(Frames {
+                file,
+                table,
+                what: what.to_string(),
+                fetched: AtomicU64::new(0),
+            }),
+            cache: VecDeque::new(),
+            ahead: None,
+        }))
+    }
+
+    /// Bytes fetched from the share so far.
+    pub fn fetched(&self) -> u64 {
+        self.frames.fetched.load(Ordering::Relaxed)
+    }
+
+    /// From now on frames come from a helper thread, which fetches,
+    /// verifies and decodes the frame asked for and the few after it
+    /// while the caller uses the ones before. A frame the share does not
+    /// give within `timeout` (a cut network) is an error, not a hang.
+    pub fn read_ahead(&mut self, timeout: Duration) {
+        self.ahead = Some(ReadAhead::start(self.frames.clone(), timeout));
+    }
+
+    /// Fills `buf` with the raw bytes at `raw_at`.
+    pub fn read(&mut self, raw_at: u64, buf: &mut [u8]) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = raw_at + done as u64;
+            let table = &self.frames.table;
+            let i = table.partition_point(|f| f.raw_at + f.raw_len <= at);
+            let f = table
+                .get(i)
+                .ok_or_else(|| self.frames.corrupt(format!("nothing at raw offset {at}")))?;
+            let from = (at - f.raw_at) as usize;
+            let data = self.frame(i)?;
+            let n = (data.len() - from).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&data[from..from + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Frame `i`, decoded, from the cache or the share.
+    fn frame(&mut self, i: usize) -> Result<Arc<Vec<u8>>> {
+        if let Some(pos) = self.cache.iter().position(|(k, _)| *k == i) {
+            let hit = self.cache.remove(pos).unwrap_or_default();
+            self.cache.push_front(hit);
+        } else {
+            let decoded = match &self.ahead {
+                Some(ahead) => ahead.get(i, self.frames.table.len())?,
+                None => Arc::new(self.frames.fetch(i)?),
+            };
+            if self.cache.len() == CACHED {
+                self.cache.pop_back();
+            }
+            self.cache.push_front((i, decoded));
+        }
+        Ok(self
+            .cache
+            .front()
+            .map(|(_, d)| d.clone())
+            .unwrap_or_default())
+    }
+
+    fn corrupt(&self, why: String) -> Error {
+        self.frames.corrupt(why)
+    }
+}
+
+/// Frames fetched ahead of their use by a helper thread.
+struct ReadAhead {
+    shared: Arc<(Mutex<Ahead>, Condvar)>,
+    timeout: Duration,
+}
+
+#[derive(Default)]
+struct Ahead {
+    /// To fetch, the most urgent first.
+    wanted: VecDeque<usize>,
+    /// Wanted or being fetched.
+    busy: HashSet<usize>,
+    ready: HashMap<usize, std::result::Result<Arc<Vec<u8>>, String>>,
+    stop: bool,
+}
+
+/// Frames fetched after the one asked for, and most kept ready.
+const AHEAD: usize = 4;
+const READY: usize = 32;
+
+impl ReadAhead {
+    fn start(frames: Arc<Frames>, timeout: Duration) -> ReadAhead {
+        let shared = Arc::new((Mutex::new(Ahead::default()), Condvar::new()));
+        let worker = shared.clone();
+        // Not joined: a thread stuck in a read of a dead share must not hold
+        // up the shim; it ends when the read does.
+        let _ = std::thread::Builder::new()
+            .name("read-ahead".into())
+            .spawn(move || fetch_ahead(&frames, &worker));
+        ReadAhead { shared, timeout }
+    }
+
+    /// Frame `i` of `count`, waiting for the helper at most the timeout.
+    fn get(&self, i: usize, count: usize) -> Result<Arc<Vec<u8>>> {
+        let (lock, cv) = &*self.shared;
+        let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let found = st.ready.remove(&i);
+        if found.is_none() && st.busy.insert(i) {
+            st.wanted.push_front(i);
+        }
+        for next in (i + 1..count).take(AHEAD) {
+            if !st.ready.contains_key(&next) && st.busy.insert(next) {
+                st.wanted.push_back(next);
+            }
+        }
+        cv.notify_all();
+        let found = match found {
+            Some(r) => r,
+            None => {
+                let (mut st, waited) = cv
+                    .wait_timeout_while(st, self.timeout, |st| !st.ready.contains_key(&i))
+                    .unwrap_or_else(|e| e.into_inner());
+                if waited.timed_out() {
+                    return Err(Error::Other(format!(
+                        "the share gave no answer for {:?} (frame {i}): is the network to it \
+                         cut?",
+                        self.timeout
+                    )));
+                }
+                st.ready
+                    .remove(&i)
+                    .unwrap_or_else(|| Err("frame vanished".into()))
+            }
+        };
+        found.map_err(Error::Other)
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.shared;
+        lock.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+        cv.notify_all();
+    }
+}
+
+fn fetch_ahead(frames: &Frames, shared: &(Mutex<Ahead>, Condvar)) {
+    let (lock, cv) = shared;
+    loop {
+        let i = {
+            let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if st.stop {
+                    return;
+                }
+                if let Some(i) = st.wanted.pop_front() {
+                    break i;
+                }
+                st = cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        let got = frames.fetch(i).map(Arc::new).map_err(|e| e.to_string());
+        let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+        st.busy.remove(&i);
+        st.ready.insert(i, got);
+        // Keep memory bounded: what is far behind was read ahead in vain.
+        while st.ready.len() > READY {
+            let Some(&oldest) = st.ready.keys().min() else {
+                break;
+            };
+            st.ready.remove(&oldest);
+        }
+        cv.notify_all();
+    }
+}
+
 /// Writes member `m` whole into `dest` (beneath its path there), checking
 /// the tar header in front of it and, at the end, its own SHA-256.
 pub fn extract_member(parts: &mut Parts, m: &Member, dest: &Path) -> Result<()> {
@@ -184,7 +329,7 @@ pub fn extract_member(parts: &mut Parts, m: &Member, dest: &Path) -> Result<()> 
         return Err(Error::InvalidArgument(format!(
             "archive {} failed verification: checksum mismatch for {} (the archive is corrupt \
              or was modified)",
-            parts.what, m.path
+            parts.frames.what, m.path
         )));
     }
     Ok(())

@@ -190,7 +190,8 @@ fn fetch(
         deadline,
     })?;
     let (f, source) = if lazy {
-        let (f, source) = pages::fetch_from_share(opened)?;
+        let (f, source) =
+            pages::fetch_from_share(opened, Duration::from_secs(config.lazy_timeout_secs))?;
         (f, Some(source))
     } else {
         (Arc::new(opened.fetch_all()?), None)

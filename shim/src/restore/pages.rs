@@ -19,6 +19,7 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use criu_sys::images::ImageError;
 use criu_sys::memory::task_memory;
@@ -106,7 +107,9 @@ impl PageSource for SharePages {
 
 /// Fetches what a lazy restore needs before the tasks run (see the module
 /// doc); returns the staging and where the rest of the memory comes from.
-pub fn fetch_from_share(opened: Opened) -> Result<(Arc<Fetched>, Source)> {
+/// `timeout`: longest the tasks wait for the share to give a page before
+/// the restore fails (a cut network, a dead file server).
+pub fn fetch_from_share(opened: Opened, timeout: Duration) -> Result<(Arc<Fetched>, Source)> {
     let deadline = opened.deadline;
     let Some(mut parts) = opened.parts()? else {
         log::info!(
@@ -147,9 +150,12 @@ pub fn fetch_from_share(opened: Opened) -> Result<(Arc<Fetched>, Source)> {
     log::info!(
         "{what}: {} MiB fetched before the restore; the other {} MiB of memory are served \
          as the tasks touch them",
-        parts.fetched >> 20,
+        parts.fetched() >> 20,
         lazy.values().flatten().map(|(s, e)| e - s).sum::<u64>() >> 20
     );
+    // From here on the tasks wait for pages: fetch ahead of them, and
+    // give up on a share that stops answering rather than hang them.
+    parts.read_ahead(timeout);
     let fetched = Arc::new(opened.into_fetched());
     let source = SharePages {
         parts,

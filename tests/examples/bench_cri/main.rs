@@ -369,8 +369,8 @@ fn main() {
     }
     // BENCH_WAYS=cli,cri,cli lazy,cri lazy,stock (default: all; stock
     // last, the reference).
-    let wanted = std::env::var("BENCH_WAYS")
-        .unwrap_or_else(|_| "cli,cri,cli lazy,cri lazy,stock".into());
+    let wanted =
+        std::env::var("BENCH_WAYS").unwrap_or_else(|_| "cli,cri,cli lazy,cri lazy,stock".into());
     let ways: Vec<Way> = [
         Way::CriuCli,
         Way::CriuCri,
@@ -378,9 +378,9 @@ fn main() {
         Way::CriuCriLazy,
         Way::Stock,
     ]
-        .into_iter()
-        .filter(|w| wanted.split(',').any(|n| w.name().ends_with(n.trim())))
-        .collect();
+    .into_iter()
+    .filter(|w| wanted.split(',').any(|n| w.name().ends_with(n.trim())))
+    .collect();
     assert!(
         !ways.is_empty(),
         "BENCH_WAYS={wanted}: none of cli, cri, cli lazy, cri lazy, stock"
