@@ -212,16 +212,22 @@ fn a_pod_migrates_lazily_through_the_cri() {
     .expect("pod on A");
     let ip_a = ca.pod_ip(&pod_a).unwrap();
     assert_eq!(http_count_within(&ip_a, PORT, Duration::from_secs(30)), 1);
-    let hash = |cri: &mut Cri, id: &str| {
+    let hash = |cri: &mut Cri, node: &Containerd, id: &str| {
         let (code, out, err) = cri
             .exec_sync(id, &["wget", "-qO-", "http://127.0.0.1:8080/hash"])
             .unwrap();
-        assert_eq!(code, 0, "{err}");
+        let lazy: Vec<String> = node
+            .log()
+            .lines()
+            .filter(|l| l.contains("lazy") || l.contains("level=error"))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(code, 0, "{err} {lazy:#?}");
         out.split_whitespace()
             .map(str::to_string)
             .collect::<Vec<_>>()
     };
-    let before = hash(&mut ca, &ids_a[0]);
+    let before = hash(&mut ca, &a, &ids_a[0]);
     assert_eq!(before.len(), 2);
     let (code, _, err) = ca
         .exec_sync(&ids_a[0], &["sh", "-c", "echo kept > /state.txt"])
@@ -247,7 +253,7 @@ fn a_pod_migrates_lazily_through_the_cri() {
     let (code, out, err) = cb.exec_sync(&ids_b[0], &["cat", "/state.txt"]).unwrap();
     assert_eq!((code, out.as_str()), (0, "kept\n"), "{err}");
     assert_eq!(
-        hash(&mut cb, &ids_b[0]),
+        hash(&mut cb, &b, &ids_b[0]),
         before,
         "the memory did not arrive whole"
     );

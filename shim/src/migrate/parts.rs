@@ -216,6 +216,8 @@ struct Ahead {
     /// Wanted or being fetched.
     busy: HashSet<usize>,
     ready: HashMap<usize, std::result::Result<Arc<Vec<u8>>, String>>,
+    /// The frame the reader waits for: never dropped from `ready`.
+    waiting: Option<usize>,
     stop: bool,
 }
 
@@ -240,8 +242,14 @@ impl ReadAhead {
         let (lock, cv) = &*self.shared;
         let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
         let found = st.ready.remove(&i);
-        if found.is_none() && st.busy.insert(i) {
-            st.wanted.push_front(i);
+        if found.is_none() {
+            if st.busy.insert(i) {
+                st.wanted.push_front(i);
+            } else if let Some(pos) = st.wanted.iter().position(|&w| w == i) {
+                // Read ahead before, needed now: first.
+                st.wanted.remove(pos);
+                st.wanted.push_front(i);
+            }
         }
         for next in (i + 1..count).take(AHEAD) {
             if !st.ready.contains_key(&next) && st.busy.insert(next) {
@@ -252,9 +260,11 @@ impl ReadAhead {
         let found = match found {
             Some(r) => r,
             None => {
+                st.waiting = Some(i);
                 let (mut st, waited) = cv
                     .wait_timeout_while(st, self.timeout, |st| !st.ready.contains_key(&i))
                     .unwrap_or_else(|e| e.into_inner());
+                st.waiting = None;
                 if waited.timed_out() {
                     return Err(Error::Other(format!(
                         "the share gave no answer for {:?} (frame {i}): is the network to it \
@@ -298,9 +308,11 @@ fn fetch_ahead(frames: &Frames, shared: &(Mutex<Ahead>, Condvar)) {
         let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
         st.busy.remove(&i);
         st.ready.insert(i, got);
-        // Keep memory bounded: what is far behind was read ahead in vain.
+        // Keep memory bounded: what is far behind was read ahead in vain
+        // (but never the frame the reader waits for).
         while st.ready.len() > READY {
-            let Some(&oldest) = st.ready.keys().min() else {
+            let waiting = st.waiting;
+            let Some(&oldest) = st.ready.keys().filter(|&&k| Some(k) != waiting).min() else {
                 break;
             };
             st.ready.remove(&oldest);
