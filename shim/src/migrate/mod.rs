@@ -485,6 +485,32 @@ mod tests {
         })
     }
 
+    /// Key `job` of the containerd tenant on `share`, staged under `staging`.
+    fn request<'a>(share: &'a Path, staging: &'a Path) -> FetchRequest<'a> {
+        FetchRequest {
+            share,
+            tenant: &Tenant::Containerd,
+            reference: "job",
+            staging_root: staging,
+            id: "c2",
+            wait: Duration::ZERO,
+            mac_key: None,
+            cross_tenant: false,
+            limits: Default::default(),
+            deadline: Default::default(),
+        }
+    }
+
+    /// Member `path` of an opened archive's manifest.
+    fn member(o: &Opened, path: &str) -> manifest::Member {
+        o.manifest()
+            .members
+            .iter()
+            .find(|m| m.path == path)
+            .unwrap_or_else(|| panic!("no {path}"))
+            .clone()
+    }
+
     /// Where the containerd tenant's key `key` lives on `share`.
     fn key_dir(share: &Path, key: &str) -> PathBuf {
         share.join(Tenant::Containerd.dir_name()).join(key)
@@ -557,20 +583,6 @@ mod tests {
         };
         let report = publish_one(dir.path(), share.path(), adaptive);
         assert!(!report.manifest.frames.is_empty(), "no frame table");
-        fn request<'a>(share: &'a Path, staging: &'a Path) -> FetchRequest<'a> {
-            FetchRequest {
-                share,
-                tenant: &Tenant::Containerd,
-                reference: "job",
-                staging_root: staging,
-                id: "c2",
-                wait: Duration::ZERO,
-                mac_key: None,
-                cross_tenant: false,
-                limits: Default::default(),
-                deadline: Default::default(),
-            }
-        }
         let share_path = share.path().to_path_buf();
         let whole_root = dir.path().join("whole");
         let whole = open_archive(&request(&share_path, &whole_root))
@@ -586,13 +598,7 @@ mod tests {
             let b = std::fs::read(opened.staging.path().join(&m.path)).unwrap();
             assert!(a == b, "{} differs", m.path);
         }
-        let pages = opened
-            .manifest()
-            .members
-            .iter()
-            .find(|m| m.path == "checkpoint/pages-1.img")
-            .unwrap()
-            .clone();
+        let pages = member(&opened, "checkpoint/pages-1.img");
         // Damage one byte in the middle of the page image's frames.
         let archive = report.archive.clone();
         let mut bytes = std::fs::read(&archive).unwrap();
@@ -611,13 +617,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("does not match its digest"), "{err}");
-        let spec = opened
-            .manifest()
-            .members
-            .iter()
-            .find(|m| m.path == members::SPEC)
-            .unwrap()
-            .clone();
+        let spec = member(&opened, members::SPEC);
         parts::extract_member(&mut parts, &spec, opened.staging.path()).unwrap();
     }
 
@@ -636,26 +636,9 @@ mod tests {
         };
         let t = target(share.path(), dir.path().join("staging"), adaptive);
         publish_checkpoint(&dumped(&bundle, &images, &work), &t).unwrap();
-        let opened = open_archive(&FetchRequest {
-            share: share.path(),
-            tenant: &Tenant::Containerd,
-            reference: "job",
-            staging_root: &dir.path().join("r"),
-            id: "c2",
-            wait: Duration::ZERO,
-            mac_key: None,
-            cross_tenant: false,
-            limits: Default::default(),
-            deadline: Default::default(),
-        })
-        .unwrap();
-        let m = opened
-            .manifest()
-            .members
-            .iter()
-            .find(|m| m.path == "checkpoint/pages-1.img")
-            .unwrap()
-            .clone();
+        let staging = dir.path().join("r");
+        let opened = open_archive(&request(share.path(), &staging)).unwrap();
+        let m = member(&opened, "checkpoint/pages-1.img");
         let mut direct = opened.parts().unwrap().unwrap();
         let mut ahead = opened.parts().unwrap().unwrap();
         ahead.read_ahead(Duration::from_secs(5));

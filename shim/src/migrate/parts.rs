@@ -16,7 +16,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, FileExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -398,15 +398,7 @@ fn member_start(parts: &mut Parts, m: &Member) -> Result<u64> {
 }
 
 fn create(dest: &Path, name: &str) -> Result<File> {
-    let path = dest.join(name);
-    if let Some(parent) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(parent)
-            .map_err(|e| Error::io(format!("create {}", parent.display()), e))?;
-    }
-    super::stage::private_file(&path)
+    super::stage::private_file_in_new_dirs(&dest.join(name))
 }
 
 fn staging_full(name: &str, e: std::io::Error) -> Error {

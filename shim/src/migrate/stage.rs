@@ -132,6 +132,19 @@ pub fn private_file(path: &Path) -> Result<File> {
         .map_err(|e| Error::io(format!("create {}", path.display()), e))
 }
 
+/// [`private_file`], its missing parent directories made private too.
+pub fn private_file_in_new_dirs(path: &Path) -> Result<File> {
+    if let Some(parent) = path.parent() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| Error::io(format!("create {}", parent.display()), e))?;
+    }
+    private_file(path)
+}
+
 fn walk(
     root: &Path,
     dir: &Path,

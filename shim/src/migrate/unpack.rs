@@ -21,7 +21,6 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::time::Instant;
 
@@ -410,14 +409,7 @@ fn write_member(
     what: &str,
     deadline: Deadline,
 ) -> Result<(u64, String)> {
-    if let Some(parent) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(parent)
-            .map_err(|e| Error::io(format!("create {}", parent.display()), e))?;
-    }
-    let mut f = super::stage::private_file(path)?;
+    let mut f = super::stage::private_file_in_new_dirs(path)?;
     let full = |e: std::io::Error| {
         Error::io_or_full(
             format!("write {} unpacking {what}", path.display()),

@@ -814,7 +814,6 @@ mod tests {
         /// With userfaultfd `features` (CRIU asks for the fork, remap,
         /// remove and unmap events).
         fn with_features(pages: u64, features: u64) -> (Region, OwnedFd) {
-            use std::os::fd::{AsRawFd, FromRawFd};
             let len = pages * P;
             // SAFETY: a fresh anonymous private mapping, unmapped in Drop.
             let addr = unsafe {
@@ -828,42 +827,8 @@ mod tests {
                 )
             };
             assert_ne!(addr, libc::MAP_FAILED);
-            // SAFETY: plain syscall; the fd is owned at once.
-            let fd =
-                unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-            assert!(fd >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
-            // SAFETY: the syscall returned a new descriptor.
-            let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-            #[repr(C)]
-            struct Api {
-                api: u64,
-                features: u64,
-                ioctls: u64,
-            }
-            #[repr(C)]
-            struct Register {
-                start: u64,
-                len: u64,
-                mode: u64,
-                ioctls: u64,
-            }
-            nix::ioctl_readwrite!(api, 0xAA, 0x3F, Api);
-            nix::ioctl_readwrite!(register, 0xAA, 0x00, Register);
-            let mut a = Api {
-                api: 0xAA,
-                features,
-                ioctls: 0,
-            };
-            // SAFETY: valid uffdio_api / uffdio_register structs.
-            unsafe { api(uffd.as_raw_fd(), &mut a) }.unwrap();
-            let mut r = Register {
-                start: addr as u64,
-                len,
-                mode: 1, // MISSING
-                ioctls: 0,
-            };
-            // SAFETY: as above.
-            unsafe { register(uffd.as_raw_fd(), &mut r) }.unwrap();
+            let uffd = uffd::open(features).unwrap();
+            uffd::register(&uffd, addr as u64, len).unwrap();
             (
                 Region {
                     addr: addr as u64,
@@ -909,6 +874,19 @@ mod tests {
         }
     }
 
+    /// A restored task whose lazy memory is `region`'s first `pages`
+    /// pages, at the images' offset 0.
+    fn task(region: &Region, uffd: OwnedFd, pages: u64) -> Task {
+        Task {
+            pid: 1,
+            uffd,
+            pages_id: 1,
+            ranges: ranges(&[(region.addr, region.addr + pages * P, 0)]),
+            counts: true,
+            gone: false,
+        }
+    }
+
     fn daemon(source: Pattern) -> (Daemon, Arc<Shared>) {
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
@@ -934,14 +912,7 @@ mod tests {
         });
         // The images hold pages 0..500 (page k at offset k pages); 500..600
         // were never touched before the dump: zero pages.
-        d.tasks.push(Task {
-            pid: 1,
-            uffd,
-            pages_id: 1,
-            ranges: ranges(&[(region.addr, region.addr + 500 * P, 0)]),
-            counts: true,
-            gone: false,
-        });
+        d.tasks.push(task(&region, uffd, 500));
         d.total = 500 * P;
         let faults = std::thread::scope(|s| {
             let daemon = s.spawn(move || {
@@ -990,14 +961,7 @@ mod tests {
         let (mut d, _shared) = daemon(Pattern {
             fail_from: u64::MAX,
         });
-        d.tasks.push(Task {
-            pid: 1,
-            uffd,
-            pages_id: 1,
-            ranges: ranges(&[(region.addr, region.addr + 64 * P, 0)]),
-            counts: true,
-            gone: false,
-        });
+        d.tasks.push(task(&region, uffd, 64));
         let stop = AtomicBool::new(false);
         std::thread::scope(|s| {
             let serving = s.spawn(|| {
@@ -1048,14 +1012,7 @@ mod tests {
     fn a_page_the_source_cannot_give_fails_the_restore_and_calls_for_the_kill() {
         let (region, uffd) = Region::new(64);
         let (mut d, shared) = daemon(Pattern { fail_from: 16 * P });
-        d.tasks.push(Task {
-            pid: 1,
-            uffd,
-            pages_id: 1,
-            ranges: ranges(&[(region.addr, region.addr + 64 * P, 0)]),
-            counts: true,
-            gone: false,
-        });
+        d.tasks.push(task(&region, uffd, 64));
         d.finished = true;
         let (tx, rx) = std::sync::mpsc::channel();
         d.run(Box::new(move |why| tx.send(why.to_string()).unwrap()));

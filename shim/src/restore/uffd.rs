@@ -155,9 +155,21 @@ pub fn zero(uffd: &OwnedFd, dst: u64) -> Result<Filled, Errno> {
     }
 }
 
-/// Whether this kernel lets us serve a lazy restore: userfaultfd with the
-/// events CRIU asks for (a process that forks or remaps must not hang).
-pub fn available() -> Result<(), String> {
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+nix::ioctl_readwrite!(uffdio_api, 0xAA, 0x3F, UffdioApi);
+
+/// The events CRIU asks for: fork, remap, remove, unmap.
+pub const NONCOOPERATIVE: u64 = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 6);
+
+/// A new userfaultfd (non-blocking) that has agreed on the API with the
+/// kernel and these `features`.
+pub fn open(features: u64) -> Result<OwnedFd, String> {
     // SAFETY: a plain syscall; the descriptor is owned right away.
     let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
     if fd < 0 {
@@ -169,24 +181,45 @@ pub fn available() -> Result<(), String> {
     }
     // SAFETY: the syscall returned a new descriptor.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    #[repr(C)]
-    struct UffdioApi {
-        api: u64,
-        features: u64,
-        ioctls: u64,
-    }
-    nix::ioctl_readwrite!(uffdio_api, 0xAA, 0x3F, UffdioApi);
-    const NEEDED: u64 = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 6); // FORK, REMAP, REMOVE, UNMAP
     let mut api = UffdioApi {
         api: 0xAA,
-        features: NEEDED,
+        features,
         ioctls: 0,
     };
     // SAFETY: `api` is a valid uffdio_api.
-    unsafe { uffdio_api(fd.as_raw_fd(), &mut api) }.map_err(|e| {
-        format!("userfaultfd lacks the fork/remap/remove/unmap events CRIU needs ({e})")
-    })?;
-    Ok(())
+    unsafe { uffdio_api(fd.as_raw_fd(), &mut api) }
+        .map_err(|e| format!("userfaultfd lacks the features {features:#x} ({e})"))?;
+    Ok(fd)
+}
+
+/// Whether this kernel lets us serve a lazy restore: userfaultfd with the
+/// events CRIU asks for (a process that forks or remaps must not hang).
+pub fn available() -> Result<(), String> {
+    open(NONCOOPERATIVE).map(drop).map_err(|e| {
+        format!("{e}; lazy restore needs userfaultfd with its fork, remap, remove and unmap events")
+    })
+}
+
+/// Registers `[start, start + len)` of this process on `uffd` for missing
+/// pages, as CRIU's restorer registers a task's lazy mappings (tests).
+#[cfg(test)]
+pub fn register(uffd: &OwnedFd, start: u64, len: u64) -> Result<(), Errno> {
+    #[repr(C)]
+    struct UffdioRegister {
+        start: u64,
+        len: u64,
+        mode: u64,
+        ioctls: u64,
+    }
+    nix::ioctl_readwrite!(uffdio_register, 0xAA, 0x00, UffdioRegister);
+    let mut r = UffdioRegister {
+        start,
+        len,
+        mode: 1, // UFFDIO_REGISTER_MODE_MISSING
+        ioctls: 0,
+    };
+    // SAFETY: a valid uffdio_register for a range of this process.
+    unsafe { uffdio_register(uffd.as_raw_fd(), &mut r) }.map(drop)
 }
 
 #[cfg(test)]
