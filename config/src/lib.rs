@@ -86,6 +86,7 @@ pub mod env {
     pub const PUBLISH: &str = "CRIU_SHIM_PUBLISH";
     pub const MIGRATION: &str = "CRIU_SHIM_MIGRATION";
     pub const LAZY_TIMEOUT_SECS: &str = "CRIU_SHIM_LAZY_TIMEOUT";
+    pub const RESTORE_FETCH: &str = "CRIU_SHIM_RESTORE_FETCH";
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -174,6 +175,18 @@ impl MigrationMode {
     }
 }
 
+/// How a cold restore gets an archive's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreFetch {
+    /// Straight from the share into the restored (stopped) tasks, each
+    /// frame verified as it is read; the tasks run once every page is in.
+    /// Needs userfaultfd and an archive with a frame table, else `Staged`.
+    Stream,
+    /// The whole archive unpacked and verified into staging first, then
+    /// restored by CRIU from there.
+    Staged,
+}
+
 /// The shim's settings, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShimConfig {
@@ -220,6 +233,7 @@ pub struct ShimConfig {
     /// Longest a lazily restored container waits for the share to give
     /// one of its pages before it is killed (a cut network).
     pub lazy_timeout_secs: u64,
+    pub restore_fetch: RestoreFetch,
 }
 
 impl ShimConfig {
@@ -249,6 +263,7 @@ impl ShimConfig {
             publish: PublishMode::Stream,
             migration: MigrationMode::Cold,
             lazy_timeout_secs: 30,
+            restore_fetch: RestoreFetch::Stream,
         }
     }
 
@@ -304,6 +319,19 @@ impl ShimConfig {
                 value: v,
                 why: "expected a whole number of seconds (0: do not wait)",
             })?;
+        }
+        if let Some(v) = env(env::RESTORE_FETCH) {
+            c.restore_fetch = match v.as_str() {
+                "stream" => RestoreFetch::Stream,
+                "staged" => RestoreFetch::Staged,
+                _ => {
+                    return Err(ConfigError::BadValue {
+                        name: env::RESTORE_FETCH,
+                        value: v,
+                        why: "expected stream or staged",
+                    })
+                }
+            };
         }
         if let Some(v) = env(env::LAZY_TIMEOUT_SECS) {
             c.lazy_timeout_secs =
@@ -475,6 +503,10 @@ mod tests {
         let env = |k: &str| (k == env::MIGRATION).then(|| "lazy".to_string());
         let c = ShimConfig::resolve("n", None, env, false).unwrap();
         assert_eq!(c.migration, MigrationMode::Lazy);
+        assert_eq!(c.restore_fetch, RestoreFetch::Stream);
+        let env = |k: &str| (k == env::RESTORE_FETCH).then(|| "staged".to_string());
+        let c = ShimConfig::resolve("n", None, env, false).unwrap();
+        assert_eq!(c.restore_fetch, RestoreFetch::Staged);
         let env = |k: &str| (k == env::LAZY_TIMEOUT_SECS).then(|| "0".to_string());
         assert!(ShimConfig::resolve("n", None, env, false).is_err());
         let env = |k: &str| (k == env::MIGRATION).then(|| "warm".to_string());

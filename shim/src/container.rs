@@ -35,6 +35,9 @@ pub struct CreateOpts {
     pub rootfs_changes: Option<PathBuf>,
     /// A lazy restore's pages (`restore.lazy_pages`).
     pub lazy_pages: Option<Box<dyn crate::restore::lazy::PageSource>>,
+    /// Create returns once every one of those pages is in place (a cold
+    /// restore through userfaultfd).
+    pub pages_before_start: bool,
     pub config: criu_shim_config::ShimConfig,
 }
 
@@ -146,6 +149,13 @@ impl Container {
             }
         }
         container.init.set_pid(read_pid(&pid_file)?);
+        if let Some(lazy) = container.lazy.lock().unwrap().as_ref() {
+            lazy.release();
+        }
+        if o.pages_before_start {
+            container
+                .memory_in_place(std::time::Duration::from_secs(o.config.criu_timeout_secs))?;
+        }
         Ok(container)
     }
 
@@ -170,7 +180,7 @@ impl Container {
         }
         if let Some(why) = self.lazy.lock().unwrap().as_ref().and_then(|l| l.failure()) {
             return Err(Error::FailedPrecondition(format!(
-                "container {}: its lazy restore failed and its tasks were killed: {why}",
+                "container {}: restoring its memory failed and its tasks were killed: {why}",
                 self.id
             )));
         }
@@ -456,7 +466,7 @@ fn kill_on_failure(runc: Arc<dyn Runtime>, id: &str) -> OnFailure {
     let id = id.to_string();
     Box::new(move |_why| {
         if let Err(e) = runc.kill(&id, libc::SIGKILL as u32, true) {
-            log::error!("{id}: cannot kill it after its lazy restore failed: {e}");
+            log::error!("{id}: cannot kill it after restoring its memory failed: {e}");
         }
     })
 }
@@ -562,6 +572,7 @@ pub(crate) mod tests {
             restore: restore.then(CriuArgs::default),
             rootfs_changes: None,
             lazy_pages: None,
+            pages_before_start: false,
             config: criu_shim_config::ShimConfig::defaults("test"),
         };
         Container::create(opts, fake).unwrap()

@@ -219,7 +219,7 @@ fn a_pod_migrates_lazily_through_the_cri() {
         let lazy: Vec<String> = node
             .log()
             .lines()
-            .filter(|l| l.contains("lazy") || l.contains("level=error"))
+            .filter(|l| l.contains("of memory") || l.contains("level=error"))
             .map(str::to_string)
             .collect();
         assert_eq!(code, 0, "{err} {lazy:#?}");
@@ -258,7 +258,7 @@ fn a_pod_migrates_lazily_through_the_cri() {
         "the memory did not arrive whole"
     );
     wait_until(Duration::from_secs(30), "every page in place", || {
-        b.log().contains(": all 128 MiB in place")
+        b.log().contains(": all 128 MiB of memory in place")
     });
     assert_eq!(http_count(&ip_b, PORT).unwrap(), 3);
 

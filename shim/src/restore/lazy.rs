@@ -1,14 +1,22 @@
-//! Lazy restore: the restored tasks run before their memory is back.
+//! Restoring memory through userfaultfd, without a staging copy.
 //!
-//! A cold restore copies every page into the new tasks before they run, so
-//! downtime grows with memory. With `criu-shim.io/migration: lazy`, runc
-//! restores with `--lazy-pages`: CRIU rebuilds the process tree without the
-//! private anonymous pages and registers those mappings with userfaultfd,
-//! handing each task's uffd to this daemon over `lazy-pages.socket`
-//! (criu-sys [`criu_sys::lazy`]). From then on:
+//! runc restores with `--lazy-pages`: CRIU rebuilds the process tree
+//! without the private anonymous pages and registers those mappings with
+//! userfaultfd, handing each task's uffd to this daemon over
+//! `lazy-pages.socket` (criu-sys [`criu_sys::lazy`]). The pages come
+//! straight from the archive on the share ([`super::pages`]), so no copy of
+//! the memory is staged on the node. Two uses:
+//! - a cold restore (the default): the tasks stay stopped until every page
+//!   is in place and verified, and Create fails (the tasks killed) if one
+//!   cannot be had;
+//! - a lazy restore (`criu-shim.io/migration: lazy`): the tasks run at
+//!   once, before their memory is back.
+//!
+//! From the moment CRIU hands a task over:
 //! - a thread touching a missing page waits until we copy it in
 //!   (UFFDIO_COPY); we copy a run around it, read from a [`PageSource`];
-//! - once CRIU says the restore is finished, the rest moves in the
+//! - once CRIU says the restore is finished (and runc has returned), the
+//!   rest moves in the
 //!   background, mapping by mapping, until every page is in place, and
 //!   the uffds are closed;
 //! - pages the images never held are the zero page;
@@ -89,6 +97,9 @@ pub struct Summary {
 
 struct Shared {
     stop: AtomicBool,
+    /// runc's restore has returned: the pages may move in the background
+    /// (before, a failure would kill tasks CRIU is still restoring).
+    released: AtomicBool,
     state: Mutex<State>,
     changed: Condvar,
 }
@@ -120,7 +131,10 @@ impl LazyRestore {
         on_failure: OnFailure,
     ) -> Result<LazyRestore> {
         uffd::available().map_err(|why| {
-            Error::FailedPrecondition(format!("lazy restore of {id}: {why}; restore it cold"))
+            Error::FailedPrecondition(format!(
+                "restore of {id} through userfaultfd: {why}; restore it cold \
+                 (CRIU_SHIM_RESTORE_FETCH=staged)"
+            ))
         })?;
         // runc makes CRIU's work directory when it restores; we listen first.
         let listener = std::os::unix::fs::DirBuilderExt::mode(
@@ -131,12 +145,13 @@ impl LazyRestore {
         .and_then(|()| LazyListener::bind(work_dir))
         .map_err(|e| {
             Error::Other(format!(
-                "lazy restore of {id}: cannot listen in {}: {e}",
+                "restore of {id}: cannot listen for CRIU in {}: {e}",
                 work_dir.display()
             ))
         })?;
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
+            released: AtomicBool::new(false),
             state: Mutex::new(State::Restoring),
             changed: Condvar::new(),
         });
@@ -144,11 +159,20 @@ impl LazyRestore {
         let thread = std::thread::Builder::new()
             .name(format!("lazy-{id}"))
             .spawn(move || daemon.run(on_failure))
-            .map_err(|e| Error::Other(format!("lazy restore of {id}: no thread: {e}")))?;
+            .map_err(|e| {
+                Error::Other(format!(
+                    "restore of {id}: no thread to serve its memory: {e}"
+                ))
+            })?;
         Ok(LazyRestore {
             shared,
             thread: Some(thread),
         })
+    }
+
+    /// The restore has returned: copy the rest of the memory in.
+    pub fn release(&self) {
+        self.shared.released.store(true, Ordering::SeqCst);
     }
 
     /// Why the restore failed, if it did.
@@ -169,12 +193,12 @@ impl LazyRestore {
                 State::Done(s) => return Ok(s.clone()),
                 State::Failed(why) => {
                     return Err(Error::FailedPrecondition(format!(
-                        "its lazy restore failed: {why}"
+                        "restoring its memory failed, its tasks were killed: {why}"
                     )))
                 }
                 State::Stopped => {
                     return Err(Error::FailedPrecondition(
-                        "its lazy restore was stopped".into(),
+                        "restoring its memory was stopped".into(),
                     ))
                 }
                 State::Restoring | State::Moving { .. } => {}
@@ -188,7 +212,7 @@ impl LazyRestore {
                     _ => "the restore has not finished".into(),
                 };
                 return Err(Error::DeadlineExceeded(format!(
-                    "its memory is still moving from its lazy restore ({how_far}); try again \
+                    "its memory is still being restored ({how_far}); try again \
                      once it is in place"
                 )));
             }
@@ -391,7 +415,7 @@ impl Daemon {
             Ok(Exit::Done) => {
                 let s = self.summary();
                 log::info!(
-                    "lazy restore of {}: all {} MiB in place {:?} after the restore began \
+                    "{}: all {} MiB of memory in place {:?} after the restore began \
                      ({:.0} MiB/s); {} faults served, mean {:?}, worst {:?}",
                     self.id,
                     s.bytes >> 20,
@@ -406,7 +430,7 @@ impl Daemon {
             Ok(Exit::Stopped) => self.shared.set(State::Stopped),
             Err(why) => {
                 log::error!(
-                    "lazy restore of {} failed: {why}; killing the container, whose memory \
+                    "{}: restoring its memory failed: {why}; killing the container, whose memory \
                      cannot be made whole",
                     self.id
                 );
@@ -437,7 +461,7 @@ impl Daemon {
             if self.shared.stop.load(Ordering::SeqCst) {
                 return Ok(Exit::Stopped);
             }
-            let background = self.finished && self.tasks.iter().any(|t| !t.ranges.is_empty());
+            let background = self.may_copy() && self.tasks.iter().any(|t| !t.ranges.is_empty());
             let ready = self.wait_for_input(if background {
                 Duration::ZERO
             } else {
@@ -453,7 +477,7 @@ impl Daemon {
                 self.drain(i)?;
             }
             self.retry_pending()?;
-            if self.finished {
+            if self.may_copy() {
                 self.background_step()?;
             }
             self.drop_finished_tasks();
@@ -462,6 +486,11 @@ impl Daemon {
                 return Ok(Exit::Done);
             }
         }
+    }
+
+    /// CRIU has handed every task over and runc's restore has returned.
+    fn may_copy(&self) -> bool {
+        self.finished && self.shared.released.load(Ordering::SeqCst)
     }
 
     fn wait_for_input(&self, timeout: Duration) -> std::result::Result<Ready, String> {
@@ -529,7 +558,7 @@ impl Daemon {
                 self.started.get_or_insert_with(Instant::now);
                 self.total += mem.bytes();
                 log::debug!(
-                    "lazy restore of {}: task {pid}: {} MiB in {} runs",
+                    "{}: task {pid}: {} MiB of memory to serve, in {} runs",
                     self.id,
                     mem.bytes() >> 20,
                     mem.ranges.len()
@@ -731,7 +760,7 @@ impl Daemon {
         self.logged = Instant::now();
         let elapsed = self.started.map(|t| t.elapsed()).unwrap_or_default();
         log::info!(
-            "lazy restore of {}: {} of {} MiB moved ({:.0} MiB/s), {} faults served",
+            "{}: {} of {} MiB of memory in place ({:.0} MiB/s), {} faults served",
             self.id,
             self.moved >> 20,
             self.total >> 20,
@@ -890,6 +919,7 @@ mod tests {
     fn daemon(source: Pattern) -> (Daemon, Arc<Shared>) {
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
+            released: AtomicBool::new(true),
             state: Mutex::new(State::Restoring),
             changed: Condvar::new(),
         });

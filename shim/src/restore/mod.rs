@@ -5,15 +5,19 @@
 //!    annotation, which names an archive *on the share*: a pod's author
 //!    controls annotations, so a path on the node is refused unless the
 //!    operator allowed a directory for it (`CRIU_SHIM_LOCAL_IMAGES_DIR`).
-//! 2. [`crate::migrate::open_archive`]: authenticate, then fetch, unpack and verify the
-//!    archive into private staging (digests, and the cluster key's MAC).
+//! 2. [`crate::migrate::open_archive`]: authenticate the manifest (the
+//!    cluster key's MAC), then fetch and verify into private staging: all
+//!    but the memory pages ([`pages`], the default), or the whole archive
+//!    (`CRIU_SHIM_RESTORE_FETCH=staged`, archives without a frame table,
+//!    nodes without userfaultfd).
 //! 3. [`privileges`]: what CRIU will give each process, read from the
 //!    images themselves, against the target container's spec. Refused
 //!    before CRIU runs if the archive holds more.
 //! 4. [`crate::container::Container::create`] applies the writable-layer
 //!    changes and has runc restore from the images, tasks left stopped
-//!    until Start. A lazy restore ([`lazy`], `criu-shim.io/migration:
-//!    lazy`) leaves the memory out and serves it once the tasks run.
+//!    until Start. Memory not staged is copied in by [`lazy`]: before
+//!    Create returns (cold), or as the tasks touch it once they run
+//!    (`criu-shim.io/migration: lazy`).
 
 pub mod lazy;
 pub mod pages;
@@ -26,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use containerd_shim::api;
-use criu_shim_config::{MigrationMode, ShimConfig};
+use criu_shim_config::{MigrationMode, RestoreFetch, ShimConfig};
 
 use crate::error::Result;
 use crate::migrate::share::Tenant;
@@ -42,9 +46,13 @@ pub struct Prepared {
     pub rootfs_changes: Option<PathBuf>,
     /// Owns the staging directory; dropped once the restore is done.
     _fetched: Option<Arc<Fetched>>,
-    /// A lazy restore's pages (it owns the staging then, until every page
-    /// has moved).
+    /// Where the restored tasks' memory comes from when CRIU leaves it to
+    /// userfaultfd (the page source owns the staging until every page has
+    /// moved).
     pub lazy: Option<Box<dyn lazy::PageSource>>,
+    /// A cold restore through userfaultfd: Create returns once every page
+    /// is in place (and verified), the tasks still stopped.
+    pub pages_before_start: bool,
 }
 
 /// Steps 1-3 for one Create; None when it is not a restore.
@@ -66,6 +74,10 @@ pub fn prepare(
     // Read before anything is fetched: a spec we cannot read fails fast.
     let allowed = privileges::Allowed::from_bundle(bundle)?;
     let lazy = spec.migration(config.migration)? == MigrationMode::Lazy;
+    // Memory straight from the share into the restored tasks: for a lazy
+    // restore always, for a cold one unless the node says otherwise or
+    // cannot (no userfaultfd).
+    let stream = lazy || (config.restore_fetch == RestoreFetch::Stream && uffd_usable());
     let mut prepared = match src {
         Source::Images(images) => Prepared {
             args: CriuArgs {
@@ -76,10 +88,12 @@ pub fn prepare(
             rootfs_changes: None,
             _fetched: None,
             lazy: None,
+            pages_before_start: false,
         },
         Source::Archive(reference) => {
             let tenant = spec.tenant()?;
-            let (f, pages) = fetch(&reference, &tenant, &req.id, config, deadline, lazy)?;
+            let (f, pages) = fetch(&reference, &tenant, &req.id, config, deadline, stream)?;
+            let pages_before_start = !lazy && pages.is_some();
             Prepared {
                 args: CriuArgs {
                     image_path: f.images(),
@@ -90,6 +104,7 @@ pub fn prepare(
                 rootfs_changes: Some(f.staging.path().to_path_buf()),
                 _fetched: Some(f),
                 lazy: pages,
+                pages_before_start,
             }
         }
     };
@@ -104,6 +119,18 @@ pub fn prepare(
         prepared.go_lazy();
     }
     Ok(Some(prepared))
+}
+
+/// userfaultfd with the events CRIU needs; logged once when missing.
+fn uffd_usable() -> bool {
+    static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *USABLE.get_or_init(|| match uffd::available() {
+        Ok(()) => true,
+        Err(why) => {
+            log::warn!("{why}: restores unpack archives into staging first");
+            false
+        }
+    })
 }
 
 /// Most failed-restore logs kept per node, and most bytes of each.
@@ -127,6 +154,9 @@ impl Prepared {
     /// `<staging>/failed-restores/`, since the staging it was in goes
     /// away with the failure; only the newest 20 are kept. Returns where.
     pub fn keep_failed_log(&self, staging_root: &Path, id: &str) -> Option<PathBuf> {
+        // Only when CRIU is what failed: after a restore CRIU finished (its
+        // memory then failed verification, say), its log tells nothing.
+        crate::messages::FrontStats::read(&self.args.work_path).error?;
         let log = self.args.work_path.join("restore.log");
         let mut f = std::fs::File::open(&log).ok()?;
         let len = f.metadata().ok()?.len();
@@ -165,15 +195,15 @@ fn prune_logs(dir: &Path) {
     }
 }
 
-/// The archive into staging: whole for a cold restore; for a lazy one,
-/// all but the memory its page source will serve (see [`pages`]).
+/// The archive into staging: whole, or (`stream`) all but the memory its
+/// page source will serve (see [`pages`]).
 fn fetch(
     reference: &str,
     tenant: &Tenant,
     id: &str,
     config: &ShimConfig,
     deadline: Deadline,
-    lazy: bool,
+    stream: bool,
 ) -> Result<(Arc<Fetched>, Option<pages::Source>)> {
     let started = Instant::now();
     let key = migrate::mac::configured(config.archive_key_file.as_deref())?;
@@ -189,10 +219,8 @@ fn fetch(
         limits: Limits::from_config(config),
         deadline,
     })?;
-    let (f, source) = if lazy {
-        let (f, source) =
-            pages::fetch_from_share(opened, Duration::from_secs(config.lazy_timeout_secs))?;
-        (f, Some(source))
+    let (f, source) = if stream {
+        pages::fetch_from_share(opened, Duration::from_secs(config.lazy_timeout_secs))?
     } else {
         (Arc::new(opened.fetch_all()?), None)
     };
@@ -218,6 +246,14 @@ mod tests {
         let mut log = vec![b'x'; 300 << 10];
         log.extend_from_slice(b"Error (criu/cr-restore.c:1): the end");
         std::fs::write(work.join("restore.log"), &log).unwrap();
+        let stats = |error: Option<&str>| crate::messages::FrontStats {
+            criu_ms: 1.0,
+            frozen_ms: None,
+            error: error.map(|m| crate::messages::FrontFailure {
+                kind: crate::messages::FailureKind::Criu,
+                message: m.into(),
+            }),
+        };
         let p = Prepared {
             args: CriuArgs {
                 work_path: work.clone(),
@@ -226,8 +262,13 @@ mod tests {
             rootfs_changes: None,
             _fetched: None,
             lazy: None,
+            pages_before_start: false,
         };
         let staging = root.path().join("staging");
+        // CRIU restored, and something after it failed: its log tells nothing.
+        stats(None).write(&work);
+        assert!(p.keep_failed_log(&staging, "ok").is_none());
+        stats(Some("restore failed")).write(&work);
         let kept = p.keep_failed_log(&staging, "app").unwrap();
         let text = std::fs::read(&kept).unwrap();
         assert_eq!(text.len() as u64, KEPT_LOG_BYTES);

@@ -12,7 +12,8 @@
 //! includes copying the memory to the node first.
 //!
 //! An archive without a frame table (an older shim's, or a plain tar) is
-//! fetched whole, and its pages served from staging ([`StagedPages`]).
+//! fetched whole; a lazy restore then serves its pages from staging
+//! ([`StagedPages`]), a cold one lets CRIU restore them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -105,21 +106,22 @@ impl PageSource for SharePages {
     }
 }
 
-/// Fetches what a lazy restore needs before the tasks run (see the module
-/// doc); returns the staging and where the rest of the memory comes from.
+/// Fetches what the restore needs before CRIU runs (see the module doc);
+/// returns the staging and where the rest of the memory comes from, or
+/// None when the archive had to be fetched whole (no frame table).
 /// `timeout`: longest the tasks wait for the share to give a page before
 /// the restore fails (a cut network, a dead file server).
-pub fn fetch_from_share(opened: Opened, timeout: Duration) -> Result<(Arc<Fetched>, Source)> {
+pub fn fetch_from_share(
+    opened: Opened,
+    timeout: Duration,
+) -> Result<(Arc<Fetched>, Option<Source>)> {
     let deadline = opened.deadline;
     let Some(mut parts) = opened.parts()? else {
         log::info!(
-            "{}: no frame table (a plain tar, or an older shim's archive): fetched whole, \
-             memory served from staging",
+            "{}: no frame table (a plain tar, or an older shim's archive): fetched whole",
             opened.archive.display()
         );
-        let f = Arc::new(opened.fetch_all()?);
-        let images = f.images();
-        return Ok((f.clone(), Box::new(StagedPages::new(&images, Box::new(f)))));
+        return Ok((Arc::new(opened.fetch_all()?), None));
     };
     let what = opened.archive.display().to_string();
     let dest = opened.staging.path().to_path_buf();
@@ -162,7 +164,7 @@ pub fn fetch_from_share(opened: Opened, timeout: Duration) -> Result<(Arc<Fetche
         members,
         _keep: fetched.clone(),
     };
-    Ok((fetched, Box::new(source)))
+    Ok((fetched, Some(Box::new(source))))
 }
 
 /// `pages-ID.img` members' ID.
