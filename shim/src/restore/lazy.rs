@@ -16,9 +16,8 @@
 //! - a thread touching a missing page waits until we copy it in
 //!   (UFFDIO_COPY); we copy a run around it, read from a [`PageSource`];
 //! - once CRIU says the restore is finished (and runc has returned), the
-//!   rest moves in the
-//!   background, mapping by mapping, until every page is in place, and
-//!   the uffds are closed;
+//!   rest moves in the background, mapping by mapping, until every page
+//!   is in place, and the uffds are closed;
 //! - pages the images never held are the zero page;
 //! - fork, mremap, madvise(DONTNEED) and munmap are followed, so a task that
 //!   changes its memory while pages move gets what it would have had.
