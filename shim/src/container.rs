@@ -150,7 +150,8 @@ impl Container {
         }
         container.init.set_pid(read_pid(&pid_file)?);
         if let Some(lazy) = container.lazy.lock().unwrap().as_ref() {
-            lazy.release();
+            lazy.release()
+                .map_err(|e| e.with_note(&format!("container {}", o.id)))?;
         }
         if o.pages_before_start {
             container

@@ -15,9 +15,9 @@
 //! From the moment CRIU hands a task over:
 //! - a thread touching a missing page waits until we copy it in
 //!   (UFFDIO_COPY); we copy a run around it, read from a [`PageSource`];
-//! - once CRIU says the restore is finished (and runc has returned), the
-//!   rest moves in the background, mapping by mapping, until every page
-//!   is in place, and the uffds are closed;
+//! - once CRIU says the restore is finished, the rest moves in the
+//!   background, mapping by mapping, until every page is in place, and
+//!   the uffds are closed;
 //! - pages the images never held are the zero page;
 //! - fork, mremap, madvise(DONTNEED) and munmap are followed, so a task that
 //!   changes its memory while pages move gets what it would have had.
@@ -96,8 +96,9 @@ pub struct Summary {
 
 struct Shared {
     stop: AtomicBool,
-    /// runc's restore has returned: the pages may move in the background
-    /// (before, a failure would kill tasks CRIU is still restoring).
+    /// runc's restore has returned (set and read under `state`'s lock): a
+    /// failure from then on must kill the tasks, which may run; before,
+    /// it must not (they are inside CRIU's restore).
     released: AtomicBool,
     state: Mutex<State>,
     changed: Condvar,
@@ -169,9 +170,17 @@ impl LazyRestore {
         })
     }
 
-    /// The restore has returned: copy the rest of the memory in.
-    pub fn release(&self) {
+    /// runc's restore has returned: from now on a failure kills the
+    /// container. Fails if restoring the memory has failed already.
+    pub fn release(&self) -> Result<()> {
+        let state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         self.shared.released.store(true, Ordering::SeqCst);
+        match &*state {
+            State::Failed(why) => Err(Error::FailedPrecondition(format!(
+                "restoring its memory failed: {why}"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Why the restore failed, if it did.
@@ -428,15 +437,27 @@ impl Daemon {
             }
             Ok(Exit::Stopped) => self.shared.set(State::Stopped),
             Err(why) => {
+                // Decided under the state's lock, which release() takes too:
+                // tasks that may have run (runc's restore has returned) are
+                // killed before the uffds close (after, they would run on
+                // with zero pages where their data was); tasks still inside
+                // the restore are left to it, which then fails.
+                let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+                let released = self.shared.released.load(Ordering::SeqCst);
                 log::error!(
-                    "{}: restoring its memory failed: {why}; killing the container, whose memory \
-                     cannot be made whole",
-                    self.id
+                    "{}: restoring its memory failed: {why}{}",
+                    self.id,
+                    if released {
+                        "; killing the container, whose memory cannot be made whole"
+                    } else {
+                        ""
+                    }
                 );
-                // Before the uffds close: after, the tasks would run on with
-                // zero pages where their data was.
-                on_failure(&why);
-                self.shared.set(State::Failed(why));
+                if released {
+                    on_failure(&why);
+                }
+                *state = State::Failed(why);
+                self.shared.changed.notify_all();
             }
         }
         // The uffds close here, with the tasks.
@@ -487,9 +508,9 @@ impl Daemon {
         }
     }
 
-    /// CRIU has handed every task over and runc's restore has returned.
+    /// CRIU has handed every task over: the rest may move.
     fn may_copy(&self) -> bool {
-        self.finished && self.shared.released.load(Ordering::SeqCst)
+        self.finished
     }
 
     fn wait_for_input(&self, timeout: Duration) -> std::result::Result<Ready, String> {
