@@ -38,6 +38,8 @@ pub struct CreateOpts {
     /// Create returns once every one of those pages is in place (a cold
     /// restore through userfaultfd).
     pub pages_before_start: bool,
+    /// When containerd gives up on the Create (its request's deadline).
+    pub deadline: Option<std::time::Instant>,
     pub config: criu_shim_config::ShimConfig,
 }
 
@@ -154,8 +156,12 @@ impl Container {
                 .map_err(|e| e.with_note(&format!("container {}", o.id)))?;
         }
         if o.pages_before_start {
-            container
-                .memory_in_place(std::time::Duration::from_secs(o.config.criu_timeout_secs))?;
+            // No longer than containerd waits for this Create.
+            let mut limit = std::time::Duration::from_secs(o.config.criu_timeout_secs);
+            if let Some(d) = o.deadline {
+                limit = limit.min(d.saturating_duration_since(std::time::Instant::now()));
+            }
+            container.memory_in_place(limit)?;
         }
         Ok(container)
     }
@@ -574,6 +580,7 @@ pub(crate) mod tests {
             rootfs_changes: None,
             lazy_pages: None,
             pages_before_start: false,
+            deadline: None,
             config: criu_shim_config::ShimConfig::defaults("test"),
         };
         Container::create(opts, fake).unwrap()

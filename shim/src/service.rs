@@ -218,6 +218,7 @@ impl Service {
             rootfs_changes: prepared.as_ref().and_then(|p| p.rootfs_changes.clone()),
             lazy_pages: prepared.as_mut().and_then(|p| p.lazy.take()),
             pages_before_start: prepared.as_ref().is_some_and(|p| p.pages_before_start),
+            deadline: deadline.0,
             config: config.clone(),
         };
         let restoring = prepared.is_some();
