@@ -187,6 +187,38 @@ pub enum RestoreFetch {
     Staged,
 }
 
+impl PublishMode {
+    pub fn parse(v: &str) -> Option<PublishMode> {
+        match v {
+            "stream" => Some(Self::Stream),
+            "staged" => Some(Self::Staged),
+            _ => None,
+        }
+    }
+}
+
+impl RestoreFetch {
+    pub fn parse(v: &str) -> Option<RestoreFetch> {
+        match v {
+            "stream" => Some(Self::Stream),
+            "staged" => Some(Self::Staged),
+            _ => None,
+        }
+    }
+}
+
+/// `value` of setting `name` as a whole number above zero; else the
+/// setting is refused, saying `why`.
+fn positive<T>(name: &'static str, value: String, why: &'static str) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + From<u8>,
+{
+    match value.parse::<T>() {
+        Ok(n) if n > T::from(0) => Ok(n),
+        _ => Err(ConfigError::BadValue { name, value, why }),
+    }
+}
+
 /// The shim's settings, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShimConfig {
@@ -302,16 +334,11 @@ impl ShimConfig {
             c.share_dir = v.into();
         }
         if let Some(v) = env(env::CRIU_TIMEOUT_SECS) {
-            c.criu_timeout_secs = match v.parse::<u64>() {
-                Ok(n) if n > 0 => n,
-                _ => {
-                    return Err(ConfigError::BadValue {
-                        name: env::CRIU_TIMEOUT_SECS,
-                        value: v,
-                        why: "expected a whole number of seconds > 0",
-                    })
-                }
-            };
+            c.criu_timeout_secs = positive(
+                env::CRIU_TIMEOUT_SECS,
+                v,
+                "expected a whole number of seconds > 0",
+            )?;
         }
         if let Some(v) = env(env::FETCH_WAIT_SECS) {
             c.fetch_wait_secs = v.parse::<u64>().map_err(|_| ConfigError::BadValue {
@@ -321,28 +348,18 @@ impl ShimConfig {
             })?;
         }
         if let Some(v) = env(env::RESTORE_FETCH) {
-            c.restore_fetch = match v.as_str() {
-                "stream" => RestoreFetch::Stream,
-                "staged" => RestoreFetch::Staged,
-                _ => {
-                    return Err(ConfigError::BadValue {
-                        name: env::RESTORE_FETCH,
-                        value: v,
-                        why: "expected stream or staged",
-                    })
-                }
-            };
+            c.restore_fetch = RestoreFetch::parse(&v).ok_or(ConfigError::BadValue {
+                name: env::RESTORE_FETCH,
+                value: v,
+                why: "expected stream or staged",
+            })?;
         }
         if let Some(v) = env(env::LAZY_TIMEOUT_SECS) {
-            c.lazy_timeout_secs =
-                v.parse::<u64>()
-                    .ok()
-                    .filter(|s| *s > 0)
-                    .ok_or(ConfigError::BadValue {
-                        name: env::LAZY_TIMEOUT_SECS,
-                        value: v,
-                        why: "expected a whole number of seconds > 0",
-                    })?;
+            c.lazy_timeout_secs = positive(
+                env::LAZY_TIMEOUT_SECS,
+                v,
+                "expected a whole number of seconds > 0",
+            )?;
         }
         if let Some(v) = env(env::ARCHIVE_KEY_FILE).filter(|v| !v.is_empty()) {
             let path = PathBuf::from(v);
@@ -378,28 +395,11 @@ impl ShimConfig {
             };
         }
         if let Some(v) = env(env::MAX_ARCHIVE_BYTES) {
-            c.max_archive_bytes = match v.parse::<u64>() {
-                Ok(n) if n > 0 => n,
-                _ => {
-                    return Err(ConfigError::BadValue {
-                        name: env::MAX_ARCHIVE_BYTES,
-                        value: v,
-                        why: "expected a number of bytes > 0",
-                    })
-                }
-            };
+            c.max_archive_bytes =
+                positive(env::MAX_ARCHIVE_BYTES, v, "expected a number of bytes > 0")?;
         }
         if let Some(v) = env(env::MAX_ARCHIVE_MEMBERS) {
-            c.max_archive_members = match v.parse::<usize>() {
-                Ok(n) if n > 0 => n,
-                _ => {
-                    return Err(ConfigError::BadValue {
-                        name: env::MAX_ARCHIVE_MEMBERS,
-                        value: v,
-                        why: "expected a number > 0",
-                    })
-                }
-            };
+            c.max_archive_members = positive(env::MAX_ARCHIVE_MEMBERS, v, "expected a number > 0")?;
         }
         if let Some(v) = env(env::COMPRESSION) {
             c.compression = CompressionSetting::parse(&v).ok_or(ConfigError::BadValue {
@@ -409,17 +409,11 @@ impl ShimConfig {
             })?;
         }
         if let Some(v) = env(env::PUBLISH) {
-            c.publish = match v.as_str() {
-                "stream" => PublishMode::Stream,
-                "staged" => PublishMode::Staged,
-                _ => {
-                    return Err(ConfigError::BadValue {
-                        name: env::PUBLISH,
-                        value: v,
-                        why: "expected stream or staged",
-                    })
-                }
-            };
+            c.publish = PublishMode::parse(&v).ok_or(ConfigError::BadValue {
+                name: env::PUBLISH,
+                value: v,
+                why: "expected stream or staged",
+            })?;
         }
         if let Some(v) = env(env::MIGRATION) {
             c.migration = MigrationMode::parse(&v).ok_or(ConfigError::BadValue {
@@ -560,6 +554,23 @@ mod tests {
         let bad = |k: &str| (k == env::CRIU_TIMEOUT_SECS).then(|| "soon".to_string());
         let err = ShimConfig::resolve("default", None, bad, false).unwrap_err();
         assert!(err.to_string().contains("CRIU_SHIM_CRIU_TIMEOUT"), "{err}");
+
+        // Counts and durations must be whole numbers above zero.
+        for name in [
+            env::CRIU_TIMEOUT_SECS,
+            env::LAZY_TIMEOUT_SECS,
+            env::MAX_ARCHIVE_BYTES,
+            env::MAX_ARCHIVE_MEMBERS,
+        ] {
+            for (value, ok) in [("5", true), ("0", false), ("-1", false), ("x", false)] {
+                let env = |k: &str| (k == name).then(|| value.to_string());
+                let got = ShimConfig::resolve("default", None, env, false);
+                assert_eq!(got.is_ok(), ok, "{name}={value}: {got:?}");
+                if let Err(e) = got {
+                    assert!(e.to_string().contains(name), "{e}");
+                }
+            }
+        }
 
         let rel = |k: &str| (k == env::SHARE_DIR).then(|| "share".to_string());
         assert!(matches!(

@@ -37,6 +37,16 @@ fn archives(share: &Path, key: &str) -> Vec<PathBuf> {
     v
 }
 
+/// The test app's `GET /hash` in container `app` on `node` (by an exec
+/// named `exec`): the hash of all its memory now, and when it was filled.
+fn hash(node: &Containerd, exec: &str) -> Vec<String> {
+    let (code, out, err) = node.exec("app", exec, &["wget", "-qO-", "http://127.0.0.1:8080/hash"]);
+    assert_eq!(code, 0, "{err}");
+    let parts: Vec<String> = out.split_whitespace().map(str::to_string).collect();
+    assert_eq!(parts.len(), 2, "{out}");
+    parts
+}
+
 #[test]
 fn the_counter_migrates_a_to_b_and_back_with_its_rootfs_changes() {
     let share = share();
@@ -751,14 +761,6 @@ fn realistic_memory_arrives_whole() {
     let b = Containerd::node(share.path(), &[]);
     a.run_detached("app", &["/testapp", "-m", "32", "--fill", "realistic"]);
     assert_eq!(a.count("app"), 1);
-    let hash = |node: &Containerd, exec: &str| {
-        let (code, out, err) =
-            node.exec("app", exec, &["wget", "-qO-", "http://127.0.0.1:8080/hash"]);
-        assert_eq!(code, 0, "{err}");
-        let parts: Vec<String> = out.split_whitespace().map(str::to_string).collect();
-        assert_eq!(parts.len(), 2, "{out}");
-        parts
-    };
     let before = hash(&a, "h1");
     assert_eq!(before[0], before[1], "the memory changed before the move");
     let out = a.cli_checkpoint("app", &["--to", "real"]);
@@ -809,16 +811,7 @@ fn a_lazy_restore_answers_at_once_and_its_memory_arrives_whole() {
     let b = Containerd::node(share.path(), &[]);
     a.run_detached("app", &["/testapp", "-m", "64", "--fill", "realistic"]);
     assert_eq!(a.count("app"), 1);
-    let hash = |node: &Containerd, exec: &str| {
-        let (code, out, err) =
-            node.exec("app", exec, &["wget", "-qO-", "http://127.0.0.1:8080/hash"]);
-        assert_eq!(code, 0, "{err}");
-        out.split_whitespace()
-            .map(str::to_string)
-            .collect::<Vec<_>>()
-    };
     let before = hash(&a, "h1");
-    assert_eq!(before.len(), 2);
     let out = a.cli_checkpoint("app", &["--to", "lazy"]);
     assert!(out.status.success(), "{}", text(&out));
 

@@ -338,11 +338,10 @@ pub fn extract_member(parts: &mut Parts, m: &Member, dest: &Path) -> Result<()> 
         done += n as u64;
     }
     if super::archive::hex(&hash.finalize()) != m.sha256 {
-        return Err(Error::InvalidArgument(format!(
-            "archive {} failed verification: checksum mismatch for {} (the archive is corrupt \
-             or was modified)",
-            parts.frames.what, m.path
-        )));
+        return Err(super::unpack::checksum_mismatch(
+            &parts.frames.what,
+            &m.path,
+        ));
     }
     Ok(())
 }

@@ -133,6 +133,14 @@ fn over_limits(what: &str) -> Error {
     ))
 }
 
+/// A member whose SHA-256 is not the manifest's.
+pub(super) fn checksum_mismatch(what: &str, member: &str) -> Error {
+    Error::InvalidArgument(format!(
+        "archive {what} failed verification: checksum mismatch for {member} (the archive is \
+         corrupt or was modified)"
+    ))
+}
+
 fn refused(what: &str, member: &str, why: &str) -> Error {
     Error::InvalidArgument(format!("archive {what}: member {member:?} refused: {why}"))
 }
@@ -363,10 +371,7 @@ fn extract(
             return Err(corrupt(what, &format!("{name} is short")));
         }
         if sha != want_sha {
-            return Err(Error::InvalidArgument(format!(
-                "archive {what} failed verification: checksum mismatch for {name} \
-                 (the archive is corrupt or was modified)"
-            )));
+            return Err(checksum_mismatch(what, &name));
         }
     }
     // The stream's manifest must be the one that was authenticated.

@@ -105,6 +105,15 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(released: bool) -> Arc<Shared> {
+        Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            released: AtomicBool::new(released),
+            state: Mutex::new(State::Restoring),
+            changed: Condvar::new(),
+        })
+    }
+
     fn set(&self, s: State) {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
         self.changed.notify_all();
@@ -122,7 +131,8 @@ pub struct LazyRestore {
 
 impl LazyRestore {
     /// Listens in CRIU's `work_dir` and serves pages of the tasks in
-    /// `images` from `source`. Start it before the restore.
+    /// `images` from `source`. Start it before the restore, on a node
+    /// whose userfaultfd the caller has checked (`uffd::available`).
     pub fn start(
         id: &str,
         work_dir: &Path,
@@ -130,12 +140,6 @@ impl LazyRestore {
         source: Box<dyn PageSource>,
         on_failure: OnFailure,
     ) -> Result<LazyRestore> {
-        uffd::available().map_err(|why| {
-            Error::FailedPrecondition(format!(
-                "restore of {id} through userfaultfd: {why}; restore it cold \
-                 (CRIU_SHIM_RESTORE_FETCH=staged)"
-            ))
-        })?;
         // runc makes CRIU's work directory when it restores; we listen first.
         let listener = std::os::unix::fs::DirBuilderExt::mode(
             std::fs::DirBuilder::new().recursive(true),
@@ -149,12 +153,7 @@ impl LazyRestore {
                 work_dir.display()
             ))
         })?;
-        let shared = Arc::new(Shared {
-            stop: AtomicBool::new(false),
-            released: AtomicBool::new(false),
-            state: Mutex::new(State::Restoring),
-            changed: Condvar::new(),
-        });
+        let shared = Shared::new(false);
         let daemon = Daemon::new(id, images, source, Some(listener), shared.clone());
         let thread = std::thread::Builder::new()
             .name(format!("lazy-{id}"))
@@ -481,7 +480,7 @@ impl Daemon {
             if self.shared.stop.load(Ordering::SeqCst) {
                 return Ok(Exit::Stopped);
             }
-            let background = self.may_copy() && self.tasks.iter().any(|t| !t.ranges.is_empty());
+            let background = self.finished && self.tasks.iter().any(|t| !t.ranges.is_empty());
             let ready = self.wait_for_input(if background {
                 Duration::ZERO
             } else {
@@ -497,7 +496,7 @@ impl Daemon {
                 self.drain(i)?;
             }
             self.retry_pending()?;
-            if self.may_copy() {
+            if self.finished {
                 self.background_step()?;
             }
             self.drop_finished_tasks();
@@ -506,11 +505,6 @@ impl Daemon {
                 return Ok(Exit::Done);
             }
         }
-    }
-
-    /// CRIU has handed every task over: the rest may move.
-    fn may_copy(&self) -> bool {
-        self.finished
     }
 
     fn wait_for_input(&self, timeout: Duration) -> std::result::Result<Ready, String> {
@@ -937,12 +931,8 @@ mod tests {
     }
 
     fn daemon(source: Pattern) -> (Daemon, Arc<Shared>) {
-        let shared = Arc::new(Shared {
-            stop: AtomicBool::new(false),
-            released: AtomicBool::new(true),
-            state: Mutex::new(State::Restoring),
-            changed: Condvar::new(),
-        });
+        // As after runc's restore has returned.
+        let shared = Shared::new(true);
         let d = Daemon::new(
             "t",
             Path::new("/nonexistent"),

@@ -44,8 +44,9 @@ pub struct Prepared {
     pub args: CriuArgs,
     /// The staged archive whose writable-layer changes go onto the rootfs.
     pub rootfs_changes: Option<PathBuf>,
-    /// Owns the staging directory; dropped once the restore is done.
-    _fetched: Option<Arc<Fetched>>,
+    /// Owns the staging directory (shared with a page source, which keeps
+    /// it until every page has moved); dropped once the restore is done.
+    fetched: Option<Arc<Fetched>>,
     /// Where the restored tasks' memory comes from when CRIU leaves it to
     /// userfaultfd (the page source owns the staging until every page has
     /// moved).
@@ -74,10 +75,21 @@ pub fn prepare(
     // Read before anything is fetched: a spec we cannot read fails fast.
     let allowed = privileges::Allowed::from_bundle(bundle)?;
     let lazy = spec.migration(config.migration)? == MigrationMode::Lazy;
+    // A lazy restore needs userfaultfd: refused here, before anything is
+    // fetched, on a node without it.
+    if lazy {
+        uffd_support().map_err(|why| {
+            crate::error::Error::FailedPrecondition(format!(
+                "{}=lazy for {}: {why}; restore it cold",
+                criu_shim_config::ANNOTATION_MIGRATION,
+                req.id
+            ))
+        })?;
+    }
     // Memory straight from the share into the restored tasks: for a lazy
     // restore always, for a cold one unless the node says otherwise or
     // cannot (no userfaultfd).
-    let stream = lazy || (config.restore_fetch == RestoreFetch::Stream && uffd_usable());
+    let stream = lazy || (config.restore_fetch == RestoreFetch::Stream && uffd_support().is_ok());
     let mut prepared = match src {
         Source::Images(images) => Prepared {
             args: CriuArgs {
@@ -86,7 +98,7 @@ pub fn prepare(
                 ..Default::default()
             },
             rootfs_changes: None,
-            _fetched: None,
+            fetched: None,
             lazy: None,
             pages_before_start: false,
         },
@@ -102,7 +114,7 @@ pub fn prepare(
                     ..Default::default()
                 },
                 rootfs_changes: Some(f.staging.path().to_path_buf()),
-                _fetched: Some(f),
+                fetched: Some(f),
                 lazy: pages,
                 pages_before_start,
             }
@@ -121,16 +133,23 @@ pub fn prepare(
     Ok(Some(prepared))
 }
 
-/// userfaultfd with the events CRIU needs; logged once when missing.
-fn uffd_usable() -> bool {
-    static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *USABLE.get_or_init(|| match uffd::available() {
-        Ok(()) => true,
-        Err(why) => {
-            log::warn!("{why}: restores unpack archives into staging first");
-            false
-        }
-    })
+/// userfaultfd with the events CRIU needs, asked of the kernel once (and
+/// logged once when missing).
+fn uffd_support() -> std::result::Result<(), String> {
+    static SUPPORT: std::sync::OnceLock<std::result::Result<(), String>> =
+        std::sync::OnceLock::new();
+    SUPPORT
+        .get_or_init(|| {
+            let support = uffd::available();
+            if let Err(why) = &support {
+                log::warn!(
+                    "{why}: restores unpack archives into staging first, lazy restores are \
+                     refused"
+                );
+            }
+            support
+        })
+        .clone()
 }
 
 /// Most failed-restore logs kept per node, and most bytes of each.
@@ -141,7 +160,7 @@ impl Prepared {
     /// Restore without the memory, served from the staged images once the
     /// tasks run.
     fn go_lazy(&mut self) {
-        let keep: Box<dyn Send> = match &self._fetched {
+        let keep: Box<dyn Send> = match &self.fetched {
             Some(fetched) => Box::new(fetched.clone()),
             None => Box::new(()),
         };
@@ -260,7 +279,7 @@ mod tests {
                 ..Default::default()
             },
             rootfs_changes: None,
-            _fetched: None,
+            fetched: None,
             lazy: None,
             pages_before_start: false,
         };

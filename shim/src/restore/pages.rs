@@ -15,6 +15,7 @@
 //! fetched whole; a lazy restore then serves its pages from staging
 //! ([`StagedPages`]), a cold one lets CRIU restore them.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -49,18 +50,18 @@ impl StagedPages {
     }
 
     fn file(&mut self, id: u32) -> std::result::Result<&File, String> {
-        if !self.files.contains_key(&id) {
-            let path = self.dir.join(format!("pages-{id}.img"));
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&path)
-                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-            self.files.insert(id, f);
+        match self.files.entry(id) {
+            Entry::Occupied(f) => Ok(f.into_mut()),
+            Entry::Vacant(slot) => {
+                let path = self.dir.join(format!("pages-{id}.img"));
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                    .open(&path)
+                    .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+                Ok(slot.insert(f))
+            }
         }
-        self.files
-            .get(&id)
-            .ok_or_else(|| format!("pages-{id}.img vanished"))
     }
 }
 
