@@ -1,6 +1,9 @@
-//! Writing an archive: a tar stream of the staged files, compressed with
-//! zstd on every core by default, each member hashed (SHA-256) as it goes
-//! out, and the manifest appended last.
+//! Writing an archive: a tar stream of the staged files in zstd frames
+//! (see [`frames`]), and the manifest appended last. The frame table's
+//! digests cover every member; a plain tar (no frames) has each member
+//! hashed (SHA-256) as it goes out instead. Hashing every byte once, not
+//! twice, matters: a checkpoint hashes all of a container's memory while
+//! it competes with CRIU for the node's cores.
 //!
 //! Readers must authenticate the manifest before they write anything
 //! (see [`super::unpack`]), so a compressed archive keeps it findable
@@ -111,6 +114,7 @@ pub fn write<W: Destination>(
     body: impl FnOnce(&mut Writer) -> Result<Manifest>,
 ) -> Result<(Manifest, u64, FrameStats)> {
     let mtime = unix_now();
+    let hash_members = compression == Compression::None;
     let framed = frames::write_framed(out, compression.mode(), |sink| {
         let mut w = Writer {
             sink,
@@ -118,6 +122,7 @@ pub fn write<W: Destination>(
             progress,
             members: Vec::new(),
             consume: false,
+            hash_members,
         };
         w.directory(members::IMAGES_DIR)?;
         let mut manifest = body(&mut w)?;
@@ -129,7 +134,7 @@ pub fn write<W: Destination>(
     manifest.frames = framed
         .frames
         .iter()
-        .map(|f| FrameRef(f.at, f.len, f.raw_len, hex(&f.sha256)))
+        .map(|f| FrameRef(f.at, f.len, f.raw_len, hex(&f.digest)))
         .collect();
     let mut counted = Counting { inner: out, n };
     match compression {
@@ -167,7 +172,7 @@ fn encoder<W: Write>(out: W, level: i32) -> Result<zstd::stream::write::Encoder<
 }
 
 /// Appends members to an archive being written; records each one's size
-/// and SHA-256 for the manifest.
+/// (and SHA-256, in a plain tar) for the manifest.
 pub struct Writer<'a, 's> {
     sink: &'s mut Sink,
     mtime: u64,
@@ -175,6 +180,8 @@ pub struct Writer<'a, 's> {
     members: Vec<Member>,
     /// Punch out of page images what has been archived (see [`Writer::consume`]).
     consume: bool,
+    /// No frame table will cover the members: each needs its own digest.
+    hash_members: bool,
 }
 
 impl Writer<'_, '_> {
@@ -261,7 +268,13 @@ impl Writer<'_, '_> {
         self.finish_member(name, size, sha256, offset)
     }
 
-    fn finish_member(&mut self, name: &str, size: u64, sha256: String, offset: u64) -> Result<()> {
+    fn finish_member(
+        &mut self,
+        name: &str,
+        size: u64,
+        sha256: Option<String>,
+        offset: u64,
+    ) -> Result<()> {
         pad(self.sink, size).map_err(|e| write_error(name, e))?;
         self.members.push(Member {
             path: name.to_string(),
@@ -272,9 +285,10 @@ impl Writer<'_, '_> {
         Ok(())
     }
 
-    /// Copies up to `limit` bytes of `file` into the archive, hashing on a
-    /// helper thread meanwhile; with a follower, waits for the file to grow
-    /// until it is complete. Returns the bytes copied and their SHA-256.
+    /// Copies up to `limit` bytes of `file` into the archive (hashing on a
+    /// helper thread meanwhile, if members are hashed); with a follower,
+    /// waits for the file to grow until it is complete. Returns the bytes
+    /// copied and their SHA-256.
     fn copy(
         &mut self,
         name: &str,
@@ -282,13 +296,17 @@ impl Writer<'_, '_> {
         limit: u64,
         mut follow: Option<(&mut Follow, &str)>,
         consume: bool,
-    ) -> Result<(u64, String)> {
+    ) -> Result<(u64, Option<String>)> {
         let (recycle_tx, recycle_rx) = std::sync::mpsc::sync_channel(8);
-        let hasher = HashThread::spawn(recycle_tx);
+        let hasher = self.hash_members.then(|| HashThread::spawn(recycle_tx));
+        let mut spare = None;
         let mut done = 0u64;
         let mut last_look = false;
         loop {
-            let mut buf = recycle_rx.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
+            let mut buf = spare
+                .take()
+                .or_else(|| recycle_rx.try_recv().ok())
+                .unwrap_or_else(|| vec![0u8; CHUNK]);
             // One byte past the limit: a complete file that grew shows.
             let want = (limit - done).saturating_add(1).min(CHUNK as u64) as usize;
             let n = read_full(&mut file, &mut buf[..want])
@@ -297,7 +315,6 @@ impl Writer<'_, '_> {
                 self.sink
                     .write_all(&buf[..n])
                     .map_err(|e| write_error(name, e))?;
-                hasher.update(buf, n);
                 if consume {
                     punch(&file, done, n as u64);
                 }
@@ -305,6 +322,10 @@ impl Writer<'_, '_> {
                 if let Some(p) = self.progress {
                     p.fetch_add(n as u64, Ordering::Relaxed);
                 }
+            }
+            match &hasher {
+                Some(h) if n > 0 => h.update(buf, n),
+                _ => spare = Some(buf),
             }
             if n == want && done <= limit {
                 continue;
@@ -314,7 +335,7 @@ impl Writer<'_, '_> {
                 _ => break,
             }
         }
-        Ok((done, hasher.finish()))
+        Ok((done, hasher.map(HashThread::finish)))
     }
 }
 

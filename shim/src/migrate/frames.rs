@@ -33,8 +33,8 @@
 //! before its size is known.
 //!
 //! The writer also records every frame ([`FrameRecord`]: where it is,
-//! how many archive bytes it decodes to, and the SHA-256 of its bytes as
-//! written). The manifest carries that table, so a reader can fetch and
+//! how many archive bytes it decodes to, and the digest of its bytes as
+//! written, BLAKE3 since format 3). The manifest carries that table, so a reader can fetch and
 //! verify any part of the archive alone (a lazy restore serving one page
 //! from the share) with the same trust as the whole.
 
@@ -44,6 +44,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use super::manifest::FrameDigest;
 
 /// Bytes per chunk (and so per frame).
 pub const CHUNK: usize = 1 << 20;
@@ -91,13 +93,13 @@ pub struct Slot(usize);
 
 /// One frame as written: at `at` in the file, `len` bytes, decoding to
 /// `raw_len` bytes of the archive (the tar stream) that follow the ones of
-/// the frames before it; `sha256` of its `len` bytes.
+/// the frames before it; `digest` of its `len` bytes ([`FrameDigest::CURRENT`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FrameRecord {
     pub at: u64,
     pub len: u64,
     pub raw_len: u64,
-    pub sha256: [u8; 32],
+    pub digest: [u8; 32],
 }
 
 enum Item {
@@ -407,7 +409,7 @@ where
             out.seek(SeekFrom::Start(at))?;
             out.write_all(&bytes)?;
             if let Some(f) = frames.get_mut(frame) {
-                f.sha256 = sha256(&stored_frame(&bytes));
+                f.digest = FrameDigest::CURRENT.of(&stored_frame(&bytes));
             }
         }
         out.seek(SeekFrom::End(0))?;
@@ -460,11 +462,6 @@ struct Written<W> {
     /// Where each slot's 512 bytes are, and its frame's index.
     slots: Vec<(u64, usize)>,
     frames: Vec<FrameRecord>,
-}
-
-fn sha256(bytes: &[u8]) -> [u8; 32] {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(bytes).into()
 }
 
 /// Writes items in order; returns `out`, the bytes written, where each
@@ -523,7 +520,7 @@ fn writer<W: Destination>(
                 at: n,
                 len: bytes.len() as u64,
                 raw_len: raw_len as u64,
-                sha256: sha256(&bytes),
+                digest: FrameDigest::CURRENT.of(&bytes),
             });
         }
         let mut written = out.write_all(&bytes).map(|()| n += bytes.len() as u64);
@@ -554,7 +551,7 @@ fn writer<W: Destination>(
 }
 
 /// `data` as one zstd frame of raw blocks (no compression, no checksum:
-/// every archive member has its own SHA-256).
+/// the frame table's digest covers it).
 pub fn stored_frame(data: &[u8]) -> Vec<u8> {
     let blocks = data.len().div_ceil(MAX_BLOCK).max(1);
     let mut f = Vec::with_capacity(data.len() + 9 + 3 * blocks);
@@ -700,8 +697,8 @@ mod tests {
                     assert_eq!(fr.at, at, "{mode:?}: frames follow each other");
                     let frame = &bytes[fr.at as usize..(fr.at + fr.len) as usize];
                     assert_eq!(
-                        fr.sha256,
-                        sha256(frame),
+                        fr.digest,
+                        *blake3::hash(frame).as_bytes(),
                         "{mode:?}: digest of the frame as written"
                     );
                     let decoded = decode(frame);

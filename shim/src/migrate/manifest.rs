@@ -1,6 +1,7 @@
-//! The manifest: what an archive holds, who made it, and the SHA-256 of
-//! every member. It is the archive's last member, written once every
-//! digest is known.
+//! The manifest: what an archive holds, who made it, and the digests that
+//! cover every byte of it (each frame's, or each member's SHA-256 in an
+//! archive without frames). It is the archive's last member, written once
+//! every digest is known.
 
 use serde::{Deserialize, Serialize};
 
@@ -9,22 +10,60 @@ pub const FORMAT: &str = "criu-shim.checkpoint";
 /// Bumped on incompatible changes; readers refuse newer versions.
 /// 2: the tenant is recorded, and compressed archives end with an index
 /// frame that finds the manifest without decompressing the members.
-pub const VERSION: u32 = 2;
+/// 3: frame digests are BLAKE3, and members covered by the frame table
+/// carry no SHA-256 of their own (a checkpoint hashed every byte twice).
+pub const VERSION: u32 = 3;
+
+/// What a frame's digest is, by the archive's version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameDigest {
+    /// Format 2.
+    Sha256,
+    /// Format 3 on.
+    Blake3,
+}
+
+impl FrameDigest {
+    /// What this shim writes.
+    pub const CURRENT: FrameDigest = FrameDigest::Blake3;
+
+    pub fn of_version(version: u32) -> FrameDigest {
+        if version >= 3 {
+            FrameDigest::Blake3
+        } else {
+            FrameDigest::Sha256
+        }
+    }
+
+    pub fn of(self, bytes: &[u8]) -> [u8; 32] {
+        match self {
+            FrameDigest::Sha256 => {
+                use sha2::Digest;
+                sha2::Sha256::digest(bytes).into()
+            }
+            FrameDigest::Blake3 => blake3::hash(bytes).into(),
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     pub path: String,
     pub size: u64,
-    pub sha256: String,
+    /// Absent when the frame table covers the member (format 3): its
+    /// frames' digests are its proof.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
     /// Where the member's data starts in the archive's raw (tar) stream:
     /// with [`Manifest::frames`], a reader can fetch it alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offset: Option<u64>,
 }
 
-/// One zstd frame of the archive: `[at, len, raw_len, sha256]`: its
+/// One zstd frame of the archive: `[at, len, raw_len, digest]`: its
 /// offset and length in the file, the raw (tar) bytes it decodes to (the
-/// ones after the previous frame's), and the SHA-256 of its `len` bytes.
+/// ones after the previous frame's), and the hex digest of its `len` bytes
+/// ([`FrameDigest::of_version`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FrameRef(pub u64, pub u64, pub u64, pub String);
 

@@ -621,6 +621,63 @@ mod tests {
         parts::extract_member(&mut parts, &spec, opened.staging.path()).unwrap();
     }
 
+    /// Format 3: the frame table is the only digest of the members, and the
+    /// whole-archive reader (staged restores, `verify`) holds every frame
+    /// to it before decompressing, as the reader of parts does.
+    #[test]
+    fn a_format_3_archive_is_verified_by_its_frames_when_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let share = tempfile::tempdir().unwrap();
+        let adaptive = Compression::Adaptive {
+            level: 1,
+            workers: 2,
+        };
+        let report = publish_one(dir.path(), share.path(), adaptive);
+        let m = &report.manifest;
+        assert_eq!(m.version, 3);
+        assert!(m.members.iter().all(|x| x.sha256.is_none()), "hashed twice");
+        let whole = fetch(share.path(), "job", &dir.path().join("ok"), None).unwrap();
+        assert_eq!(
+            std::fs::read(whole.images().join("pages-1.img")).unwrap(),
+            vec![7u8; 3 << 20]
+        );
+        let frame = m.frames.iter().find(|f| f.1 > 100_000).unwrap().clone();
+        let mut bytes = std::fs::read(&report.archive).unwrap();
+        bytes[(frame.0 + frame.1 / 2) as usize] ^= 1;
+        std::fs::write(&report.archive, &bytes).unwrap();
+        let staging = dir.path().join("bad");
+        let err = fetch(share.path(), "job", &staging, None)
+            .err()
+            .expect("a modified frame accepted")
+            .to_string();
+        assert!(err.contains("does not match its digest"), "{err}");
+        assert_eq!(staged_bytes(&staging), 0, "staging left");
+    }
+
+    /// Frame digests are SHA-256 in format 2 (archives of the previous
+    /// shim, still read) and BLAKE3 from format 3; one is never taken for
+    /// the other.
+    #[test]
+    fn frame_digests_follow_the_archive_s_version() {
+        let bytes = b"a frame's bytes".to_vec();
+        let sha = archive::sha256_hex(&bytes);
+        let b3 = archive::hex(blake3::hash(&bytes).as_bytes());
+        for (version, digest, ok) in [
+            (2, &sha, true),
+            (3, &b3, true),
+            (2, &b3, false),
+            (3, &sha, false),
+        ] {
+            let mut m = manifest_of(&[]);
+            m.version = version;
+            m.frames = vec![manifest::FrameRef(0, bytes.len() as u64, 1, digest.clone())];
+            let table = parts::FrameTable::parse(&m, bytes.len() as u64, "x")
+                .unwrap()
+                .unwrap();
+            assert_eq!(table.verify(0, &bytes).is_ok(), ok, "version {version}");
+        }
+    }
+
     /// Reads through the read-ahead helper give what direct reads give, in
     /// any order, and never wait for a frame that was fetched.
     #[test]
@@ -969,7 +1026,7 @@ mod tests {
                 .map(|(p, size, sha)| manifest::Member {
                     path: p.to_string(),
                     size: *size,
-                    sha256: sha.to_string(),
+                    sha256: Some(sha.to_string()),
                     offset: None,
                 })
                 .collect(),
@@ -1131,6 +1188,23 @@ mod tests {
                     Box::new(std::io::Cursor::new(inv.clone())),
                 )],
                 "is missing",
+            ),
+            (
+                // Format 3 drops a member's digest only where frames cover it.
+                "undigested",
+                Manifest {
+                    members: vec![manifest::Member {
+                        sha256: None,
+                        ..manifest_of(&[("checkpoint/inventory.img", 9, &sha)]).members[0].clone()
+                    }],
+                    ..manifest_of(&[])
+                },
+                vec![(
+                    "checkpoint/inventory.img",
+                    9,
+                    Box::new(std::io::Cursor::new(inv.clone())),
+                )],
+                "no frame table covers it",
             ),
             (
                 "traversal",

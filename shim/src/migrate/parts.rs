@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use sha2::Digest;
 
-use super::manifest::{Manifest, Member};
+use super::manifest::{FrameDigest, Manifest, Member};
 use crate::error::{Error, Result};
 
 /// Largest raw bytes in one frame (the writer's chunk) and largest frame
@@ -39,29 +39,76 @@ struct Frame {
     len: u64,
     raw_at: u64,
     raw_len: u64,
-    sha256: [u8; 32],
+    digest: [u8; 32],
 }
 
-/// The archive and its frame table: what any reader of a part needs.
-struct Frames {
-    file: File,
+/// An authenticated manifest's frame table, checked to be consistent:
+/// frames follow each other from the file's first byte, none is empty or
+/// larger than the writer makes them, and they end within the file.
+pub(super) struct FrameTable {
     table: Vec<Frame>,
+    digest: FrameDigest,
     what: String,
-    /// Bytes fetched from the share so far.
-    fetched: AtomicU64,
 }
 
-impl Frames {
-    /// Frame `i`, read, verified, decoded.
-    fn fetch(&self, i: usize) -> Result<Vec<u8>> {
+impl FrameTable {
+    /// The table of `m` for an archive file of `len` bytes; None if it has
+    /// none (a plain tar, or an older shim's archive).
+    pub fn parse(m: &Manifest, len: u64, what: &str) -> Result<Option<FrameTable>> {
+        if m.frames.is_empty() {
+            return Ok(None);
+        }
+        let mut table = Vec::with_capacity(m.frames.len());
+        let (mut at, mut raw_at) = (0u64, 0u64);
+        for (i, f) in m.frames.iter().enumerate() {
+            let digest =
+                unhex(&f.3).ok_or_else(|| bad_table(what, format!("has a bad digest at {i}")))?;
+            if f.0 != at || f.1 == 0 || f.1 > MAX_FRAME || f.2 == 0 || f.2 > MAX_RAW {
+                return Err(bad_table(what, format!("is inconsistent at frame {i}")));
+            }
+            table.push(Frame {
+                at,
+                len: f.1,
+                raw_at,
+                raw_len: f.2,
+                digest,
+            });
+            at += f.1;
+            raw_at += f.2;
+        }
+        if at > len {
+            return Err(bad_table(
+                what,
+                format!("ends past the file ({at} > {len} bytes)"),
+            ));
+        }
+        Ok(Some(FrameTable {
+            table,
+            digest: FrameDigest::of_version(m.version),
+            what: what.to_string(),
+        }))
+    }
+
+    /// Frames in the table.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// File bytes of frame `i`.
+    pub fn frame_len(&self, i: usize) -> u64 {
+        self.table[i].len
+    }
+
+    /// Raw (tar) bytes the frames decode to: every byte before this is
+    /// covered by a digest.
+    pub fn raw_end(&self) -> u64 {
+        self.table.last().map(|f| f.raw_at + f.raw_len).unwrap_or(0)
+    }
+
+    /// `bytes`, read as frame `i`, are what the writer wrote.
+    pub fn verify(&self, i: usize, bytes: &[u8]) -> Result<()> {
         let f = &self.table[i];
-        let mut bytes = vec![0u8; f.len as usize];
-        self.file
-            .read_exact_at(&mut bytes, f.at)
-            .map_err(|e| self.corrupt(format!("frame {i} cannot be read: {e}")))?;
-        self.fetched.fetch_add(f.len, Ordering::Relaxed);
-        let digest: [u8; 32] = sha2::Sha256::digest(&bytes).into();
-        if digest != f.sha256 {
+        if self.digest.of(bytes) != f.digest {
             return Err(Error::InvalidArgument(format!(
                 "archive {} failed verification: frame {i} (raw bytes {}..{}) does not match \
                  its digest (the archive is corrupt or was modified)",
@@ -70,6 +117,34 @@ impl Frames {
                 f.raw_at + f.raw_len
             )));
         }
+        Ok(())
+    }
+}
+
+fn bad_table(what: &str, why: String) -> Error {
+    Error::InvalidArgument(format!(
+        "archive {what} failed verification: its frame table {why}"
+    ))
+}
+
+/// The archive and its frame table: what any reader of a part needs.
+struct Frames {
+    file: File,
+    table: FrameTable,
+    /// Bytes fetched from the share so far.
+    fetched: AtomicU64,
+}
+
+impl Frames {
+    /// Frame `i`, read, verified, decoded.
+    fn fetch(&self, i: usize) -> Result<Vec<u8>> {
+        let f = &self.table.table[i];
+        let mut bytes = vec![0u8; f.len as usize];
+        self.file
+            .read_exact_at(&mut bytes, f.at)
+            .map_err(|e| self.corrupt(format!("frame {i} cannot be read: {e}")))?;
+        self.fetched.fetch_add(f.len, Ordering::Relaxed);
+        self.table.verify(i, &bytes)?;
         let decoded = zstd::bulk::decompress(&bytes, f.raw_len as usize)
             .map_err(|e| self.corrupt(format!("frame {i} does not decode: {e}")))?;
         if decoded.len() as u64 != f.raw_len {
@@ -78,10 +153,14 @@ impl Frames {
         Ok(decoded)
     }
 
+    fn what(&self) -> &str {
+        &self.table.what
+    }
+
     fn corrupt(&self, why: String) -> Error {
         Error::InvalidArgument(format!(
             "archive {} is corrupt or truncated ({why}); checkpoint again",
-            self.what
+            self.what()
         ))
     }
 }
@@ -98,45 +177,23 @@ impl Parts {
     /// if the archive has no frame table (a plain tar, or an older shim's),
     /// which can only be read whole.
     pub fn new(file: File, len: u64, m: &Manifest, what: &str) -> Result<Option<Parts>> {
-        if m.frames.is_empty() || m.members.iter().any(|x| x.offset.is_none()) {
+        if m.members.iter().any(|x| x.offset.is_none()) {
             return Ok(None);
         }
-        let bad = |why: String| {
-            Error::InvalidArgument(format!(
-                "archive {what} failed verification: its frame table {why}"
-            ))
+        let Some(table) = FrameTable::parse(m, len, what)? else {
+            return Ok(None);
         };
-        let mut table = Vec::with_capacity(m.frames.len());
-        let (mut at, mut raw_at) = (0u64, 0u64);
-        for (i, f) in m.frames.iter().enumerate() {
-            let sha256 = unhex(&f.3).ok_or_else(|| bad(format!("has a bad digest at {i}")))?;
-            if f.0 != at || f.1 == 0 || f.1 > MAX_FRAME || f.2 == 0 || f.2 > MAX_RAW {
-                return Err(bad(format!("is inconsistent at frame {i}")));
-            }
-            table.push(Frame {
-                at,
-                len: f.1,
-                raw_at,
-                raw_len: f.2,
-                sha256,
-            });
-            at += f.1;
-            raw_at += f.2;
-        }
-        if at > len {
-            return Err(bad(format!("ends past the file ({at} > {len} bytes)")));
-        }
+        let raw_end = table.raw_end();
         for x in &m.members {
             let end = x.offset.unwrap_or(0).checked_add(x.size);
-            if end.is_none_or(|e| e > raw_at) {
-                return Err(bad(format!("does not hold all of {}", x.path)));
+            if end.is_none_or(|e| e > raw_end) {
+                return Err(bad_table(what, format!("does not hold all of {}", x.path)));
             }
         }
         Ok(Some(Parts {
             frames: Arc::new(Frames {
                 file,
                 table,
-                what: what.to_string(),
                 fetched: AtomicU64::new(0),
             }),
             cache: VecDeque::new(),
@@ -162,7 +219,7 @@ impl Parts {
         let mut done = 0usize;
         while done < buf.len() {
             let at = raw_at + done as u64;
-            let table = &self.frames.table;
+            let table = &self.frames.table.table;
             let i = table.partition_point(|f| f.raw_at + f.raw_len <= at);
             let f = table
                 .get(i)
@@ -322,26 +379,31 @@ fn fetch_ahead(frames: &Frames, shared: &(Mutex<Ahead>, Condvar)) {
 }
 
 /// Writes member `m` whole into `dest` (beneath its path there), checking
-/// the tar header in front of it and, at the end, its own SHA-256.
+/// the tar header in front of it and, if it has one, its own SHA-256 (its
+/// bytes come from verified frames either way).
 pub fn extract_member(parts: &mut Parts, m: &Member, dest: &Path) -> Result<()> {
     let offset = member_start(parts, m)?;
     let mut f = create(dest, &m.path)?;
-    let mut hash = sha2::Sha256::new();
+    let mut hash = m.sha256.as_ref().map(|_| sha2::Sha256::new());
     let mut buf = vec![0u8; MAX_RAW as usize];
     let mut done = 0u64;
     while done < m.size {
         let n = (m.size - done).min(MAX_RAW) as usize;
         parts.read(offset + done, &mut buf[..n])?;
-        hash.update(&buf[..n]);
+        if let Some(h) = &mut hash {
+            h.update(&buf[..n]);
+        }
         f.write_all(&buf[..n])
             .map_err(|e| staging_full(&m.path, e))?;
         done += n as u64;
     }
-    if super::archive::hex(&hash.finalize()) != m.sha256 {
-        return Err(super::unpack::checksum_mismatch(
-            &parts.frames.what,
-            &m.path,
-        ));
+    if let (Some(h), Some(want)) = (hash, &m.sha256) {
+        if super::archive::hex(&h.finalize()) != *want {
+            return Err(super::unpack::checksum_mismatch(
+                parts.frames.what(),
+                &m.path,
+            ));
+        }
     }
     Ok(())
 }

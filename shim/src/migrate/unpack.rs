@@ -13,7 +13,9 @@
 //!    the staging disk must have room for what it declares;
 //! 3. [`extract`] streams the members into a fresh directory: each must be
 //!    listed, with the declared size, appear once, be a regular file at a
-//!    path of our format, and match its SHA-256 when it ends. Anything else
+//!    path of our format, and match its SHA-256 when it ends (a member
+//!    without one lies within the frame table, whose every frame is
+//!    checked before it is decompressed, see [`Verified`]). Anything else
 //!    stops the unpack at once. Files are created 0600 with
 //!    O_EXCL|O_NOFOLLOW. A deadline (the Create's, from containerd) stops
 //!    it too.
@@ -28,6 +30,7 @@ use super::archive::{INDEX_LEN, INDEX_MAGIC, INDEX_TAG};
 use super::hash_thread::HashThread;
 use super::manifest::Manifest;
 use super::members;
+use super::parts::FrameTable;
 use super::verify::{self, Expected};
 use crate::error::{Error, Result};
 
@@ -329,6 +332,16 @@ fn extract(
     what: &str,
     deadline: Deadline,
 ) -> Result<()> {
+    let len = input
+        .metadata()
+        .map_err(|e| corrupt(what, &e.to_string()))?
+        .len();
+    let table = FrameTable::parse(&expected.manifest, len, what)?;
+    let covered = table.as_ref().map_or(0, FrameTable::raw_end);
+    let input: Box<dyn Read> = match table {
+        Some(table) => Box::new(Verified::new(input, table)),
+        None => Box::new(input),
+    };
     let mut ar = tar_stream(input, what)?;
     let mut seen = HashSet::new();
     let mut trailer = Trailer::default();
@@ -366,11 +379,17 @@ fn extract(
         if size != want_size {
             return Err(refused(what, &name, "its size differs from the manifest's"));
         }
-        let (n, sha) = write_member(&mut entry, &dest.join(&name), size, what, deadline)?;
+        // Without a digest of its own, every byte must come from a
+        // verified frame.
+        if want_sha.is_none() && entry.raw_file_position().saturating_add(size) > covered {
+            return Err(refused(what, &name, "it lies outside the frame table"));
+        }
+        let hash = want_sha.is_some();
+        let (n, sha) = write_member(&mut entry, &dest.join(&name), size, what, deadline, hash)?;
         if n != size {
             return Err(corrupt(what, &format!("{name} is short")));
         }
-        if sha != want_sha {
+        if sha.as_deref() != want_sha {
             return Err(checksum_mismatch(what, &name));
         }
     }
@@ -413,7 +432,8 @@ fn write_member(
     size: u64,
     what: &str,
     deadline: Deadline,
-) -> Result<(u64, String)> {
+    hash: bool,
+) -> Result<(u64, Option<String>)> {
     let mut f = super::stage::private_file_in_new_dirs(path)?;
     let full = |e: std::io::Error| {
         Error::io_or_full(
@@ -430,26 +450,32 @@ fn write_member(
             .read_to_end(&mut buf)
             .map_err(|e| corrupt(what, &e.to_string()))?;
         f.write_all(&buf).map_err(full)?;
-        return Ok((buf.len() as u64, super::archive::sha256_hex(&buf)));
+        let sha = hash.then(|| super::archive::sha256_hex(&buf));
+        return Ok((buf.len() as u64, sha));
     }
     // Three stages: this thread decompresses and reads the tar, a helper
-    // writes, another hashes. Buffers go round between them.
+    // writes, another hashes (if asked). Buffers go round between them.
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(4);
     let (empty_tx, empty_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
     for _ in 0..6 {
         let _ = empty_tx.send(vec![0u8; CHUNK]);
     }
     std::thread::scope(|s| {
-        let writer = s.spawn(move || -> Result<(u64, String)> {
-            let hasher = HashThread::spawn(empty_tx);
+        let writer = s.spawn(move || -> Result<(u64, Option<String>)> {
+            let hasher = hash.then(|| HashThread::spawn(empty_tx.clone()));
             let mut n = 0u64;
             for (buf, k) in full_rx {
                 f.write_all(&buf[..k]).map_err(full)?;
                 n += k as u64;
-                // Back to the reader through the hasher.
-                hasher.update(buf, k);
+                // Back to the reader (through the hasher).
+                match &hasher {
+                    Some(h) => h.update(buf, k),
+                    None => {
+                        let _ = empty_tx.try_send(buf);
+                    }
+                }
             }
-            Ok((n, hasher.finish()))
+            Ok((n, hasher.map(HashThread::finish)))
         });
         let read_result = (|| -> Result<()> {
             for mut buf in empty_rx.iter() {
@@ -468,6 +494,52 @@ fn write_member(
         read_result?;
         written
     })
+}
+
+/// The archive file read frame by frame, each frame's digest checked
+/// before any of it reaches the decompressor; what follows the table (the
+/// manifest's frame, compared byte for byte with the authenticated one,
+/// and the index) passes as it is.
+pub(super) struct Verified<R> {
+    inner: R,
+    table: FrameTable,
+    next: usize,
+    frame: Vec<u8>,
+    pos: usize,
+}
+
+impl<R: Read> Verified<R> {
+    pub fn new(inner: R, table: FrameTable) -> Verified<R> {
+        Verified {
+            inner,
+            table,
+            next: 0,
+            frame: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl<R: Read> Read for Verified<R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos == self.frame.len() && self.next < self.table.len() {
+            let i = self.next;
+            self.frame.resize(self.table.frame_len(i) as usize, 0);
+            self.inner.read_exact(&mut self.frame)?;
+            self.table
+                .verify(i, &self.frame)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            self.next += 1;
+            self.pos = 0;
+        }
+        if self.pos < self.frame.len() {
+            let n = out.len().min(self.frame.len() - self.pos);
+            out[..n].copy_from_slice(&self.frame[self.pos..self.pos + n]);
+            self.pos += n;
+            return Ok(n);
+        }
+        self.inner.read(out)
+    }
 }
 
 /// Reads until `buf` is full or the input ends; returns the bytes read.

@@ -3,7 +3,8 @@
 //! ours, of a version we read, and list only members of our format, each
 //! once, within the limits. The result, [`Expected`], is what
 //! [`super::unpack`] holds every member to as it streams in: listed, of
-//! the declared size, with the declared SHA-256, and nothing missing.
+//! the declared size, with the declared SHA-256 (or, in format 3, within
+//! frames whose digests the frame table holds), and nothing missing.
 
 use std::collections::HashMap;
 
@@ -18,13 +19,14 @@ pub struct Expected {
     pub manifest: Manifest,
     /// The manifest's exact bytes (the stream must carry the same).
     pub raw: Vec<u8>,
-    by_path: HashMap<String, (u64, String)>,
+    by_path: HashMap<String, (u64, Option<String>)>,
 }
 
 impl Expected {
-    /// Size and SHA-256 of `path`, if listed.
-    pub fn member(&self, path: &str) -> Option<(u64, &str)> {
-        self.by_path.get(path).map(|(s, h)| (*s, h.as_str()))
+    /// Size and SHA-256 of `path`, if listed (no SHA-256: the frame table
+    /// covers it).
+    pub fn member(&self, path: &str) -> Option<(u64, Option<&str>)> {
+        self.by_path.get(path).map(|(s, h)| (*s, h.as_deref()))
     }
 
     pub fn paths(&self) -> impl Iterator<Item = &String> {
@@ -95,6 +97,12 @@ pub fn authenticate(
             return Err(bad(format!(
                 "member {} declares {} bytes, more than the limit of {}",
                 member.path, member.size, limits.max_member_bytes
+            )));
+        }
+        if member.sha256.is_none() && (m.version < 3 || m.frames.is_empty()) {
+            return Err(bad(format!(
+                "member {} has no digest and no frame table covers it",
+                member.path
             )));
         }
         total = total.saturating_add(member.size);
