@@ -100,12 +100,16 @@ impl Report {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         let secs = self.publish_time.as_secs_f64().max(1e-6);
         format!(
-            "published {} ({:.1} MiB from {:.1} MiB of images; {} of {} chunks compressed) in {:.2} s ({:.0} MiB/s); frozen {:.0} ms, CRIU {:.0} ms",
+            "published {} ({:.1} MiB from {:.1} MiB of images; {} of {} chunks compressed, {} found the share behind; share {:.2} ms/MiB, compressor {:.2} ms/MiB at {:.1}:1) in {:.2} s ({:.0} MiB/s); frozen {:.0} ms, CRIU {:.0} ms",
             self.archive.display(),
             mib(self.archive_bytes),
             mib(self.images_bytes),
             self.chunks.compressed,
             self.chunks.compressed + self.chunks.stored,
+            self.chunks.backlogged,
+            self.chunks.write_us_per_mib as f64 / 1000.0,
+            self.chunks.compress_us_per_mib as f64 / 1000.0,
+            self.chunks.ratio_milli as f64 / 1000.0,
             secs,
             mib(self.images_bytes) / secs,
             self.manifest.stats.frozen_ms.unwrap_or(0.0),
