@@ -30,6 +30,7 @@ pub mod lazy;
 pub mod memory;
 pub mod notify;
 pub mod options;
+pub mod page_xfer;
 pub mod reaper;
 pub mod rpc;
 pub mod rpc_images;

@@ -90,6 +90,26 @@ impl TaskMemory {
 
 /// The lazy memory of task `pid` (its pid in the images) in `dir`.
 pub fn task_memory(dir: &Path, pid: u32) -> Result<TaskMemory, ImageError> {
+    memory_of(dir, pid, Bytes::InImages)
+}
+
+/// The memory a lazy dump in `dir` left to its page server, for task
+/// `pid`: the runs to ask it for ([`crate::page_xfer`]). The ranges'
+/// offsets are 0: the bytes are in no image.
+pub fn served_memory(dir: &Path, pid: u32) -> Result<TaskMemory, ImageError> {
+    memory_of(dir, pid, Bytes::FromPageServer)
+}
+
+/// Where the bytes of lazy runs are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bytes {
+    /// In `pages-ID.img` (every dump but a lazy one).
+    InImages,
+    /// With the lazy dump's page server: in no image.
+    FromPageServer,
+}
+
+fn memory_of(dir: &Path, pid: u32, bytes: Bytes) -> Result<TaskMemory, ImageError> {
     let mm_path = dir.join(format!("mm-{pid}.img"));
     let mm = read_bounded(&mm_path, MAX_MM_BYTES)?;
     let vmas = lazy_vmas(&mm).map_err(|why| ImageError::Malformed {
@@ -98,7 +118,7 @@ pub fn task_memory(dir: &Path, pid: u32) -> Result<TaskMemory, ImageError> {
     })?;
     let pm_path = dir.join(format!("pagemap-{pid}.img"));
     let pm = read_bounded(&pm_path, MAX_PAGEMAP_BYTES)?;
-    lazy_ranges(&pm, &vmas).map_err(|why| ImageError::Malformed { path: pm_path, why })
+    lazy_ranges(&pm, &vmas, bytes).map_err(|why| ImageError::Malformed { path: pm_path, why })
 }
 
 /// The mappings CRIU registers with userfaultfd, sorted, as (start, end).
@@ -132,7 +152,7 @@ fn lazy_vmas(bytes: &[u8]) -> Result<Vec<(u64, u64)>, String> {
 
 /// Lazy runs of the pagemap, split at mapping boundaries, with their
 /// offsets in the pages image.
-fn lazy_ranges(bytes: &[u8], vmas: &[(u64, u64)]) -> Result<TaskMemory, String> {
+fn lazy_ranges(bytes: &[u8], vmas: &[(u64, u64)], kind: Bytes) -> Result<TaskMemory, String> {
     let mut all = entries(bytes, PAGEMAP_MAGIC, MAX_ENTRIES, "pagemap")?.into_iter();
     let head = all.next().ok_or("no pagemap head")?;
     let head = Pagemap_head::parse_from_bytes(head).map_err(|e| format!("pagemap head: {e}"))?;
@@ -161,10 +181,19 @@ fn lazy_ranges(bytes: &[u8], vmas: &[(u64, u64)]) -> Result<TaskMemory, String> 
         }
         let present = flags & PE_PRESENT != 0;
         if flags & PE_LAZY != 0 {
-            if !present {
-                return Err(format!(
-                    "lazy run at {start:#x} has no bytes in the images (dumped for a page server)"
-                ));
+            match (kind, present) {
+                (Bytes::InImages, false) => {
+                    return Err(format!(
+                        "lazy run at {start:#x} has no bytes in the images (dumped for a page \
+                         server)"
+                    ))
+                }
+                (Bytes::FromPageServer, true) => {
+                    return Err(format!(
+                        "lazy run at {start:#x} is in the images: not a lazy dump's"
+                    ))
+                }
+                _ => {}
             }
             while vma < vmas.len() && vmas[vma].1 <= start {
                 vma += 1;
@@ -175,10 +204,14 @@ fn lazy_ranges(bytes: &[u8], vmas: &[(u64, u64)]) -> Result<TaskMemory, String> 
                 let (vs, ve) = vmas[v];
                 let (s, t) = (at.max(vs), end.min(ve));
                 if s < t {
+                    let offset = match kind {
+                        Bytes::InImages => offset + (s - start),
+                        Bytes::FromPageServer => 0,
+                    };
                     ranges.push(LazyRange {
                         start: s,
                         end: t,
-                        offset: offset + (s - start),
+                        offset,
                     });
                 }
                 at = t.max(at);
@@ -330,8 +363,21 @@ mod tests {
             ("wrong magic", mm(&[])),
         ];
         for (what, bytes) in cases {
-            assert!(lazy_ranges(&bytes, &vmas).is_err(), "{what} accepted");
+            assert!(
+                lazy_ranges(&bytes, &vmas, Bytes::InImages).is_err(),
+                "{what} accepted"
+            );
         }
+        // A lazy dump's runs are served, never read from the images, and
+        // the other way round.
+        let served = pagemap(1, &[(0x10000, 2, PE_LAZY)]);
+        let m = lazy_ranges(&served, &vmas, Bytes::FromPageServer).unwrap();
+        assert_eq!(
+            (m.ranges[0].start, m.ranges[0].end),
+            (0x10000, 0x10000 + 2 * P)
+        );
+        let in_images = pagemap(1, &[(0x10000, 2, PE_PRESENT | PE_LAZY)]);
+        assert!(lazy_ranges(&in_images, &vmas, Bytes::FromPageServer).is_err());
         assert!(lazy_vmas(&mm(&[(0x2000, 0x1000, ANON, 0)])).is_err());
         assert!(lazy_vmas(&mm(&[(0x1000, 0x3000, ANON, 0), (0x2000, 0x4000, ANON, 0)])).is_err());
     }
