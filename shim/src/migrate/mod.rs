@@ -658,6 +658,56 @@ mod tests {
         assert_eq!(staged_bytes(&staging), 0, "staging left");
     }
 
+    /// A member without a digest of its own must lie inside the frame
+    /// table: an archive whose (authentic) table stops short of a member's
+    /// bytes is refused, not read unverified.
+    #[test]
+    fn an_undigested_member_outside_the_frame_table_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let share = tempfile::tempdir().unwrap();
+        let adaptive = Compression::Adaptive {
+            level: 1,
+            workers: 2,
+        };
+        let report = publish_one(dir.path(), share.path(), adaptive);
+        let bytes = std::fs::read(&report.archive).unwrap();
+        let end = bytes.len();
+        let at = |i: usize| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&bytes[i..i + 8]);
+            u64::from_le_bytes(x) as usize
+        };
+        // The members' frames, kept; a new manifest whose table holds only
+        // the first frame (the directory entry and the first header).
+        let members_end = at(end - 8);
+        let mut m = report.manifest.clone();
+        m.frames.truncate(1);
+        let json = serde_json::to_vec(&m).unwrap();
+        let mut trailer = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(json.len() as u64);
+        h.set_mode(0o600);
+        h.set_cksum();
+        trailer
+            .append_data(&mut h, members::MANIFEST, json.as_slice())
+            .unwrap();
+        let trailer = trailer.into_inner().unwrap();
+        let mut forged = bytes[..members_end].to_vec();
+        forged.extend(zstd::encode_all(trailer.as_slice(), 1).unwrap());
+        forged.extend(archive::INDEX_MAGIC.to_le_bytes());
+        forged.extend(16u32.to_le_bytes());
+        forged.extend(archive::INDEX_TAG);
+        forged.extend((members_end as u64).to_le_bytes());
+        plant(share.path(), "short", &forged);
+        let staging = dir.path().join("short");
+        let err = fetch(share.path(), "short", &staging, None)
+            .err()
+            .expect("a member outside the frame table accepted")
+            .to_string();
+        assert!(err.contains("outside the frame table"), "{err}");
+        assert_eq!(staged_bytes(&staging), 0, "staging left");
+    }
+
     /// Frame digests are SHA-256 in format 2 (archives of the previous
     /// shim, still read) and BLAKE3 from format 3; one is never taken for
     /// the other.
