@@ -219,7 +219,7 @@ impl Writer<'_, '_> {
 
     /// A complete file, as member `s.name`.
     pub fn append(&mut self, s: &Source) -> Result<()> {
-        let consume = self.consume && is_page_image(&s.name);
+        let consume = self.consume && members::page_image_id(&s.name).is_some();
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(consume)
@@ -358,13 +358,6 @@ fn write_small<W: Write>(out: &mut W, name: &str, data: &[u8], mtime: u64) -> Re
     out.write_all(data)
         .and_then(|()| pad(out, data.len() as u64))
         .map_err(|e| write_error(name, e))
-}
-
-/// A member holding one of CRIU's page images (`checkpoint/pages-N.img`).
-pub(super) fn is_page_image(member: &str) -> bool {
-    member
-        .strip_prefix(members::IMAGES_DIR)
-        .is_some_and(|n| n.starts_with("/pages-"))
 }
 
 /// Frees `len` bytes at `offset` of `file` (keeping its size). Best

@@ -44,6 +44,19 @@ pub mod members {
     pub const MANIFEST: &str = "manifest.json";
     /// HMAC-SHA256 of the manifest under the cluster's key (signed archives).
     pub const MANIFEST_MAC: &str = "manifest.hmac-sha256";
+
+    /// `N` of a member holding one of CRIU's page images
+    /// (`checkpoint/pages-N.img`): the one test of "is memory" that the
+    /// writer (what it punches out and counts) and the restore (what it
+    /// leaves to userfaultfd) share.
+    pub fn page_image_id(member: &str) -> Option<u32> {
+        member
+            .strip_prefix(IMAGES_DIR)?
+            .strip_prefix("/pages-")?
+            .strip_suffix(".img")?
+            .parse()
+            .ok()
+    }
 }
 
 use std::path::{Path, PathBuf};
@@ -275,7 +288,7 @@ fn write_members(
     let pages_bytes = w
         .members()
         .iter()
-        .filter(|m| archive::is_page_image(&m.path))
+        .filter(|m| members::page_image_id(&m.path).is_some())
         .map(|m| m.size)
         .sum();
     Ok(Manifest {

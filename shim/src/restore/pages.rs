@@ -29,7 +29,7 @@ use criu_sys::memory::task_memory;
 use super::lazy::PageSource;
 use crate::error::{Error, Result};
 use crate::migrate::parts::{self, Parts};
-use crate::migrate::unpack;
+use crate::migrate::{members, unpack};
 use crate::migrate::{Fetched, Opened};
 
 /// Pages from images already fetched and verified into staging.
@@ -131,7 +131,7 @@ pub fn fetch_from_share(
         .members
         .iter()
         .cloned()
-        .partition(|m| page_image_id(&m.path).is_some());
+        .partition(|m| members::page_image_id(&m.path).is_some());
     unpack::check_room(&dest, others.iter().map(|m| m.size).sum(), &what)?;
     for m in &others {
         deadline.check(&what)?;
@@ -141,7 +141,7 @@ pub fn fetch_from_share(
     let mut members = HashMap::new();
     for m in &pages {
         deadline.check(&what)?;
-        let id = page_image_id(&m.path).unwrap_or_default();
+        let id = members::page_image_id(&m.path).unwrap_or_default();
         match lazy.get(&id) {
             Some(served) => {
                 parts::extract_ranges(&mut parts, m, &dest, &complement(served, m.size))?
@@ -169,14 +169,6 @@ pub fn fetch_from_share(
 }
 
 /// `pages-ID.img` members' ID.
-fn page_image_id(path: &str) -> Option<u32> {
-    path.strip_prefix(crate::migrate::members::IMAGES_DIR)?
-        .strip_prefix("/pages-")?
-        .strip_suffix(".img")?
-        .parse()
-        .ok()
-}
-
 /// For every page image that holds lazily restored memory: the byte
 /// ranges userfaultfd serves (sorted, merged).
 fn lazy_offsets(images: &Path) -> Result<HashMap<u32, Vec<(u64, u64)>>> {
@@ -242,8 +234,8 @@ mod tests {
         );
         assert_eq!(complement(&[], 5), vec![(0, 5)]);
         assert_eq!(complement(&[(0, 5)], 5), vec![]);
-        assert_eq!(page_image_id("checkpoint/pages-12.img"), Some(12));
-        assert_eq!(page_image_id("checkpoint/pagemap-12.img"), None);
-        assert_eq!(page_image_id("rootfs-diff.tar"), None);
+        assert_eq!(members::page_image_id("checkpoint/pages-12.img"), Some(12));
+        assert_eq!(members::page_image_id("checkpoint/pagemap-12.img"), None);
+        assert_eq!(members::page_image_id("rootfs-diff.tar"), None);
     }
 }
