@@ -104,7 +104,22 @@ pub struct Report {
     pub publish_time: Duration,
     /// How many 1 MiB chunks went out stored and compressed.
     pub chunks: FrameStats,
+    /// When, after the start, each step of the publish ended.
+    pub steps: Steps,
     pub manifest: Manifest,
+}
+
+/// When the steps of a publish ended, from its start: where a slow one
+/// spends its time (CRIU, the archive's tail, or making it durable).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Steps {
+    /// CRIU's dump had ended and every page image it wrote was in the
+    /// archive (publishes that follow the dump).
+    pub dump_ended: Option<Duration>,
+    /// The last byte of the archive was handed to the share.
+    pub written: Duration,
+    /// fsync, rename and the directory's fsync done.
+    pub durable: Duration,
 }
 
 impl Report {
@@ -113,7 +128,7 @@ impl Report {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         let secs = self.publish_time.as_secs_f64().max(1e-6);
         format!(
-            "published {} ({:.1} MiB from {:.1} MiB of images; {} of {} chunks compressed, {} found the share behind; share {:.2} ms/MiB, compressor {:.2} ms/MiB at {:.1}:1) in {:.2} s ({:.0} MiB/s); frozen {:.0} ms, CRIU {:.0} ms",
+            "published {} ({:.1} MiB from {:.1} MiB of images; {} of {} chunks compressed, {} found the share behind; share {:.2} ms/MiB, compressor {:.2} ms/MiB at {:.1}:1) in {:.2} s ({:.0} MiB/s: pages archived and dump ended at {}, archive written at {:.2} s, durable at {:.2} s); frozen {:.0} ms, CRIU {:.0} ms",
             self.archive.display(),
             mib(self.archive_bytes),
             mib(self.images_bytes),
@@ -125,6 +140,11 @@ impl Report {
             self.chunks.ratio_milli as f64 / 1000.0,
             secs,
             mib(self.images_bytes) / secs,
+            self.steps
+                .dump_ended
+                .map_or("-".to_string(), |d| format!("{:.2} s", d.as_secs_f64())),
+            self.steps.written.as_secs_f64(),
+            self.steps.durable.as_secs_f64(),
             self.manifest.stats.frozen_ms.unwrap_or(0.0),
             self.manifest.stats.criu_ms.unwrap_or(0.0),
         )
@@ -178,16 +198,23 @@ fn publish(d: &Dumped, t: &Target, follow: Option<Follow>) -> Result<Report> {
         share::new_name(&t.name, t.compression != Compression::None)
     };
     let mut result = None;
+    let mut steps = Steps::default();
     let published = share.publish(&name, !exact, |file| {
         result = Some(archive::write(
             file,
             t.compression,
             t.mac_key.as_deref(),
             t.progress.as_deref(),
-            |w| write_members(w, d, t, staging.path(), follow),
+            |w| {
+                let m = write_members(w, d, t, staging.path(), follow, started);
+                steps.dump_ended = m.as_ref().ok().and_then(|m| m.1);
+                m.map(|m| m.0)
+            },
         )?);
+        steps.written = started.elapsed();
         Ok(())
     })?;
+    steps.durable = started.elapsed();
     let Some((manifest, _, chunks)) = result else {
         return Err(Error::Other("the archive writer did not run".into()));
     };
@@ -202,6 +229,7 @@ fn publish(d: &Dumped, t: &Target, follow: Option<Follow>) -> Result<Report> {
         images_bytes: manifest.total_size(),
         publish_time: started.elapsed(),
         chunks,
+        steps,
         manifest,
     })
 }
@@ -231,14 +259,17 @@ fn stage_container_files(d: &Dumped, dir: &Path) -> Result<()> {
 
 /// Every member, in order: the page images CRIU is writing (when
 /// following), then, once the dump has ended, the writable layer's
-/// changes and everything not yet archived. Returns the manifest.
+/// changes and everything not yet archived. Returns the manifest and,
+/// when following, when (after `started`) the dump ended.
 fn write_members(
     w: &mut archive::Writer,
     d: &Dumped,
     t: &Target,
     dir: &Path,
     follow: Option<Follow>,
-) -> Result<Manifest> {
+    started: Instant,
+) -> Result<(Manifest, Option<Duration>)> {
+    let mut dump_ended = None;
     w.consume(d.images_are_staging);
     let (mut frozen_ms, mut criu_ms) = (d.frozen_ms, d.criu_ms);
     let mut criu_version = d.criu_version.clone();
@@ -249,7 +280,9 @@ fn write_members(
             w.append_growing(&member, file, &mut f)?;
         }
         followed = f.followed().clone();
-        match f.end() {
+        let end = f.end();
+        dump_ended = Some(started.elapsed());
+        match end {
             DumpEnd::Done {
                 frozen_ms: fr,
                 criu_ms: cr,
@@ -291,25 +324,28 @@ fn write_members(
         .filter(|m| members::page_image_id(&m.path).is_some())
         .map(|m| m.size)
         .sum();
-    Ok(Manifest {
-        format: manifest::FORMAT.into(),
-        version: manifest::VERSION,
-        container_id: d.container_id.to_string(),
-        tenant: Some(t.tenant.id()),
-        created: w.mtime(),
-        criu_version,
-        kernel: manifest::kernel_release(),
-        shim_version: env!("CARGO_PKG_VERSION").into(),
-        compression: t.compression.name().into(),
-        tcp_established: d.tcp_established,
-        stats: manifest::Stats {
-            frozen_ms,
-            criu_ms,
-            pages_bytes,
+    Ok((
+        Manifest {
+            format: manifest::FORMAT.into(),
+            version: manifest::VERSION,
+            container_id: d.container_id.to_string(),
+            tenant: Some(t.tenant.id()),
+            created: w.mtime(),
+            criu_version,
+            kernel: manifest::kernel_release(),
+            shim_version: env!("CARGO_PKG_VERSION").into(),
+            compression: t.compression.name().into(),
+            tcp_established: d.tcp_established,
+            stats: manifest::Stats {
+                frozen_ms,
+                criu_ms,
+                pages_bytes,
+            },
+            members: Vec::new(),
+            frames: Vec::new(),
         },
-        members: Vec::new(),
-        frames: Vec::new(),
-    })
+        dump_ended,
+    ))
 }
 
 /// Takes a published archive back (a pod checkpoint that failed half-way):
