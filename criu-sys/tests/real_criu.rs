@@ -512,15 +512,17 @@ fn every_dump_tells_which_pages_a_lazy_restore_may_serve_and_where_they_are() {
     assert!(counter.is_counting());
 }
 
-/// Post-copy from the source: a lazy dump keeps the tree frozen and
-/// serves its memory through the page server; every page that the dump's
-/// pagemap leaves to the server comes back as the frozen process holds
-/// it, and ending the transfer ends the dump (the tree with it). Needs
-/// `fs.pipe-max-size` >= 4 MiB, which hack/setup sets (see page_xfer).
-#[test]
-fn a_lazy_dump_serves_the_frozen_tree_s_pages_and_ends_when_told() {
-    use criu_sys::page_xfer::{pipe_max_size_suffices, PageClient, PAGE_SIZE};
-    let (ok, size) = pipe_max_size_suffices().unwrap();
+/// A lazy dump of a fresh counter, its page server on loopback, and a
+/// connection to it: the counter, the images, the dump's thread.
+type LazyDump = (
+    Counter,
+    tempfile::TempDir,
+    std::thread::JoinHandle<criu_sys::Result<()>>,
+    criu_sys::page_xfer::PageClient<std::net::TcpStream>,
+);
+
+fn lazy_dump() -> LazyDump {
+    let (ok, size) = criu_sys::page_xfer::pipe_max_size_suffices().unwrap();
     assert!(
         ok,
         "fs.pipe-max-size is {size}: CRIU cannot serve pages; run hack/setup (it raises it)"
@@ -549,9 +551,22 @@ fn a_lazy_dump_serves_the_frozen_tree_s_pages_and_ends_when_told() {
             }
         }
     };
+    let client = criu_sys::page_xfer::PageClient::new(stream);
+    (counter, dir, dumper, client)
+}
+
+/// Post-copy from the source: a lazy dump keeps the tree frozen and
+/// serves its memory through the page server; every page that the dump's
+/// pagemap leaves to the server comes back as the frozen process holds
+/// it, and ending the transfer ends the dump (the tree with it). Needs
+/// `fs.pipe-max-size` >= 4 MiB, which hack/setup sets (see page_xfer).
+#[test]
+fn a_lazy_dump_serves_the_frozen_tree_s_pages_and_ends_when_told() {
+    use criu_sys::page_xfer::PAGE_SIZE;
+    use std::io::{Read, Seek, SeekFrom};
+    let (counter, dir, dumper, mut client) = lazy_dump();
     let m = criu_sys::memory::served_memory(dir.path(), counter.pid as u32).unwrap();
     assert!(!m.ranges.is_empty(), "no memory left to the page server");
-    let mut client = PageClient::new(stream);
     let mut mem = std::fs::File::open(format!("/proc/{}/mem", counter.pid)).unwrap();
     let mut moved = 0usize;
     for r in &m.ranges {
@@ -560,7 +575,6 @@ fn a_lazy_dump_serves_the_frozen_tree_s_pages_and_ends_when_told() {
             let mut buf = vec![0u8; ((r.end - at) as usize).min(64 * PAGE_SIZE)];
             let n = client.get(counter.pid as u32, at, &mut buf).unwrap();
             let mut want = vec![0u8; n];
-            use std::io::{Read, Seek, SeekFrom};
             mem.seek(SeekFrom::Start(at)).unwrap();
             mem.read_exact(&mut want).unwrap();
             assert!(
@@ -586,34 +600,8 @@ fn a_lazy_dump_serves_the_frozen_tree_s_pages_and_ends_when_told() {
 /// fails the dump, and the source runs on: nothing is lost.
 #[test]
 fn a_lazy_dump_whose_peer_leaves_fails_and_the_source_runs_on() {
-    let (ok, size) = criu_sys::page_xfer::pipe_max_size_suffices().unwrap();
-    assert!(ok, "fs.pipe-max-size is {size}: run hack/setup");
-    let c = criu();
-    let counter = Counter::start();
-    let (dir, opts) = images();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let o = opts
-        .pid(counter.pid)
-        .log_file("dump.log")
-        .lazy_pages(true)
-        .page_server("127.0.0.1", port);
-    let dumper = std::thread::spawn(move || c.dump(&o, None));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let stream = loop {
-        match std::net::TcpStream::connect(("127.0.0.1", port)) {
-            Ok(s) => break s,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "no page server: {e}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    };
+    let (counter, dir, dumper, mut client) = lazy_dump();
     let m = criu_sys::memory::served_memory(dir.path(), counter.pid as u32).unwrap();
-    let mut client = criu_sys::page_xfer::PageClient::new(stream);
     let mut page = vec![0u8; criu_sys::page_xfer::PAGE_SIZE];
     client
         .get(counter.pid as u32, m.ranges[0].start, &mut page)

@@ -698,13 +698,8 @@ mod tests {
         let mut bytes = std::fs::read(&report.archive).unwrap();
         bytes[(frame.0 + frame.1 / 2) as usize] ^= 1;
         std::fs::write(&report.archive, &bytes).unwrap();
-        let staging = dir.path().join("bad");
-        let err = fetch(share.path(), "job", &staging, None)
-            .err()
-            .expect("a modified frame accepted")
-            .to_string();
+        let err = refusal(share.path(), "job", &dir.path().join("bad"));
         assert!(err.contains("does not match its digest"), "{err}");
-        assert_eq!(staged_bytes(&staging), 0, "staging left");
     }
 
     /// A member without a digest of its own must lie inside the frame
@@ -748,13 +743,8 @@ mod tests {
         forged.extend(archive::INDEX_TAG);
         forged.extend((members_end as u64).to_le_bytes());
         plant(share.path(), "short", &forged);
-        let staging = dir.path().join("short");
-        let err = fetch(share.path(), "short", &staging, None)
-            .err()
-            .expect("a member outside the frame table accepted")
-            .to_string();
+        let err = refusal(share.path(), "short", &dir.path().join("short"));
         assert!(err.contains("outside the frame table"), "{err}");
-        assert_eq!(staged_bytes(&staging), 0, "staging left");
     }
 
     /// Frame digests are SHA-256 in format 2 (archives of the previous
@@ -1135,6 +1125,16 @@ mod tests {
                 .collect(),
             frames: Vec::new(),
         }
+    }
+
+    /// The error fetching `key` fails with; nothing may be left staged.
+    fn refusal(share: &Path, key: &str, staging: &Path) -> String {
+        let err = fetch(share, key, staging, None)
+            .err()
+            .unwrap_or_else(|| panic!("{key} accepted"))
+            .to_string();
+        assert_eq!(staged_bytes(staging), 0, "{key}: staging left");
+        err
     }
 
     /// Puts `bytes` on the share as the containerd tenant's key `key`.
