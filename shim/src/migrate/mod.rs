@@ -601,6 +601,19 @@ mod tests {
         }
     }
 
+    /// A fake dump published with the default compression (frames), in
+    /// fresh directories: (work dir, share, report).
+    fn published_adaptive() -> (tempfile::TempDir, tempfile::TempDir, Report) {
+        let dir = tempfile::tempdir().unwrap();
+        let share = tempfile::tempdir().unwrap();
+        let adaptive = Compression::Adaptive {
+            level: 1,
+            workers: 2,
+        };
+        let report = publish_one(dir.path(), share.path(), adaptive);
+        (dir, share, report)
+    }
+
     fn publish_one(dir: &Path, share: &Path, compression: Compression) -> Report {
         publish_signed(dir, share, compression, None)
     }
@@ -628,13 +641,7 @@ mod tests {
     /// and a modified frame is refused where it is read, nowhere else.
     #[test]
     fn parts_of_an_archive_are_read_and_verified_on_their_own() {
-        let dir = tempfile::tempdir().unwrap();
-        let share = tempfile::tempdir().unwrap();
-        let adaptive = Compression::Adaptive {
-            level: 1,
-            workers: 2,
-        };
-        let report = publish_one(dir.path(), share.path(), adaptive);
+        let (dir, share, report) = published_adaptive();
         assert!(!report.manifest.frames.is_empty(), "no frame table");
         let share_path = share.path().to_path_buf();
         let whole_root = dir.path().join("whole");
@@ -679,13 +686,7 @@ mod tests {
     /// to it before decompressing, as the reader of parts does.
     #[test]
     fn a_format_3_archive_is_verified_by_its_frames_when_read_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let share = tempfile::tempdir().unwrap();
-        let adaptive = Compression::Adaptive {
-            level: 1,
-            workers: 2,
-        };
-        let report = publish_one(dir.path(), share.path(), adaptive);
+        let (dir, share, report) = published_adaptive();
         let m = &report.manifest;
         assert_eq!(m.version, 3);
         assert!(m.members.iter().all(|x| x.sha256.is_none()), "hashed twice");
@@ -707,13 +708,7 @@ mod tests {
     /// bytes is refused, not read unverified.
     #[test]
     fn an_undigested_member_outside_the_frame_table_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let share = tempfile::tempdir().unwrap();
-        let adaptive = Compression::Adaptive {
-            level: 1,
-            workers: 2,
-        };
-        let report = publish_one(dir.path(), share.path(), adaptive);
+        let (dir, share, report) = published_adaptive();
         let bytes = std::fs::read(&report.archive).unwrap();
         let end = bytes.len();
         let at = |i: usize| {
