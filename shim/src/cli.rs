@@ -416,8 +416,9 @@ fn inspect(share: &Path, name: &str, json: bool) -> Result<(), Failure> {
     print_manifest(&path, size, &m);
     print_processes(&processes);
     println!(
-        "verification: OK ({} members, all SHA-256 digests match{})",
+        "verification: OK ({} members, {}{})",
         m.members.len(),
+        what_was_checked(&m),
         if key.is_some() {
             ", signed with the cluster's key"
         } else {
@@ -425,6 +426,21 @@ fn inspect(share: &Path, name: &str, json: bool) -> Result<(), Failure> {
         }
     );
     Ok(())
+}
+
+/// Which digests covered the archive (they differ by format).
+fn what_was_checked(m: &migrate::manifest::Manifest) -> String {
+    use migrate::manifest::FrameDigest;
+    let frames = match FrameDigest::of_version(m.version) {
+        FrameDigest::Blake3 => "BLAKE3",
+        FrameDigest::Sha256 => "SHA-256",
+    };
+    let own = m.members.iter().filter(|x| x.sha256.is_some()).count();
+    match (m.frames.len(), own) {
+        (0, _) => "every member's SHA-256 matches".into(),
+        (n, 0) => format!("all {n} frames' {frames} digests match"),
+        (n, _) => format!("all {n} frames' {frames} digests and every member's SHA-256 match"),
+    }
 }
 
 /// The archive's processes, as its images say (empty if unreadable).

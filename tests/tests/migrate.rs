@@ -590,7 +590,13 @@ fn checkpointctl_reads_an_archive_of_the_cli() {
         .unwrap();
     assert!(ours.status.success(), "{}", text(&ours));
     let ours_text = String::from_utf8_lossy(&ours.stdout).into_owned();
-    for part in ["processes:    1", "testapp", "uid 0", "verification: OK"] {
+    for part in [
+        "processes:    1",
+        "testapp",
+        "uid 0",
+        "verification: OK",
+        "frames' BLAKE3 digests match",
+    ] {
         assert!(ours_text.contains(part), "{part:?} not in: {ours_text}");
     }
     let ours = std::process::Command::new(criu_shim_tests::shim_binary())
