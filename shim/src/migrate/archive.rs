@@ -114,7 +114,8 @@ pub fn write<W: Destination>(
     body: impl FnOnce(&mut Writer) -> Result<Manifest>,
 ) -> Result<(Manifest, u64, FrameStats)> {
     let mtime = unix_now();
-    let hash_members = compression == Compression::None;
+    // Members need digests of their own exactly when no frames are written.
+    let hash_members = compression.mode() == frames::Mode::Plain;
     let framed = frames::write_framed(out, compression.mode(), |sink| {
         let mut w = Writer {
             sink,

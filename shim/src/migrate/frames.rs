@@ -34,9 +34,10 @@
 //!
 //! The writer also records every frame ([`FrameRecord`]: where it is,
 //! how many archive bytes it decodes to, and the digest of its bytes as
-//! written, BLAKE3 since format 3). The manifest carries that table, so a reader can fetch and
-//! verify any part of the archive alone (a lazy restore serving one page
-//! from the share) with the same trust as the whole.
+//! written, BLAKE3 since format 3). The manifest carries that table, so a
+//! reader can fetch and verify any part of the archive alone (a lazy
+//! restore serving one page from the share) with the same trust as the
+//! whole.
 
 use std::io::{self, Seek, SeekFrom, Write};
 use std::ops::Range;

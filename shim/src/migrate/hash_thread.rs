@@ -1,9 +1,9 @@
 //! SHA-256 on a thread of its own.
 //!
-//! Hashing is the costliest step of writing and of reading an archive:
-//! about 1.5 s of one core for 2 GiB of memory pages on these machines
-//! (SHA-NI). Done inline it adds to every checkpoint's publish time and
-//! every restore's fetch time; on its own thread it overlaps with reading,
+//! Members hashed whole (those of plain tars and of format 1-2 archives,
+//! which no frame table covers) cost about 1.5 s of one core per 2 GiB of
+//! memory pages on these machines (SHA-NI). Done inline that adds to the
+//! publish or the fetch; on its own thread it overlaps with reading,
 //! compressing and writing. Buffers travel by value (no copies) and come
 //! back through the caller's recycle channel once hashed.
 

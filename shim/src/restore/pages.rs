@@ -168,7 +168,6 @@ pub fn fetch_from_share(
     Ok((fetched, Some(Box::new(source))))
 }
 
-/// `pages-ID.img` members' ID.
 /// For every page image that holds lazily restored memory: the byte
 /// ranges userfaultfd serves (sorted, merged).
 fn lazy_offsets(images: &Path) -> Result<HashMap<u32, Vec<(u64, u64)>>> {
