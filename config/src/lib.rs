@@ -87,6 +87,8 @@ pub mod env {
     pub const MIGRATION: &str = "CRIU_SHIM_MIGRATION";
     pub const LAZY_TIMEOUT_SECS: &str = "CRIU_SHIM_LAZY_TIMEOUT";
     pub const RESTORE_FETCH: &str = "CRIU_SHIM_RESTORE_FETCH";
+    pub const POST_COPY_ADDRESS: &str = "CRIU_SHIM_POST_COPY_ADDRESS";
+    pub const POST_COPY_IDLE_SECS: &str = "CRIU_SHIM_POST_COPY_IDLE_TIMEOUT";
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -266,6 +268,16 @@ pub struct ShimConfig {
     /// one of its pages before it is killed (a cut network).
     pub lazy_timeout_secs: u64,
     pub restore_fetch: RestoreFetch,
+    /// Where this node serves a post-copy checkpoint's memory to the
+    /// restoring node: the address the relay binds and the manifest names
+    /// (port 0: any free port). Unset: post-copy checkpoints are refused.
+    pub post_copy_address: Option<std::net::SocketAddr>,
+    /// How long the source node waits for the restoring node (to connect,
+    /// then between two requests) before it calls a post-copy transfer
+    /// off and the source runs on. Longer than the restoring node's
+    /// `lazy_timeout_secs`, so that a cut network never leaves both
+    /// copies running.
+    pub post_copy_idle_secs: u64,
 }
 
 impl ShimConfig {
@@ -296,6 +308,8 @@ impl ShimConfig {
             migration: MigrationMode::Cold,
             lazy_timeout_secs: 30,
             restore_fetch: RestoreFetch::Stream,
+            post_copy_address: None,
+            post_copy_idle_secs: 60,
         }
     }
 
@@ -360,6 +374,31 @@ impl ShimConfig {
                 v,
                 "expected a whole number of seconds > 0",
             )?;
+        }
+        if let Some(v) = env(env::POST_COPY_ADDRESS).filter(|v| !v.is_empty()) {
+            c.post_copy_address = Some(parse_address(&v).ok_or(ConfigError::BadValue {
+                name: env::POST_COPY_ADDRESS,
+                value: v,
+                why: "expected this node's IP address, optionally with a port (10.0.0.5, \
+                      10.0.0.5:7300, [fd00::5]:7300); 0.0.0.0 is not an address the \
+                      restoring node can reach",
+            })?);
+        }
+        if let Some(v) = env(env::POST_COPY_IDLE_SECS) {
+            c.post_copy_idle_secs = positive(
+                env::POST_COPY_IDLE_SECS,
+                v,
+                "expected a whole number of seconds > 0",
+            )?;
+        }
+        if c.post_copy_idle_secs <= c.lazy_timeout_secs {
+            return Err(ConfigError::BadValue {
+                name: env::POST_COPY_IDLE_SECS,
+                value: c.post_copy_idle_secs.to_string(),
+                why: "must be longer than CRIU_SHIM_LAZY_TIMEOUT: the restoring node must \
+                      give up on a silent source before the source gives up on it and runs \
+                      on, or both copies could run",
+            });
         }
         if let Some(v) = env(env::ARCHIVE_KEY_FILE).filter(|v| !v.is_empty()) {
             let path = PathBuf::from(v);
@@ -448,6 +487,16 @@ impl ShimConfig {
     }
 }
 
+/// `IP` or `IP:PORT` (IPv6 in brackets with a port), a unicast address
+/// another node can connect to.
+fn parse_address(v: &str) -> Option<std::net::SocketAddr> {
+    let addr = v
+        .parse::<std::net::SocketAddr>()
+        .ok()
+        .or_else(|| Some(std::net::SocketAddr::new(v.parse().ok()?, 0)))?;
+    (!addr.ip().is_unspecified() && !addr.ip().is_multicast()).then_some(addr)
+}
+
 /// systemd's own test: the directory exists only when systemd is PID 1.
 pub fn systemd_running() -> bool {
     Path::new("/run/systemd/system").is_dir()
@@ -506,6 +555,46 @@ mod tests {
         let env = |k: &str| (k == env::MIGRATION).then(|| "warm".to_string());
         let e = ShimConfig::resolve("n", None, env, false).unwrap_err();
         assert!(e.to_string().contains("CRIU_SHIM_MIGRATION"), "{e}");
+    }
+
+    #[test]
+    fn post_copy_settings_are_validated() {
+        let with = |pairs: &'static [(&'static str, &'static str)]| {
+            ShimConfig::resolve(
+                "n",
+                None,
+                move |k| {
+                    pairs
+                        .iter()
+                        .find(|(n, _)| *n == k)
+                        .map(|(_, v)| v.to_string())
+                },
+                false,
+            )
+        };
+        let c = with(&[]).unwrap();
+        assert_eq!(c.post_copy_address, None);
+        let c = with(&[(env::POST_COPY_ADDRESS, "10.0.0.5")]).unwrap();
+        assert_eq!(c.post_copy_address, Some("10.0.0.5:0".parse().unwrap()));
+        let c = with(&[(env::POST_COPY_ADDRESS, "[fd00::5]:7300")]).unwrap();
+        assert_eq!(c.post_copy_address, Some("[fd00::5]:7300".parse().unwrap()));
+        for bad in ["0.0.0.0", "node-a", "10.0.0.5:x", "224.0.0.1"] {
+            let pairs: &'static [(&str, &str)] =
+                Box::leak(vec![(env::POST_COPY_ADDRESS, bad)].into_boxed_slice());
+            let e = with(pairs).unwrap_err().to_string();
+            assert!(e.contains(env::POST_COPY_ADDRESS), "{bad}: {e}");
+        }
+        // The source must outwait the restoring node's own timeout.
+        let e = with(&[(env::POST_COPY_IDLE_SECS, "30")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CRIU_SHIM_LAZY_TIMEOUT"), "{e}");
+        let c = with(&[
+            (env::POST_COPY_IDLE_SECS, "20"),
+            (env::LAZY_TIMEOUT_SECS, "10"),
+        ])
+        .unwrap();
+        assert_eq!(c.post_copy_idle_secs, 20);
     }
 
     #[test]

@@ -15,6 +15,8 @@
 //! shared volume) are captured at one instant, and publishes all of them or
 //! none.
 
+pub mod post_copy;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
@@ -541,6 +543,7 @@ fn publish_while_dumping(
                 progress,
                 follow,
                 state_taken: taken_tx,
+                page_source: None,
             };
             publish(c, args, &no_stats, to, how)
         });
@@ -603,6 +606,8 @@ struct Writing {
     follow: Option<Follow>,
     /// Told once the container's state is all taken.
     state_taken: Option<std::sync::mpsc::SyncSender<()>>,
+    /// Post-copy: the memory stays with the source, served from here.
+    page_source: Option<migrate::manifest::PageSourceRef>,
 }
 
 impl Writing {
@@ -612,6 +617,7 @@ impl Writing {
             progress,
             follow: None,
             state_taken: None,
+            page_source: None,
         }
     }
 }
@@ -630,6 +636,7 @@ fn publish(
         progress,
         follow,
         state_taken,
+        page_source,
     } = how;
     let target = migrate::Target {
         state_taken,
@@ -661,6 +668,7 @@ fn publish(
         frozen_ms: dump.frozen_ms,
         criu_ms: dump.criu_ms,
         criu_version,
+        page_source,
     };
     let report = match follow {
         Some(f) => migrate::publish_while_dumping(&dumped, &target, f)?,
@@ -785,10 +793,11 @@ fn containerd_args(req: &api::CheckpointTaskRequest, bundle: &Path) -> Result<Cr
         empty_ns: o.empty_namespaces.clone(),
         cgroups_mode: Some(o.cgroups_mode.clone()).filter(|m| !m.is_empty()),
         lazy_pages: false,
+        page_server: None,
     })
 }
 
-fn write_report(dir: &Path, reports: &[&Report]) {
+pub fn write_report(dir: &Path, reports: &[&Report]) {
     let report = CheckpointReport {
         archives: reports
             .iter()

@@ -132,6 +132,13 @@ struct CheckpointArgs {
     /// all or none.
     #[arg(long)]
     pod: bool,
+    /// Post-copy: publish everything but the memory and return at once;
+    /// the container stays frozen here and serves its memory to the node
+    /// that restores it, then exits (or, if that node never comes or
+    /// goes away, runs on). Needs the cluster key and
+    /// CRIU_SHIM_POST_COPY_ADDRESS on this node.
+    #[arg(long, conflicts_with_all = ["pod", "leave_running"])]
+    post_copy: bool,
     /// Print the report as JSON (for scripts) instead of text.
     #[arg(long)]
     json: bool,
@@ -196,6 +203,7 @@ fn checkpoint(a: CheckpointArgs) -> Result<(), Failure> {
         leave_running: a.leave_running,
         tcp_established: a.tcp_established,
         pod: a.pod,
+        post_copy: a.post_copy,
         compression_level: a.level,
         ..Default::default()
     };

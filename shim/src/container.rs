@@ -69,6 +69,10 @@ pub struct Container {
     /// A checkpoint thawed it before containerd's Resume came (see
     /// `checkpoint::thaw_early`): that Resume has nothing left to do.
     pub thawed_early: std::sync::atomic::AtomicBool,
+    /// Its memory is being served to another node (a post-copy
+    /// checkpoint): the tasks stay frozen until the transfer ends, so
+    /// pause, resume, update, exec and checkpoints are refused.
+    pub moving_out: std::sync::atomic::AtomicBool,
     /// Serves the memory of a lazy restore until every page has moved.
     lazy: Mutex<Option<LazyRestore>>,
     pub config: criu_shim_config::ShimConfig,
@@ -97,6 +101,7 @@ impl Container {
             config: o.config.clone(),
             lifecycle: Mutex::new(()),
             thawed_early: Default::default(),
+            moving_out: Default::default(),
             lazy: Mutex::new(None),
         };
         if let Some(staged) = &o.rootfs_changes {
@@ -308,6 +313,7 @@ impl Container {
     /// `runc exec --detach`; `register` is called with the pid before the
     /// pid can be missed by the exit dispatcher.
     pub fn start_exec(&self, exec_id: &str) -> Result<i32> {
+        self.not_moving_out()?;
         let p = self.process(exec_id)?;
         if p.status() != Status::Created {
             return Err(Error::FailedPrecondition(format!(
@@ -408,7 +414,20 @@ impl Container {
         Ok(p)
     }
 
+    /// Fails while the container's memory moves to another node.
+    pub fn not_moving_out(&self) -> Result<()> {
+        if self.moving_out.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is frozen while its memory moves to another node (post-copy); \
+                 it exits once the move is done, or runs on if it is called off",
+                self.id
+            )));
+        }
+        Ok(())
+    }
+
     pub fn pause(&self) -> Result<()> {
+        self.not_moving_out()?;
         self.runc.pause(&self.id)?;
         self.init.set_status(Status::Paused);
         Ok(())
@@ -416,6 +435,7 @@ impl Container {
 
     pub fn resume(&self) -> Result<()> {
         use std::sync::atomic::Ordering;
+        self.not_moving_out()?;
         if self.thawed_early.swap(false, Ordering::SeqCst) && self.init.status() == Status::Running
         {
             return Ok(());
@@ -426,6 +446,7 @@ impl Container {
     }
 
     pub fn update(&self, resources_json: &[u8]) -> Result<()> {
+        self.not_moving_out()?;
         let path = self.bundle.join("resources.json");
         std::fs::write(&path, resources_json).map_err(|e| Error::io("write resources", e))?;
         let r = self.runc.update(&self.id, &path);

@@ -13,6 +13,7 @@ mod messages;
 mod migrate;
 mod netfix;
 mod oom;
+mod page_stream;
 mod process;
 mod reaper;
 mod restore;

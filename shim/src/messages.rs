@@ -88,6 +88,10 @@ pub struct CheckpointRequest {
     /// Every container of the request's pod, frozen together.
     #[serde(default)]
     pub pod: bool,
+    /// Publish everything but the memory, which the source serves to the
+    /// restoring node (see `checkpoint::post_copy`).
+    #[serde(default)]
+    pub post_copy: bool,
 }
 
 /// What a checkpoint published, for the CLI.

@@ -123,8 +123,11 @@ pub struct CriuArgs {
     pub file_locks: bool,
     pub empty_ns: Vec<String>,
     pub cgroups_mode: Option<String>,
-    /// Restore without private memory: a lazy-pages daemon serves it.
+    /// Restore without private memory: a lazy-pages daemon serves it;
+    /// dump without it: CRIU's page server serves it (`page_server`).
     pub lazy_pages: bool,
+    /// Where a lazy dump's page server listens (`ADDR:PORT`).
+    pub page_server: Option<String>,
 }
 
 impl CriuArgs {
@@ -139,11 +142,14 @@ impl CriuArgs {
             (self.ext_unix_sk, "--ext-unix-sk"),
             (self.shell_job, "--shell-job"),
             (self.file_locks, "--file-locks"),
-            (self.lazy_pages && restore, "--lazy-pages"),
+            (self.lazy_pages, "--lazy-pages"),
         ] {
             if on {
                 cmd.arg(flag);
             }
+        }
+        if let (Some(at), false) = (&self.page_server, restore) {
+            cmd.arg("--page-server").arg(at);
         }
         for ns in &self.empty_ns {
             cmd.arg("--empty-ns").arg(ns);

@@ -280,7 +280,18 @@ impl Service {
     /// container of its pod; see [`checkpoint`].
     fn do_checkpoint(&self, req: &api::CheckpointTaskRequest) -> Result<()> {
         let c = self.container(&req.id)?;
+        c.not_moving_out()?;
         match CheckpointRequest::from_options(req)? {
+            Some(r) if r.post_copy && r.pod => Err(Error::InvalidArgument(
+                "post-copy moves one container; a pod checkpoint (--pod) is cold".into(),
+            )),
+            Some(r) if r.post_copy => {
+                let report = checkpoint::post_copy::checkpoint(&c, &r)?;
+                if !req.path.is_empty() {
+                    checkpoint::write_report(std::path::Path::new(&req.path), &[&report]);
+                }
+                Ok(())
+            }
             Some(r) if r.pod => {
                 let members = self.pod_members(&c);
                 let report_dir =

@@ -13,6 +13,13 @@ pub const FORMAT: &str = "criu-shim.checkpoint";
 /// 3: frame digests are BLAKE3, and members covered by the frame table
 /// carry no SHA-256 of their own (a checkpoint hashed every byte twice).
 pub const VERSION: u32 = 3;
+/// 4: a post-copy checkpoint: the private memory is not in the archive
+/// but with the source node ([`Manifest::page_source`]). Written only for
+/// those, so that shims that cannot fetch memory from a source refuse
+/// them instead of restoring a process without its memory.
+pub const VERSION_POST_COPY: u32 = 4;
+/// The newest version this shim reads.
+pub const NEWEST: u32 = VERSION_POST_COPY;
 
 /// What a frame's digest is, by the archive's version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +108,21 @@ pub struct Manifest {
     /// older shims, which readers fetch whole.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub frames: Vec<FrameRef>,
+    /// Post-copy: who serves the memory the archive leaves out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_source: Option<PageSourceRef>,
+}
+
+/// Where a post-copy checkpoint's memory is served: the source node's
+/// relay (`CRIU_SHIM_POST_COPY_ADDRESS`) and the transfer's session id,
+/// which the page stream's handshake proves both sides know. Signed with
+/// the manifest, so nobody who can only write to the share can point a
+/// restore elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageSourceRef {
+    pub address: std::net::SocketAddr,
+    /// Hex ([`crate::page_stream::session_hex`]).
+    pub session: String,
 }
 
 impl Manifest {

@@ -168,6 +168,8 @@ pub struct Dumped<'a> {
     pub frozen_ms: Option<f64>,
     pub criu_ms: Option<f64>,
     pub criu_version: String,
+    /// Post-copy: the memory stays with the source's relay, named here.
+    pub page_source: Option<manifest::PageSourceRef>,
 }
 
 /// stage -> archive -> publish, after CRIU has dumped into `d.images`.
@@ -327,7 +329,10 @@ fn write_members(
     Ok((
         Manifest {
             format: manifest::FORMAT.into(),
-            version: manifest::VERSION,
+            version: match d.page_source {
+                Some(_) => manifest::VERSION_POST_COPY,
+                None => manifest::VERSION,
+            },
             container_id: d.container_id.to_string(),
             tenant: Some(t.tenant.id()),
             created: w.mtime(),
@@ -343,6 +348,7 @@ fn write_members(
             },
             members: Vec::new(),
             frames: Vec::new(),
+            page_source: d.page_source.clone(),
         },
         dump_ended,
     ))

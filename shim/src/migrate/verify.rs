@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use super::manifest::{Manifest, FORMAT, VERSION};
+use super::manifest::{Manifest, FORMAT, NEWEST, VERSION_POST_COPY};
 use super::members;
 use super::unpack::{Limits, Trailer};
 use crate::error::{Error, Result};
@@ -75,10 +75,22 @@ pub fn authenticate(
             m.format
         )));
     }
-    if m.version > VERSION {
+    if m.version > NEWEST {
         return Err(bad(format!(
-            "format version {} is newer than this shim reads ({VERSION}); upgrade criu-shim",
+            "format version {} is newer than this shim reads ({NEWEST}); upgrade criu-shim",
             m.version
+        )));
+    }
+    if (m.version == VERSION_POST_COPY) != m.page_source.is_some() {
+        return Err(bad(format!(
+            "format version {} {} a page source: only post-copy checkpoints (version \
+             {VERSION_POST_COPY}) have one",
+            m.version,
+            if m.page_source.is_some() {
+                "with"
+            } else {
+                "without"
+            }
         )));
     }
     if m.members.len() > limits.max_members {

@@ -39,7 +39,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use criu_sys::lazy::{LazyConnection, LazyListener, LazyMessage};
-use criu_sys::memory::{task_memory, LazyRange, PAGE_SIZE};
+use criu_sys::memory::{task_memory, LazyRange, TaskMemory, PAGE_SIZE};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use super::uffd::{self, Event, Filled};
@@ -57,14 +57,30 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
 /// Where the bytes of the images' pages come from.
 pub trait PageSource: Send {
-    /// Fills `buf` with the bytes at `offset` of `pages-<pages_id>.img`,
-    /// verified; an error names what went wrong.
+    /// Task `pid`'s memory to serve, as the images in `images` describe
+    /// it: by default the lazy runs whose bytes are in its pages image
+    /// (offsets into it).
+    fn memory(&self, images: &Path, pid: u32) -> std::result::Result<TaskMemory, String> {
+        task_memory(images, pid).map_err(|e| e.to_string())
+    }
+
+    /// Fills `buf` with task `pid`'s bytes at `offset` (of
+    /// `pages-<pages_id>.img`, or whatever [`PageSource::memory`] made
+    /// offsets mean), verified; an error names what went wrong.
     fn read(
         &mut self,
+        pid: u32,
         pages_id: u32,
         offset: u64,
         buf: &mut [u8],
     ) -> std::result::Result<(), String>;
+
+    /// Every page is in place. A source that must be told (the source
+    /// node, which then ends its dump) is told here; an error means the
+    /// restored copy must not run on.
+    fn finished(&mut self) -> std::result::Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Where a lazy restore stands.
@@ -502,6 +518,7 @@ impl Daemon {
             self.drop_finished_tasks();
             self.report();
             if self.finished && self.tasks.is_empty() {
+                self.source.finished()?;
                 return Ok(Exit::Done);
             }
         }
@@ -568,7 +585,7 @@ impl Daemon {
         };
         match conn.recv() {
             Ok(Some(LazyMessage::Task { pid, uffd })) => {
-                let mem = task_memory(&self.images, pid).map_err(|e| e.to_string())?;
+                let mem = self.source.memory(&self.images, pid)?;
                 self.started.get_or_insert_with(Instant::now);
                 self.total += mem.bytes();
                 log::debug!(
@@ -690,7 +707,7 @@ impl Daemon {
         self.buf.resize(len, 0);
         let task = &mut self.tasks[i];
         self.source
-            .read(task.pages_id, p.offset, &mut self.buf[..len])
+            .read(task.pid, task.pages_id, p.offset, &mut self.buf[..len])
             .map_err(|why| format!("task {}: memory at {start:#x}: {why}", task.pid))?;
         let filled = uffd::copy(&task.uffd, start, &self.buf[..len])
             .map_err(|e| format!("task {}: copy {len} bytes to {start:#x}: {e}", task.pid))?;
@@ -906,7 +923,13 @@ mod tests {
     }
 
     impl PageSource for Pattern {
-        fn read(&mut self, _: u32, offset: u64, buf: &mut [u8]) -> std::result::Result<(), String> {
+        fn read(
+            &mut self,
+            _: u32,
+            _: u32,
+            offset: u64,
+            buf: &mut [u8],
+        ) -> std::result::Result<(), String> {
             if offset.saturating_add(buf.len() as u64) > self.fail_from {
                 return Err("frame 3 does not match its digest".into());
             }

@@ -22,6 +22,7 @@
 pub mod lazy;
 pub mod pages;
 pub mod privileges;
+pub mod remote;
 pub mod source;
 mod uffd;
 
@@ -238,8 +239,26 @@ fn fetch(
         limits: Limits::from_config(config),
         deadline,
     })?;
-    let (f, source) = if stream {
-        pages::fetch_from_share(opened, Duration::from_secs(config.lazy_timeout_secs))?
+    let timeout = Duration::from_secs(config.lazy_timeout_secs);
+    let (f, source) = if let Some(src) = opened.manifest().page_source.clone() {
+        // Post-copy: the memory is with the source node, nowhere else.
+        let key = key.as_deref().ok_or_else(|| {
+            crate::error::Error::FailedPrecondition(format!(
+                "{reference} is a post-copy checkpoint: its memory comes from the source \
+                 node over a stream authenticated with the cluster key, and this node has \
+                 none; set CRIU_SHIM_ARCHIVE_KEY_FILE"
+            ))
+        })?;
+        uffd_support().map_err(|why| {
+            crate::error::Error::FailedPrecondition(format!(
+                "{reference} is a post-copy checkpoint, which needs userfaultfd: {why}"
+            ))
+        })?;
+        let f = Arc::new(opened.fetch_all()?);
+        let remote = remote::RemotePages::connect(&src, key, timeout)?;
+        (f, Some(Box::new(remote) as pages::Source))
+    } else if stream {
+        pages::fetch_from_share(opened, timeout)?
     } else {
         (Arc::new(opened.fetch_all()?), None)
     };

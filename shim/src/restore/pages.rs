@@ -66,7 +66,13 @@ impl StagedPages {
 }
 
 impl PageSource for StagedPages {
-    fn read(&mut self, id: u32, offset: u64, buf: &mut [u8]) -> std::result::Result<(), String> {
+    fn read(
+        &mut self,
+        _: u32,
+        id: u32,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<(), String> {
         self.file(id)?.read_exact_at(buf, offset).map_err(|e| {
             format!(
                 "pages-{id}.img: {} bytes at {offset}: {e} (the images are truncated)",
@@ -89,7 +95,13 @@ pub struct SharePages {
 }
 
 impl PageSource for SharePages {
-    fn read(&mut self, id: u32, offset: u64, buf: &mut [u8]) -> std::result::Result<(), String> {
+    fn read(
+        &mut self,
+        _: u32,
+        id: u32,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<(), String> {
         let &(at, size) = self
             .members
             .get(&id)

@@ -1,0 +1,135 @@
+//! Memory from the source node (post-copy): the restoring side.
+//!
+//! A post-copy archive holds every image but the private memory; its
+//! signed manifest names the source node's relay and the transfer's
+//! session ([`crate::migrate::manifest::PageSourceRef`]). The lazy-pages
+//! daemon ([`super::lazy`]) asks this source for pages by task and
+//! address, as CRIU's own lazy-pages daemon asks a page server; the
+//! relay answers from the frozen source through CRIU
+//! ([`crate::checkpoint::post_copy`]). Every answer is checked
+//! ([`crate::page_stream`]) before a byte reaches the restored tasks.
+//!
+//! When the last page is in, [`PageSource::finished`] tells the source,
+//! whose dump then ends (the source exits). If the source cannot confirm
+//! that, the restored copy is killed: of the two copies, at most one may
+//! run, and the source's ends up the one that does.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use criu_sys::memory::{served_memory, TaskMemory};
+
+use super::lazy::PageSource;
+use crate::error::{Error, Result};
+use crate::migrate::manifest::PageSourceRef;
+use crate::page_stream::{self, AnswerHead, Request, Stream, MAX_PAGES, PAGE_SIZE};
+
+/// The source node's relay, connected and authenticated.
+pub struct RemotePages {
+    stream: Stream<TcpStream>,
+    peer: SocketAddr,
+}
+
+impl RemotePages {
+    /// Connects to the relay `src` names and proves we hold `key`;
+    /// `timeout` bounds the connection and every answer after it (a
+    /// silent source fails the restore, which kills the copy).
+    pub fn connect(src: &PageSourceRef, key: &[u8], timeout: Duration) -> Result<RemotePages> {
+        let peer = src.address;
+        let refuse = |why: String| {
+            Error::FailedPrecondition(format!(
+                "the post-copy source {peer} (session {}): {why}",
+                src.session
+            ))
+        };
+        let session = page_stream::parse_session(&src.session)
+            .ok_or_else(|| refuse("the manifest's session id is malformed".into()))?;
+        let tcp = TcpStream::connect_timeout(&peer, timeout).map_err(|e| {
+            refuse(format!(
+                "cannot connect ({e}); its transfer may have been called off (the source \
+                 then runs on), or this node cannot reach its CRIU_SHIM_POST_COPY_ADDRESS"
+            ))
+        })?;
+        tcp.set_nodelay(true)
+            .and_then(|()| tcp.set_read_timeout(Some(timeout)))
+            .and_then(|()| tcp.set_write_timeout(Some(timeout)))
+            .map_err(|e| refuse(format!("socket options: {e}")))?;
+        let stream = page_stream::connect(tcp, key, &session).map_err(|e| {
+            refuse(format!(
+                "{e}; both nodes need the same CRIU_SHIM_ARCHIVE_KEY_FILE, and a transfer \
+                 serves one restore"
+            ))
+        })?;
+        log::info!("post-copy: connected to the source {peer}");
+        Ok(RemotePages { stream, peer })
+    }
+
+    fn get(&mut self, pid: u32, vaddr: u64, buf: &mut [u8]) -> std::result::Result<usize, String> {
+        let pages = (buf.len() / PAGE_SIZE) as u32;
+        self.stream
+            .request(Request::Get { pid, vaddr, pages })
+            .map_err(|e| format!("ask the source {} for pages: {e}", self.peer))?;
+        match self.stream.read_answer(buf) {
+            Ok(AnswerHead::Pages { vaddr: at, len }) if at == vaddr => Ok(len),
+            Ok(AnswerHead::Refused(why)) => Err(format!("the source {} refused: {why}", self.peer)),
+            Ok(other) => Err(format!(
+                "the source {} answered {other:?} to a request for {vaddr:#x}",
+                self.peer
+            )),
+            Err(e) => Err(format!("the source {}: {e}", self.peer)),
+        }
+    }
+}
+
+impl PageSource for RemotePages {
+    /// The runs the source's dump left to its page server; offsets are
+    /// the source's addresses (which a remap here does not change).
+    fn memory(&self, images: &Path, pid: u32) -> std::result::Result<TaskMemory, String> {
+        let mut m = served_memory(images, pid).map_err(|e| e.to_string())?;
+        for r in &mut m.ranges {
+            r.offset = r.start;
+        }
+        Ok(m)
+    }
+
+    fn read(
+        &mut self,
+        pid: u32,
+        _pages_id: u32,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<(), String> {
+        let mut at = 0;
+        while at < buf.len() {
+            let want = (buf.len() - at).min(MAX_PAGES as usize * PAGE_SIZE);
+            at += self.get(pid, offset + at as u64, &mut buf[at..at + want])?;
+        }
+        Ok(())
+    }
+
+    fn finished(&mut self) -> std::result::Result<(), String> {
+        let ended = self
+            .stream
+            .request(Request::Done)
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.stream.read_answer(&mut []).map_err(|e| e.to_string()));
+        match ended {
+            Ok(AnswerHead::Finished) => {
+                log::info!(
+                    "post-copy: every page moved; the source {} ended its dump",
+                    self.peer
+                );
+                Ok(())
+            }
+            Ok(other) => Err(format!(
+                "the source {} could not end its dump ({other:?}); it runs on",
+                self.peer
+            )),
+            Err(e) => Err(format!(
+                "the source {} did not confirm the end of its dump: {e}",
+                self.peer
+            )),
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Post-copy from the source node: the archive on the share holds all but
+//! the memory, node B's container runs at once and its memory comes from
+//! node A's frozen source, over an authenticated stream. Two real
+//! containerd daemons with criu-shim, runc and CRIU; needs root and
+//! hack/setup (which raises fs.pipe-max-size for CRIU's page server).
+
+use std::path::Path;
+use std::time::Duration;
+
+use criu_shim_tests::{text, wait_until, Containerd, CTR_TENANT};
+
+/// Both nodes hold the cluster key and serve post-copy memory on loopback
+/// (they are two daemons on one machine). `extra`: more settings.
+fn nodes(share: &Path, secrets: &Path, extra: &[(&str, &str)]) -> (Containerd, Containerd) {
+    let key = secrets.join("cluster.key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let key: &'static str = Box::leak(key.display().to_string().into_boxed_str());
+    let mut env = vec![
+        ("CRIU_SHIM_ARCHIVE_KEY_FILE", key),
+        ("CRIU_SHIM_POST_COPY_ADDRESS", "127.0.0.1"),
+    ];
+    env.extend_from_slice(extra);
+    (Containerd::node(share, &env), Containerd::node(share, &env))
+}
+
+fn dirs() -> (tempfile::TempDir, tempfile::TempDir) {
+    (
+        tempfile::Builder::new()
+            .prefix("criu-shim-share-")
+            .tempdir()
+            .unwrap(),
+        tempfile::tempdir().unwrap(),
+    )
+}
+
+/// Archives (complete or not) under `key` on the share.
+fn on_share(share: &Path, key: &str) -> usize {
+    std::fs::read_dir(share.join(CTR_TENANT).join(key))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().contains(".criu.tar"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn hash(node: &Containerd, exec: &str) -> Vec<String> {
+    let (code, out, err) = node.exec("app", exec, &["wget", "-qO-", "http://127.0.0.1:8080/hash"]);
+    assert_eq!(code, 0, "{err}");
+    out.split_whitespace().map(str::to_string).collect()
+}
+
+/// The whole move: B answers at once, counts on, holds the source's
+/// memory exactly; A's source exits once every page has moved, and the
+/// archive (useless without its source) leaves the share. The restored
+/// container is first class: exec, and a later (cold) checkpoint that
+/// carries its memory back to A.
+#[test]
+fn post_copy_moves_the_container_and_the_source_exits_once_its_memory_has_moved() {
+    let (share, secrets) = dirs();
+    let (a, b) = nodes(share.path(), secrets.path(), &[]);
+    a.run_detached("app", &["/testapp", "-m", "64", "--fill", "realistic"]);
+    assert_eq!(a.count("app"), 1);
+    let before = hash(&a, "h1");
+
+    let out = a.cli_checkpoint("app", &["--to", "pc", "--post-copy"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(on_share(share.path(), "pc"), 1, "the archive is published");
+    // The archive holds no memory: it is small next to 64 MiB.
+    let out = b.run_restored_with("app", "pc", &["criu-shim.io/migration=lazy"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(b.count("app"), 2, "the count continues");
+    let (code, _, err) = b.exec("app", "ls", &["ls", "/"]);
+    assert_eq!(code, 0, "exec works while pages move: {err}");
+    assert_eq!(hash(&b, "h2"), before, "the memory did not arrive whole");
+
+    wait_until(Duration::from_secs(30), "the source to exit", || {
+        matches!(a.task_status("app").as_deref(), None | Some("STOPPED"))
+    });
+    wait_until(Duration::from_secs(10), "A to log the end", || {
+        a.log().contains("the dump ended and the source exited")
+    });
+    assert!(
+        b.log().contains("every page moved; the source"),
+        "B did not log the end"
+    );
+    wait_until(Duration::from_secs(10), "the archive to leave", || {
+        on_share(share.path(), "pc") == 0
+    });
+    for (node, log) in [("A", a.log()), ("B", b.log())] {
+        for l in log.lines().filter(|l| l.contains("post-copy")) {
+            eprintln!("{node}: {l}");
+        }
+    }
+
+    let out = b.cli_checkpoint("app", &["--to", "back"]);
+    assert!(out.status.success(), "{}", text(&out));
+    a.remove("app");
+    let out = a.run_restored("app", "back");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(a.count("app"), 3);
+    assert_eq!(hash(&a, "h3"), before, "the memory did not come back whole");
+}
+
+/// Nobody restores (node B never comes, or cannot reach A): once the
+/// relay has waited CRIU_SHIM_POST_COPY_IDLE_TIMEOUT the transfer is
+/// called off, the source runs on where it was, with its memory, and the
+/// archive leaves the share.
+#[test]
+fn when_no_node_restores_the_source_runs_on_and_the_archive_goes() {
+    let (share, secrets) = dirs();
+    let settings = [
+        ("CRIU_SHIM_LAZY_TIMEOUT", "1"),
+        ("CRIU_SHIM_POST_COPY_IDLE_TIMEOUT", "3"),
+    ];
+    let (a, _b) = nodes(share.path(), secrets.path(), &settings);
+    a.run_detached("app", &["/testapp", "-m", "16", "--fill", "realistic"]);
+    assert_eq!(a.count("app"), 1);
+    let before = hash(&a, "h1");
+    let out = a.cli_checkpoint("app", &["--to", "nobody", "--post-copy"]);
+    assert!(out.status.success(), "{}", text(&out));
+    wait_until(
+        Duration::from_secs(30),
+        "the transfer to be called off",
+        || a.log().contains("post-copy of app called off"),
+    );
+    assert!(
+        a.log().contains("no restoring node connected"),
+        "{}",
+        a.log()
+    );
+    wait_until(Duration::from_secs(10), "the archive to leave", || {
+        on_share(share.path(), "nobody") == 0
+    });
+    assert_eq!(a.count("app"), 2, "the source runs on, counting");
+    assert_eq!(hash(&a, "h2"), before, "the source's memory changed");
+}
+
+/// Node B's shim dies mid-copy: the relay sees the stream end before
+/// "done" and calls the transfer off; A's source resumes with its memory.
+#[test]
+fn when_the_restoring_node_dies_mid_copy_the_source_runs_on() {
+    let (share, secrets) = dirs();
+    let (a, b) = nodes(share.path(), secrets.path(), &[]);
+    a.run_detached("app", &["/testapp", "-m", "1024", "--fill", "realistic"]);
+    assert_eq!(a.count("app"), 1);
+    let before = hash(&a, "h1");
+    let out = a.cli_checkpoint("app", &["--to", "dies", "--post-copy"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // Lazy: Create returns at once, with most of a GiB still to move.
+    let out = b.run_restored_with("app", "dies", &["criu-shim.io/migration=lazy"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let shim = shim_of(&b, b.task_pid("app"));
+    kill_9(shim);
+    wait_until(
+        Duration::from_secs(30),
+        "the transfer to be called off",
+        || a.log().contains("post-copy of app called off"),
+    );
+    assert!(
+        !a.log().contains("the dump ended and the source exited"),
+        "the source was killed although B never had all its memory"
+    );
+    assert_eq!(a.count("app"), 2, "the source runs on, counting");
+    assert_eq!(hash(&a, "h2"), before, "the source's memory changed");
+}
+
+/// The source's shim (and with it the relay) dies mid-copy: node B's copy
+/// cannot have its memory, so it is killed, with the reason in B's log;
+/// it does not run on with missing pages.
+#[test]
+fn when_the_source_dies_mid_copy_the_restored_copy_is_killed() {
+    let (share, secrets) = dirs();
+    let (a, b) = nodes(share.path(), secrets.path(), &[]);
+    a.run_detached("app", &["/testapp", "-m", "1024", "--fill", "realistic"]);
+    assert_eq!(a.count("app"), 1);
+    let out = a.cli_checkpoint("app", &["--to", "gone", "--post-copy"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let shim = shim_of(&a, a.task_pid("app"));
+    let out = b.run_restored_with("app", "gone", &["criu-shim.io/migration=lazy"]);
+    assert!(out.status.success(), "{}", text(&out));
+    kill_9(shim);
+    wait_until(Duration::from_secs(40), "B's copy to be killed", || {
+        b.log().contains("app: restoring its memory failed")
+    });
+    assert!(b.log().contains("the source 127.0.0.1:"), "{}", b.log());
+    wait_until(Duration::from_secs(10), "B's copy to be dead", || {
+        matches!(b.task_status("app").as_deref(), None | Some("STOPPED"))
+    });
+}
+
+fn kill_9(pid: i32) {
+    let ok = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -9 {pid}");
+}
+
+/// The shim process that is the parent of a task's init.
+fn shim_of(_node: &Containerd, pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    after.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
