@@ -494,13 +494,7 @@ impl Relay {
         vaddr: u64,
         buf: &mut [u8],
     ) -> std::result::Result<usize, String> {
-        let end = vaddr.checked_add(buf.len() as u64);
-        let inside = self.memory.get(&pid).is_some_and(|m| {
-            m.ranges
-                .iter()
-                .any(|r| r.start <= vaddr && end.is_some_and(|e| e <= r.end))
-        });
-        if !inside {
+        if !serves(&self.memory, pid, vaddr, buf.len() as u64) {
             return Err(format!(
                 "a request for {} bytes at {vaddr:#x} of task {pid}, outside the memory the \
                  dump serves",
@@ -520,6 +514,48 @@ impl Relay {
 
 type Stream = page_stream::Stream<TcpStream>;
 
+/// Whether `len` bytes at `vaddr` of task `pid` lie inside one run the
+/// dump left to its page server: the only requests CRIU survives.
+fn serves(memory: &HashMap<u32, TaskMemory>, pid: u32, vaddr: u64, len: u64) -> bool {
+    let Some(end) = vaddr.checked_add(len) else {
+        return false;
+    };
+    memory
+        .get(&pid)
+        .is_some_and(|m| m.ranges.iter().any(|r| r.start <= vaddr && end <= r.end))
+}
+
 fn is_timeout(e: &std::io::Error) -> bool {
     matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use criu_sys::memory::LazyRange;
+
+    #[test]
+    fn only_requests_inside_one_served_run_reach_criu() {
+        let run = |start: u64, end: u64| LazyRange {
+            start,
+            end,
+            offset: 0,
+        };
+        let memory = HashMap::from([(
+            7,
+            TaskMemory {
+                pages_id: 1,
+                ranges: vec![run(0x1000, 0x5000), run(0x5000, 0x9000)],
+            },
+        )]);
+        assert!(serves(&memory, 7, 0x1000, 0x4000));
+        assert!(serves(&memory, 7, 0x6000, 0x1000));
+        // Another task (CRIU would crash), across two runs, past the end,
+        // before the start, wrapping around.
+        assert!(!serves(&memory, 8, 0x1000, 0x1000));
+        assert!(!serves(&memory, 7, 0x4000, 0x2000));
+        assert!(!serves(&memory, 7, 0x8000, 0x2000));
+        assert!(!serves(&memory, 7, 0, 0x1000));
+        assert!(!serves(&memory, 7, u64::MAX - 0xfff, 0x2000));
+    }
 }

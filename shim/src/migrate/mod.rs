@@ -590,6 +590,7 @@ mod tests {
             frozen_ms: None,
             criu_ms: None,
             criu_version: "4.2.1".into(),
+            page_source: None,
         }
     }
 
@@ -1125,6 +1126,7 @@ mod tests {
                 })
                 .collect(),
             frames: Vec::new(),
+            page_source: None,
         }
     }
 

@@ -177,6 +177,39 @@ pub fn check_member_path(name: &str) -> std::result::Result<(), &'static str> {
 mod tests {
     use super::*;
 
+    /// Only format 4 names a page source, and format 4 always does: a
+    /// post-copy archive passed off as a cold one (or the reverse) would
+    /// restore a process without its memory.
+    #[test]
+    fn a_page_source_goes_with_format_4_only() {
+        let limits = Limits::from_config(&criu_shim_config::ShimConfig::defaults("default"));
+        let source = r#""page_source":{"address":"10.0.0.5:7300","session":"00112233445566778899aabbccddeeff"}"#;
+        let manifest = |version: u32, extra: &str| {
+            let raw = format!(
+                r#"{{"format":"{FORMAT}","version":{version},"container_id":"c","created":0,
+                "criu_version":"","kernel":"","shim_version":"","compression":"zstd",
+                "tcp_established":false,"stats":{{"frozen_ms":null,"criu_ms":null,
+                "pages_bytes":0}},"members":[{{"path":"checkpoint/inventory.img","size":1,
+                "sha256":"00"}}]{extra}}}"#
+            );
+            Trailer {
+                manifest: Some(raw.into_bytes()),
+                mac: None,
+            }
+        };
+        let check = |t: Trailer| authenticate(&t, "a.tar.zst", None, &limits).map(drop);
+        let ok = check(manifest(3, ""));
+        assert!(ok.is_ok(), "{:?}", ok.err());
+        let ok = check(manifest(4, &format!(",{source}")));
+        assert!(ok.is_ok(), "{:?}", ok.err());
+        for (version, extra) in [(3, format!(",{source}")), (4, String::new())] {
+            let e = check(manifest(version, &extra)).unwrap_err().to_string();
+            assert!(e.contains("page source"), "{version}: {e}");
+        }
+        let e = check(manifest(5, "")).unwrap_err().to_string();
+        assert!(e.contains("upgrade criu-shim"), "{e}");
+    }
+
     #[test]
     fn member_paths_are_our_format_only() {
         for ok in ["checkpoint/core-1.img", "spec.dump", "rootfs-diff.tar"] {
