@@ -45,9 +45,9 @@ pub enum Request {
 
 /// The source node's messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Answer {
+pub enum Answer<'a> {
     /// Pages at `vaddr`, possibly fewer than asked (whole pages).
-    Pages { vaddr: u64, bytes: Vec<u8> },
+    Pages { vaddr: u64, bytes: &'a [u8] },
     /// The dump ended: the source is gone, its memory is the restorer's.
     Finished,
     /// The request was refused or failed; the transfer is over.
@@ -243,12 +243,22 @@ impl<S: Read + Write> Stream<S> {
     fn send(&mut self, head: &[u8], body: &[u8]) -> Result<()> {
         let mac = self.mac(self.me, self.sent, head, body);
         self.sent += 1;
-        // One write for small messages: no delayed-ACK stall per header.
-        let mut msg = Vec::with_capacity(head.len() + body.len() + MAC_LEN);
-        msg.extend_from_slice(head);
-        msg.extend_from_slice(body);
-        msg.extend_from_slice(&mac);
-        self.io.write_all(&msg)?;
+        // One write for the whole message: no delayed-ACK stall between
+        // its parts (writev, without copying the pages).
+        let mut parts = [
+            io::IoSlice::new(head),
+            io::IoSlice::new(body),
+            io::IoSlice::new(&mac),
+        ];
+        let mut parts: &mut [io::IoSlice] = &mut parts;
+        while !parts.is_empty() {
+            match self.io.write_vectored(parts) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Ok(n) => io::IoSlice::advance_slices(&mut parts, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(())
     }
 
@@ -313,7 +323,7 @@ impl<S: Read + Write> Stream<S> {
     }
 
     /// Source: answers the last request.
-    pub fn answer(&mut self, a: &Answer) -> Result<()> {
+    pub fn answer(&mut self, a: &Answer<'_>) -> Result<()> {
         let (kind, vaddr, body): (u8, u64, &[u8]) = match a {
             Answer::Pages { vaddr, bytes } => (1, *vaddr, bytes),
             Answer::Finished => (2, 0, &[]),
@@ -437,7 +447,7 @@ mod tests {
         let page = vec![5u8; PAGE_SIZE];
         s.answer(&Answer::Pages {
             vaddr: 0x1000,
-            bytes: page.clone(),
+            bytes: &page,
         })
         .unwrap();
         let mut buf = vec![0u8; 2 * PAGE_SIZE];
@@ -517,7 +527,7 @@ mod tests {
         // An answer larger than the buffer asked for.
         s.answer(&Answer::Pages {
             vaddr: 0,
-            bytes: vec![0; 2 * PAGE_SIZE],
+            bytes: &[0; 2 * PAGE_SIZE],
         })
         .unwrap();
         let mut buf = vec![0u8; PAGE_SIZE];

@@ -120,6 +120,12 @@ impl NodeNet {
         PathBuf::from(format!("/run/netns/criu-shim-n{}", self.index))
     }
 
+    /// The node's own address (its end of the link to the host), which
+    /// other nodes reach through the host.
+    pub fn address(&self) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::new(10, 212, self.index as u8, 2)
+    }
+
     pub fn pod_subnet_prefix(&self) -> String {
         format!("10.213.{}.", self.index)
     }
@@ -223,6 +229,13 @@ impl Containerd {
             .iter()
             .any(|(k, _)| k == "NODE_NET")
             .then(|| NodeNet::create(&dir.path().join("cni")));
+        if let Some(n) = &net {
+            // Post-copy memory goes between node addresses.
+            env.push((
+                "CRIU_SHIM_POST_COPY_ADDRESS".to_string(),
+                n.address().to_string(),
+            ));
+        }
         let mut c = Containerd {
             dir,
             ns,

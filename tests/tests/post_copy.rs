@@ -205,3 +205,95 @@ fn shim_of(_node: &Containerd, pid: i32) -> i32 {
     let after = &stat[stat.rfind(')').unwrap() + 2..];
     after.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
+
+/// Drops every packet to and from a loopback port while it lives.
+struct Cut {
+    port: u16,
+}
+
+impl Cut {
+    fn iptables(op: &str, port: u16) -> bool {
+        ["--dport", "--sport"].iter().all(|dir| {
+            std::process::Command::new("iptables")
+                .args([op, "INPUT", "-i", "lo", "-p", "tcp", dir])
+                .arg(port.to_string())
+                .args(["-j", "DROP"])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        })
+    }
+
+    fn new(port: u16) -> Cut {
+        assert!(
+            Cut::iptables("-I", port),
+            "iptables (hack/setup installs it)"
+        );
+        Cut { port }
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        Cut::iptables("-D", self.port);
+    }
+}
+
+/// The relay's port, from node A's log.
+fn relay_port(a: &Containerd) -> u16 {
+    let log = a.log();
+    let at = log
+        .rfind("wait for the restoring node at 127.0.0.1:")
+        .expect("the relay's address in A's log");
+    let rest = &log[at + "wait for the restoring node at 127.0.0.1:".len()..];
+    rest[..rest.find(|c: char| !c.is_ascii_digit()).unwrap()]
+        .parse()
+        .unwrap()
+}
+
+/// The network between the nodes is cut mid-copy: B's copy, missing
+/// pages, is killed once the source has been silent for
+/// CRIU_SHIM_LAZY_TIMEOUT; only later (CRIU_SHIM_POST_COPY_IDLE_TIMEOUT,
+/// which must be longer) does A call the transfer off and its source run
+/// on, with its memory: the two copies never run at once.
+#[test]
+fn a_cut_network_kills_the_copy_first_and_then_resumes_the_source() {
+    let (share, secrets) = dirs();
+    let settings = [
+        ("CRIU_SHIM_LAZY_TIMEOUT", "2"),
+        ("CRIU_SHIM_POST_COPY_IDLE_TIMEOUT", "6"),
+    ];
+    let (a, b) = nodes(share.path(), secrets.path(), &settings);
+    a.run_detached("app", &["/testapp", "-m", "1024", "--fill", "realistic"]);
+    assert_eq!(a.count("app"), 1);
+    let before = hash(&a, "h1");
+    let out = a.cli_checkpoint("app", &["--to", "cut", "--post-copy"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = b.run_restored_with("app", "cut", &["criu-shim.io/migration=lazy"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let cut = Cut::new(relay_port(&a));
+    let started = std::time::Instant::now();
+    wait_until(Duration::from_secs(30), "B's copy to be killed", || {
+        b.log().contains("app: restoring its memory failed")
+    });
+    let copy_killed = started.elapsed();
+    assert!(
+        !a.log().contains("post-copy of app called off"),
+        "A resumed its source before B's copy was killed"
+    );
+    wait_until(Duration::from_secs(10), "B's copy to be dead", || {
+        matches!(b.task_status("app").as_deref(), None | Some("STOPPED"))
+    });
+    wait_until(
+        Duration::from_secs(30),
+        "A to call the transfer off",
+        || a.log().contains("post-copy of app called off"),
+    );
+    assert!(
+        started.elapsed() > copy_killed,
+        "the source resumed before the copy died"
+    );
+    drop(cut);
+    assert_eq!(a.count("app"), 2, "the source runs on, counting");
+    assert_eq!(hash(&a, "h2"), before, "the source's memory changed");
+}

@@ -325,6 +325,10 @@ struct Moved {
     peer: SocketAddr,
     bytes: u64,
     elapsed: Duration,
+    requests: u64,
+    /// Spent waiting for CRIU's page server, and sending to the peer.
+    in_criu: Duration,
+    sending: Duration,
 }
 
 impl Relay {
@@ -333,12 +337,16 @@ impl Relay {
         match self.serve() {
             Ok(m) => {
                 log::info!(
-                    "post-copy of {id}: {} MiB served to {} in {:?} ({:.0} MiB/s); the dump \
-                     ended and the source exited",
+                    "post-copy of {id}: {} MiB served to {} in {:?} ({:.0} MiB/s, {} requests, \
+                     {:?} of it in CRIU's page server, {:?} sending); the dump ended and the \
+                     source exited",
                     m.bytes >> 20,
                     m.peer,
                     m.elapsed,
-                    m.bytes as f64 / (1 << 20) as f64 / m.elapsed.as_secs_f64().max(1e-3)
+                    m.bytes as f64 / (1 << 20) as f64 / m.elapsed.as_secs_f64().max(1e-3),
+                    m.requests,
+                    m.in_criu,
+                    m.sending
                 );
                 match self.dump.recv_timeout(Duration::from_secs(60)) {
                     Ok(Ok(_)) => {}
@@ -364,6 +372,7 @@ impl Relay {
         let started = Instant::now();
         let total: u64 = self.memory.values().map(TaskMemory::bytes).sum();
         let (mut bytes, mut logged) = (0u64, Instant::now());
+        let (mut requests, mut in_criu, mut sending) = (0u64, Duration::ZERO, Duration::ZERO);
         let mut buf = vec![0u8; MAX_PAGES as usize * PAGE_SIZE];
         loop {
             let request = stream.next_request().map_err(|e| match e {
@@ -377,6 +386,7 @@ impl Relay {
             match request {
                 Some(Request::Get { pid, vaddr, pages }) => {
                     let len = pages as usize * PAGE_SIZE;
+                    let asked = Instant::now();
                     let n = match self.forward(pid, vaddr, &mut buf[..len]) {
                         Ok(n) => n,
                         Err(why) => {
@@ -384,12 +394,16 @@ impl Relay {
                             return Err(why);
                         }
                     };
+                    let got = Instant::now();
+                    in_criu += got - asked;
                     stream
                         .answer(&Answer::Pages {
                             vaddr,
-                            bytes: buf[..n].to_vec(),
+                            bytes: &buf[..n],
                         })
                         .map_err(|e| format!("send pages to {peer}: {e}"))?;
+                    sending += got.elapsed();
+                    requests += 1;
                     bytes += n as u64;
                     if logged.elapsed() >= PROGRESS_EVERY {
                         logged = Instant::now();
@@ -420,6 +434,9 @@ impl Relay {
                         peer,
                         bytes,
                         elapsed: started.elapsed(),
+                        requests,
+                        in_criu,
+                        sending,
                     });
                 }
                 None => {

@@ -75,6 +75,11 @@ pub trait PageSource: Send {
         buf: &mut [u8],
     ) -> std::result::Result<(), String>;
 
+    /// The daemon's next background read will likely be `len` bytes at
+    /// `offset` of task `pid`: a source with a round trip per read (the
+    /// source node) asks for them while the current read is answered.
+    fn hint_next(&mut self, _pid: u32, _pages_id: u32, _offset: u64, _len: u64) {}
+
     /// Every page is in place. A source that must be told (the source
     /// node, which then ends its dump) is told here; an error means the
     /// restored copy must not run on.
@@ -755,7 +760,14 @@ impl Daemon {
             return Ok(());
         };
         let end = p.end.min(s + BACKGROUND_RUN);
-        for (start, piece) in self.tasks[i].ranges.take(s, end) {
+        let pieces = self.tasks[i].ranges.take(s, end);
+        let task = &self.tasks[i];
+        if let Some((next, piece)) = task.ranges.first() {
+            let len = piece.end.min(next + BACKGROUND_RUN) - next;
+            self.source
+                .hint_next(task.pid, task.pages_id, piece.offset, len);
+        }
+        for (start, piece) in pieces {
             if self.fill(i, start, piece)? != Filled::Done {
                 break;
             }

@@ -14,7 +14,10 @@
 //! A client polls the service every 10 ms: the pod IP on node A, then the
 //! new pod's IP on node B as soon as the CRI reports it. Downtime is the
 //! time from the start of the checkpoint (the moment the state the copy
-//! continues from is taken) to the first answer from node B. Ways compared:
+//! continues from is taken) to the first answer from node B. Also
+//! reported: how long answers take before the move and for B's first ten
+//! (a lazily restored copy pays for the pages its answers touch). Ways
+//! compared:
 //! - `criu-shim cli`: our CLI, exit mode (the source stops once the archive
 //!   is on the share), pod B restores with the restore annotation;
 //! - `criu-shim cri`: CRI CheckpointContainer (the kubelet checkpoint API;
@@ -22,6 +25,11 @@
 //! - `criu-shim cli lazy` and `criu-shim cri lazy`: the same checkpoints,
 //!   pod B restored with `criu-shim.io/migration: lazy` (it runs before
 //!   its memory is on node B; pages follow as it touches them);
+//! - `criu-shim cli post-copy`: our CLI's `--post-copy`: the archive on
+//!   the share holds everything but the memory, pod B is restored lazily
+//!   and its memory comes from node A's frozen source over the nodes'
+//!   addresses; pod A is removed once its source has exited (every page
+//!   moved), the time reported as "all memory on B";
 //! - `stock`: handler `runc` (containerd-shim-runc-v2): CRI
 //!   CheckpointContainer to a tar on the share, pod B's container created
 //!   from that tar (containerd 2.1's own CRI restore). That restore pulls
@@ -47,7 +55,8 @@ const PORT: u16 = 8080;
 /// from which address) answers came.
 struct Client {
     target: Arc<Mutex<Option<SocketAddr>>>,
-    answers: Arc<Mutex<Vec<(Instant, SocketAddr)>>>,
+    /// When each answer came, from where, and how long it took.
+    answers: Arc<Mutex<Vec<(Instant, SocketAddr, Duration)>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -65,7 +74,8 @@ impl Client {
                 let addr = *target.lock().unwrap();
                 if let Some(addr) = addr {
                     if ask(addr) {
-                        answers.lock().unwrap().push((Instant::now(), addr));
+                        let took = started.elapsed();
+                        answers.lock().unwrap().push((Instant::now(), addr, took));
                     }
                 }
                 let spent = started.elapsed();
@@ -90,17 +100,42 @@ impl Client {
     fn first_answer_from(&self, addr: SocketAddr, limit: Duration) -> Instant {
         let deadline = Instant::now() + limit;
         loop {
-            if let Some((t, _)) = self
+            if let Some((t, _, _)) = self
                 .answers
                 .lock()
                 .unwrap()
                 .iter()
-                .find(|(_, a)| *a == addr)
+                .find(|(_, a, _)| *a == addr)
             {
                 return *t;
             }
             assert!(Instant::now() < deadline, "no answer from {addr}");
             std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Client {
+    /// The median time to answer of `addr`'s first `n` answers (waiting
+    /// for them, at most 30 s), and of every answer before the move.
+    fn latencies(&self, before: SocketAddr, after: SocketAddr, n: usize) -> (Duration, Duration) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let answers = self.answers.lock().unwrap();
+            let of = |addr: SocketAddr| -> Vec<Duration> {
+                answers
+                    .iter()
+                    .filter(|(_, a, _)| *a == addr)
+                    .map(|(_, _, d)| *d)
+                    .collect()
+            };
+            let mut first = of(after);
+            if first.len() >= n || Instant::now() > deadline {
+                first.truncate(n);
+                return (median(of(before)), median(first));
+            }
+            drop(answers);
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
@@ -129,6 +164,9 @@ enum Way {
     CriuCri,
     CriuCliLazy,
     CriuCriLazy,
+    /// Our CLI's `--post-copy`: the memory moves from the frozen source
+    /// while pod B runs (restored lazily).
+    CriuPostCopy,
     Stock,
 }
 
@@ -139,12 +177,16 @@ impl Way {
             Way::CriuCri => "criu-shim cri",
             Way::CriuCliLazy => "criu-shim cli lazy",
             Way::CriuCriLazy => "criu-shim cri lazy",
+            Way::CriuPostCopy => "criu-shim cli post-copy",
             Way::Stock => "stock",
         }
     }
 
     fn lazy(self) -> bool {
-        matches!(self, Way::CriuCliLazy | Way::CriuCriLazy)
+        matches!(
+            self,
+            Way::CriuCliLazy | Way::CriuCriLazy | Way::CriuPostCopy
+        )
     }
 }
 
@@ -154,6 +196,12 @@ struct Sample {
     checkpoint: Duration,
     restore: Duration,
     downtime: Duration,
+    /// From the start of the checkpoint until every page was on node B
+    /// (post-copy: the source exited; otherwise the downtime, or for a lazy
+    /// restore unknown here).
+    all_moved: Option<Duration>,
+    /// Median time to answer before the move, and of B's first 10 answers.
+    latency: (Duration, Duration),
 }
 
 fn addr(ip: &str) -> SocketAddr {
@@ -218,8 +266,13 @@ fn migrate(
     let mut t0 = Instant::now();
     let mut failed = 0;
     match way {
-        Way::CriuCli | Way::CriuCliLazy => {
-            let out = a.cli_checkpoint(&id_a, &[]);
+        Way::CriuCli | Way::CriuCliLazy | Way::CriuPostCopy => {
+            let extra: &[&str] = if way == Way::CriuPostCopy {
+                &["--post-copy"]
+            } else {
+                &[]
+            };
+            let out = a.cli_checkpoint(&id_a, extra);
             assert!(out.status.success(), "{}", criu_shim_tests::text(&out));
         }
         Way::CriuCri | Way::CriuCriLazy => ca
@@ -244,7 +297,10 @@ fn migrate(
         }
     }
     let t1 = Instant::now();
-    remove_pod(&mut ca, &pod_a);
+    // A post-copy source serves its memory until pod B has it all.
+    if way != Way::CriuPostCopy {
+        remove_pod(&mut ca, &pod_a);
+    }
 
     let restore_ann = [
         ("criu-shim.io/restore-from", key.as_str()),
@@ -268,7 +324,42 @@ fn migrate(
     client.switch_to(addr(&ip_b));
     cb.start_container(&id_b).expect("start B");
     let t2 = client.first_answer_from(addr(&ip_b), Duration::from_secs(300));
+    let latency = client.latencies(addr(&ip_a), addr(&ip_b), 10);
     drop(client);
+    let all_moved = match way {
+        Way::CriuPostCopy => {
+            let exited = loop {
+                let st = ca.container_status(&id_a).expect("ContainerStatus A");
+                if st.state != 1 {
+                    break Instant::now();
+                }
+                assert!(
+                    t0.elapsed() < Duration::from_secs(300),
+                    "the source never exited"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            remove_pod(&mut ca, &pod_a);
+            // Where the transfer's time went, from both shims' logs.
+            let logs = [a.log(), b.log()];
+            if let Ok(dir) = std::env::var("BENCH_KEEP_LOGS") {
+                let _ = std::fs::write(format!("{dir}/a-{mib}-{run}.log"), &logs[0]);
+                let _ = std::fs::write(format!("{dir}/b-{mib}-{run}.log"), &logs[1]);
+            }
+            for line in logs.iter().flat_map(|l| l.lines()).filter(|l| {
+                l.contains(&id_a[..12]) && l.contains("MiB served to")
+                    || l.contains("MiB of memory in place")
+                    || l.contains("images dumped in")
+            }) {
+                if let Some(msg) = line.split("msg=").nth(1) {
+                    eprintln!("  # {msg}");
+                }
+            }
+            Some(exited - t0)
+        }
+        Way::CriuCli | Way::CriuCri | Way::Stock => Some(t2 - t0),
+        Way::CriuCliLazy | Way::CriuCriLazy => None,
+    };
     let after = http_count(&ip_b, PORT).unwrap();
     assert!(
         after > before,
@@ -283,6 +374,8 @@ fn migrate(
         checkpoint: t1 - t0,
         restore: t2 - t1,
         downtime: t2 - t0,
+        all_moved,
+        latency,
     }
 }
 
@@ -299,7 +392,7 @@ fn manifest_digest(node: &Containerd, image: &str) -> String {
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
 fn ms(d: Duration) -> u128 {
@@ -344,12 +437,19 @@ fn main() {
     // BENCH_STAGING=DIR: the shims' local staging there (a tmpfs, say);
     // each node gets its own subdirectory.
     let staging = std::env::var("BENCH_STAGING").ok();
+    // Both nodes hold the cluster key: archives are signed, and post-copy
+    // memory is authenticated with it.
+    let secrets = tempfile::tempdir().unwrap();
+    let key = secrets.path().join("cluster.key");
+    std::fs::write(&key, [9u8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let key = key.display().to_string();
     let node = |name: &str| {
         let dir = staging.as_ref().map(|s| format!("{s}/{name}"));
-        let env: Vec<(&str, &str)> = dir
-            .as_deref()
-            .map(|d| vec![("CRIU_SHIM_STAGING_DIR", d)])
-            .unwrap_or_default();
+        let mut env: Vec<(&str, &str)> = vec![("CRIU_SHIM_ARCHIVE_KEY_FILE", key.as_str())];
+        if let Some(d) = dir.as_deref() {
+            env.push(("CRIU_SHIM_STAGING_DIR", d));
+        }
         Containerd::cri_net_node(share.path(), &env)
     };
     let a = node("a");
@@ -369,13 +469,14 @@ fn main() {
     }
     // BENCH_WAYS=cli,cri,cli lazy,cri lazy,stock (default: all; stock
     // last, the reference).
-    let wanted =
-        std::env::var("BENCH_WAYS").unwrap_or_else(|_| "cli,cri,cli lazy,cri lazy,stock".into());
+    let wanted = std::env::var("BENCH_WAYS")
+        .unwrap_or_else(|_| "cli,cri,cli lazy,cri lazy,cli post-copy,stock".into());
     let ways: Vec<Way> = [
         Way::CriuCli,
         Way::CriuCri,
         Way::CriuCliLazy,
         Way::CriuCriLazy,
+        Way::CriuPostCopy,
         Way::Stock,
     ]
     .into_iter()
@@ -383,23 +484,26 @@ fn main() {
     .collect();
     assert!(
         !ways.is_empty(),
-        "BENCH_WAYS={wanted}: none of cli, cri, cli lazy, cri lazy, stock"
+        "BENCH_WAYS={wanted}: none of cli, cri, cli lazy, cri lazy, cli post-copy, stock"
     );
     println!(
-        "| size (MiB) | way | checkpoint (ms) | restore (ms) | downtime (ms) | downtime vs stock | failed checkpoints |"
+        "| size (MiB) | way | checkpoint (ms) | restore (ms) | downtime (ms) | downtime min..max | downtime vs stock | all memory on B (ms) | answer before / B's first 10 (ms, median) | failed checkpoints |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for &mib in &sizes {
         let mut samples: Vec<Vec<Sample>> = ways.iter().map(|_| Vec::new()).collect();
         for run in 0..runs {
             for (i, &way) in ways.iter().enumerate() {
                 let s = migrate(&a, &b, share.path(), way, mib, run, &stock_image);
                 eprintln!(
-                    "{mib} MiB run {run} {}: checkpoint {} ms, restore {} ms, downtime {} ms, failed attempts {}",
+                    "{mib} MiB run {run} {}: checkpoint {} ms, restore {} ms, downtime {} ms, all memory on B {}, answers {:.1} ms before, {:.1} ms B's first 10, failed attempts {}",
                     way.name(),
                     ms(s.checkpoint),
                     ms(s.restore),
                     ms(s.downtime),
+                    s.all_moved.map_or("-".into(), |d| format!("{} ms", ms(d))),
+                    s.latency.0.as_secs_f64() * 1e3,
+                    s.latency.1.as_secs_f64() * 1e3,
                     s.failed
                 );
                 record_sample(way, mib, s.downtime);
@@ -413,13 +517,27 @@ fn main() {
         let stock = downtimes[ways.len() - 1];
         for (i, way) in ways.iter().enumerate() {
             let s = &samples[i];
+            let all_moved: Vec<Duration> = s.iter().filter_map(|x| x.all_moved).collect();
+            let (lo, hi) = (
+                s.iter().map(|x| x.downtime).min().unwrap_or_default(),
+                s.iter().map(|x| x.downtime).max().unwrap_or_default(),
+            );
             println!(
-                "| {mib} | {} | {} | {} | {} | {:.2} | {} |",
+                "| {mib} | {} | {} | {} | {} | {}..{} | {:.2} | {} | {:.1} / {:.1} | {} |",
                 way.name(),
                 ms(median(s.iter().map(|x| x.checkpoint).collect())),
                 ms(median(s.iter().map(|x| x.restore).collect())),
                 ms(downtimes[i]),
+                ms(lo),
+                ms(hi),
                 downtimes[i].as_secs_f64() / stock.as_secs_f64(),
+                if all_moved.is_empty() {
+                    "-".to_string()
+                } else {
+                    ms(median(all_moved)).to_string()
+                },
+                median(s.iter().map(|x| x.latency.0).collect()).as_secs_f64() * 1e3,
+                median(s.iter().map(|x| x.latency.1).collect()).as_secs_f64() * 1e3,
                 s.iter().map(|x| x.failed).sum::<u32>()
             );
         }
