@@ -297,3 +297,123 @@ fn a_cut_network_kills_the_copy_first_and_then_resumes_the_source() {
     assert_eq!(a.count("app"), 2, "the source runs on, counting");
     assert_eq!(hash(&a, "h2"), before, "the source's memory changed");
 }
+
+/// Post-copy between two CRI nodes in their own network namespaces, as a
+/// cluster runs it: the pod on A is checkpointed with the operators' CLI
+/// (by the id `crictl ps` shows), a pod on B restores it lazily, the page
+/// stream goes between the node addresses. B answers with the count
+/// carried on, the writable layer and the whole memory; A's container
+/// exits once its memory has moved; both nodes end clean.
+#[test]
+fn a_pod_moves_post_copy_between_cri_nodes() {
+    use criu_shim_tests::cri::{container_config, pod_config};
+    use criu_shim_tests::{http_count_within, IMAGE};
+    let (share, secrets) = dirs();
+    let key = secrets.path().join("cluster.key");
+    std::fs::write(&key, [3u8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let key = key.display().to_string();
+    let env = [("CRIU_SHIM_ARCHIVE_KEY_FILE", key.as_str())];
+    let a = Containerd::cri_net_node(share.path(), &env);
+    let b = Containerd::cri_net_node(share.path(), &env);
+    let (mut ca, mut cb) = (a.cri(), b.cri());
+    let app: &[&str] = &[
+        "/testapp",
+        "-m",
+        "128",
+        "--fill",
+        "realistic",
+        "--touch",
+        "16",
+    ];
+    let run = |cri: &mut criu_shim_tests::cri::Cri, uid: &str, ann: &[(&str, &str)]| {
+        let pod = pod_config("cache", uid, ann, false);
+        let pod_id = cri.run_pod_sandbox(&pod, "criu").expect("pod");
+        let id = cri
+            .create_container(&pod_id, container_config("cache", IMAGE, app), &pod)
+            .expect("container");
+        cri.start_container(&id).expect("start");
+        let ip = cri.pod_ip(&pod_id).unwrap();
+        (pod_id, id, ip)
+    };
+    let (pod_a, id_a, ip_a) = run(&mut ca, "uid-a", &[("criu-shim.io/checkpoint-to", "pc")]);
+    assert_eq!(http_count_within(&ip_a, 8080, Duration::from_secs(30)), 1);
+    let hash = |cri: &mut criu_shim_tests::cri::Cri, id: &str| {
+        let (code, out, err) = cri
+            .exec_sync(id, &["wget", "-qO-", "http://127.0.0.1:8080/hash"])
+            .unwrap();
+        assert_eq!(code, 0, "{err}");
+        out.split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let before = hash(&mut ca, &id_a);
+    let (code, _, err) = ca
+        .exec_sync(&id_a, &["sh", "-c", "echo kept > /state.txt"])
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+
+    let out = a.cli_checkpoint(&id_a[..12], &["--post-copy"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (pod_b, id_b, ip_b) = run(
+        &mut cb,
+        "uid-b",
+        &[
+            ("criu-shim.io/restore-from", "pc"),
+            ("criu-shim.io/migration", "lazy"),
+        ],
+    );
+    assert_eq!(http_count_within(&ip_b, 8080, Duration::from_secs(30)), 2);
+    let (code, out, err) = cb.exec_sync(&id_b, &["cat", "/state.txt"]).unwrap();
+    assert_eq!((code, out.as_str()), (0, "kept\n"), "{err}");
+    assert_eq!(
+        hash(&mut cb, &id_b),
+        before,
+        "the memory did not arrive whole"
+    );
+    let a_addr = a.net.as_ref().unwrap().address().to_string();
+    assert!(
+        b.log()
+            .contains(&format!("post-copy: connected to the source {a_addr}:")),
+        "the pages did not come from A's node address"
+    );
+    wait_until(Duration::from_secs(30), "A's container to exit", || {
+        ca.container_status(&id_a).unwrap().state != 1
+    });
+    for (cri, pod) in [(&mut ca, &pod_a), (&mut cb, &pod_b)] {
+        cri.stop_pod_sandbox(pod).unwrap();
+        cri.remove_pod_sandbox(pod).unwrap();
+    }
+    for node in [&a, &b] {
+        let staging: Vec<_> = std::fs::read_dir(node.staging())
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(staging.is_empty(), "staging left: {staging:?}");
+    }
+    assert_eq!(
+        on_share_in(share.path(), criu_shim_tests::POD_TENANT, "pc"),
+        0
+    );
+}
+
+/// Archives under `key` of `tenant` on the share, in any container's
+/// directory.
+fn on_share_in(share: &Path, tenant: &str, key: &str) -> usize {
+    walk(&share.join(tenant).join(key))
+        .iter()
+        .filter(|p| p.to_string_lossy().contains(".criu.tar"))
+        .count()
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
