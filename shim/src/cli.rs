@@ -139,6 +139,11 @@ struct CheckpointArgs {
     /// CRIU_SHIM_POST_COPY_ADDRESS on this node.
     #[arg(long, conflicts_with_all = ["pod", "leave_running"])]
     post_copy: bool,
+    /// With --post-copy: stay until the memory has moved (showing pages
+    /// moved, left and the rate), exit 0 once the source has exited, 1 if
+    /// the transfer was called off (the source then runs on).
+    #[arg(long, requires = "post_copy")]
+    wait: bool,
     /// Print the report as JSON (for scripts) instead of text.
     #[arg(long)]
     json: bool,
@@ -245,7 +250,62 @@ fn checkpoint(a: CheckpointArgs) -> Result<(), Failure> {
             started.elapsed().as_secs_f64()
         ),
     }
-    Ok(())
+    if !a.post_copy {
+        return Ok(());
+    }
+    if !a.wait {
+        if !a.json {
+            println!(
+                "{id}: frozen here, serving its memory to the node that restores it; it exits \
+                 once every page has moved (--wait to follow)"
+            );
+        }
+        return Ok(());
+    }
+    wait_for_post_copy(id, report_dir.path(), address.trim(), a.json)
+}
+
+/// Until the relay writes how the transfer ended (or its shim, at
+/// `address`, is gone).
+fn wait_for_post_copy(id: &str, dir: &Path, address: &str, json: bool) -> Result<(), Failure> {
+    use crate::messages::PostCopyEnd;
+    let progress = (!json).then(|| Progress::watching(format!("moving {id}"), Some(dir.into())));
+    let socket = address.strip_prefix("unix://").unwrap_or(address);
+    let mut looked = Instant::now();
+    let end = loop {
+        if let Some(end) = PostCopyEnd::read(dir) {
+            break end;
+        }
+        if looked.elapsed() > Duration::from_secs(2) {
+            looked = Instant::now();
+            if std::os::unix::net::UnixStream::connect(socket).is_err() {
+                return Err(failed(format!(
+                    "{id}: its shim went away while the memory moved (see containerd's log)"
+                )));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    drop(progress);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&end).map_err(failed)?);
+    }
+    match (end.moved, end.why) {
+        (true, _) => {
+            if !json {
+                println!(
+                    "{id}: {:.1} MiB of memory moved in {:.2} s; the source has exited",
+                    end.bytes as f64 / (1 << 20) as f64,
+                    end.seconds
+                );
+            }
+            Ok(())
+        }
+        (false, why) => Err(failed(format!(
+            "{id}: the transfer was called off ({}); the source runs on here",
+            why.unwrap_or_default()
+        ))),
+    }
 }
 
 /// The (containerd namespace, container id) the operator means: an id, a

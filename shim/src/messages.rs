@@ -149,6 +149,38 @@ impl ProgressReport {
     }
 }
 
+/// How a post-copy transfer ended, for a CLI that waits for it
+/// (`checkpoint --post-copy --wait`); written once into its directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PostCopyEnd {
+    /// Every page moved and the source exited; else the transfer was
+    /// called off and the source runs on.
+    pub moved: bool,
+    pub bytes: u64,
+    pub seconds: f64,
+    /// Why it was called off.
+    pub why: Option<String>,
+}
+
+impl PostCopyEnd {
+    pub const FILE: &'static str = "post-copy.json";
+
+    pub fn write(&self, dir: &Path) {
+        let tmp = dir.join(".post-copy.json.new");
+        if let Ok(json) = serde_json::to_vec(self) {
+            if std::fs::write(&tmp, json).is_ok() {
+                let _ = std::fs::rename(&tmp, dir.join(Self::FILE));
+            }
+        }
+    }
+
+    pub fn read(dir: &Path) -> Option<PostCopyEnd> {
+        std::fs::read(dir.join(Self::FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    }
+}
+
 /// What `shim delete` needs to clean up after a shim that died.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShimState {

@@ -286,9 +286,11 @@ impl Service {
                 "post-copy moves one container; a pod checkpoint (--pod) is cold".into(),
             )),
             Some(r) if r.post_copy => {
-                let report = checkpoint::post_copy::checkpoint(&c, &r)?;
-                if !req.path.is_empty() {
-                    checkpoint::write_report(std::path::Path::new(&req.path), &[&report]);
+                let dir =
+                    Some(std::path::PathBuf::from(&req.path)).filter(|p| !p.as_os_str().is_empty());
+                let report = checkpoint::post_copy::checkpoint(&c, &r, dir.clone())?;
+                if let Some(dir) = &dir {
+                    checkpoint::write_report(dir, &[&report]);
                 }
                 Ok(())
             }

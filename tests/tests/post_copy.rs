@@ -64,17 +64,36 @@ fn post_copy_moves_the_container_and_the_source_exits_once_its_memory_has_moved(
     assert_eq!(a.count("app"), 1);
     let before = hash(&a, "h1");
 
-    let out = a.cli_checkpoint("app", &["--to", "pc", "--post-copy"]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(on_share(share.path(), "pc"), 1, "the archive is published");
-    // The archive holds no memory: it is small next to 64 MiB.
+    // The operator waits for the move, watching its progress.
+    let cli = std::process::Command::new(criu_shim_tests::shim_binary())
+        .args(["checkpoint", "--namespace", &a.ns, "--state"])
+        .arg(a.dir.path().join("state"))
+        .args(["--to", "pc", "--post-copy", "--wait", "app"])
+        .env("CRIU_SHIM_PROGRESS", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(30), "the archive on the share", || {
+        on_share(share.path(), "pc") == 1
+    });
     let out = b.run_restored_with("app", "pc", &["criu-shim.io/migration=lazy"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(b.count("app"), 2, "the count continues");
     let (code, _, err) = b.exec("app", "ls", &["ls", "/"]);
     assert_eq!(code, 0, "exec works while pages move: {err}");
+    let metrics = b.ctr(&["task", "metrics", "app"]);
+    assert!(metrics.status.success(), "stats: {}", text(&metrics));
     assert_eq!(hash(&b, "h2"), before, "the memory did not arrive whole");
 
+    let out = cli.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    eprintln!("CLI: {said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        said.contains("MiB of memory moved") && said.contains("the source has exited"),
+        "{said}"
+    );
     wait_until(Duration::from_secs(30), "the source to exit", || {
         matches!(a.task_status("app").as_deref(), None | Some("STOPPED"))
     });

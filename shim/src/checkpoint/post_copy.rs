@@ -34,7 +34,7 @@
 use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,6 +45,7 @@ use criu_sys::page_xfer::{self, PageClient};
 use super::{publish, CheckpointRequest, Destination, Writing};
 use crate::container::{Container, DumpStats};
 use crate::error::{Error, Result};
+use crate::messages::{PostCopyEnd, ProgressReport};
 use crate::migrate::manifest::PageSourceRef;
 use crate::migrate::{self, stage::Staging, Report};
 use crate::page_stream::{self, Answer, Request, SessionId, MAX_PAGES, PAGE_SIZE};
@@ -57,12 +58,20 @@ use std::sync::atomic::Ordering;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long CRIU has to start its page server once runc runs.
 const PAGE_SERVER_WAIT: Duration = Duration::from_secs(60);
-/// How often progress is logged.
+/// How often progress is logged, and shown to a waiting CLI.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+const SHOW_EVERY: Duration = Duration::from_millis(250);
 
 /// A post-copy checkpoint of `c`: returns once the archive of everything
 /// but its memory is published; the memory follows through the relay.
-pub fn checkpoint(c: &Arc<Container>, r: &CheckpointRequest) -> Result<Report> {
+///
+/// `progress`: our CLI's directory, where the transfer's progress and its
+/// end are written for `--wait`.
+pub fn checkpoint(
+    c: &Arc<Container>,
+    r: &CheckpointRequest,
+    progress: Option<PathBuf>,
+) -> Result<Report> {
     if r.leave_running {
         return Err(Error::InvalidArgument(
             "post-copy moves the container (the source exits once its memory has moved); \
@@ -157,6 +166,7 @@ pub fn checkpoint(c: &Arc<Container>, r: &CheckpointRequest) -> Result<Report> {
         dump,
         idle: Duration::from_secs(c.config.post_copy_idle_secs),
         archive: report.clone(),
+        progress,
         _staging: staging,
     };
     std::thread::Builder::new()
@@ -317,6 +327,7 @@ struct Relay {
     dump: Receiver<DumpResult>,
     idle: Duration,
     archive: Report,
+    progress: Option<PathBuf>,
     _staging: Staging,
 }
 
@@ -334,7 +345,18 @@ struct Moved {
 impl Relay {
     fn run(mut self) {
         let id = self.moving.c.id.clone();
-        match self.serve() {
+        let started = Instant::now();
+        let served = self.serve();
+        if let Some(dir) = &self.progress {
+            PostCopyEnd {
+                moved: served.is_ok(),
+                bytes: served.as_ref().map_or(0, |m| m.bytes),
+                seconds: started.elapsed().as_secs_f64(),
+                why: served.as_ref().err().cloned(),
+            }
+            .write(dir);
+        }
+        match served {
             Ok(m) => {
                 log::info!(
                     "post-copy of {id}: {} MiB served to {} in {:?} ({:.0} MiB/s, {} requests, \
@@ -371,7 +393,7 @@ impl Relay {
         let (mut stream, peer) = self.accept()?;
         let started = Instant::now();
         let total: u64 = self.memory.values().map(TaskMemory::bytes).sum();
-        let (mut bytes, mut logged) = (0u64, Instant::now());
+        let (mut bytes, mut logged, mut shown) = (0u64, Instant::now(), Instant::now());
         let (mut requests, mut in_criu, mut sending) = (0u64, Duration::ZERO, Duration::ZERO);
         let mut buf = vec![0u8; MAX_PAGES as usize * PAGE_SIZE];
         loop {
@@ -405,6 +427,15 @@ impl Relay {
                     sending += got.elapsed();
                     requests += 1;
                     bytes += n as u64;
+                    if let (Some(dir), true) = (&self.progress, shown.elapsed() >= SHOW_EVERY) {
+                        shown = Instant::now();
+                        ProgressReport {
+                            phase: "post-copy".into(),
+                            done_bytes: bytes,
+                            total_bytes: Some(total),
+                        }
+                        .write(dir);
+                    }
                     if logged.elapsed() >= PROGRESS_EVERY {
                         logged = Instant::now();
                         log::info!(

@@ -122,6 +122,8 @@ impl RemotePages {
                 buf[..bytes.len()].copy_from_slice(&bytes);
                 return Ok(bytes.len());
             }
+            // Still the background's next read, most likely.
+            self.stash = Some((a, bytes));
         }
         // Answers to other requests come first: keep the latest one.
         while let Some(front) = self.outstanding.front().copied() {
