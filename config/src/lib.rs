@@ -157,7 +157,8 @@ pub enum PublishMode {
     Staged,
 }
 
-/// How a restore brings a container's memory back.
+/// How a container migrates: how a restore brings its memory back, and
+/// how the kubelet's checkpoint API takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MigrationMode {
     /// Every page in place before the tasks run.
@@ -165,6 +166,10 @@ pub enum MigrationMode {
     /// The tasks run as soon as the process tree is back; pages move in
     /// when touched (userfaultfd) and in the background.
     Lazy,
+    /// As `Lazy` at restore; and a CheckpointContainer of a container
+    /// with a `checkpoint-to` destination is a post-copy checkpoint (its
+    /// memory served from the frozen source, which then exits).
+    PostCopy,
 }
 
 impl MigrationMode {
@@ -172,8 +177,14 @@ impl MigrationMode {
         match v {
             "cold" => Some(Self::Cold),
             "lazy" => Some(Self::Lazy),
+            "post-copy" => Some(Self::PostCopy),
             _ => None,
         }
+    }
+
+    /// The restored tasks run before their memory is all in.
+    pub fn runs_early(self) -> bool {
+        self != Self::Cold
     }
 }
 
@@ -458,7 +469,7 @@ impl ShimConfig {
             c.migration = MigrationMode::parse(&v).ok_or(ConfigError::BadValue {
                 name: env::MIGRATION,
                 value: v,
-                why: "expected cold or lazy",
+                why: "expected cold, lazy or post-copy",
             })?;
         }
         for (what, path) in [
@@ -546,6 +557,10 @@ mod tests {
         let env = |k: &str| (k == env::MIGRATION).then(|| "lazy".to_string());
         let c = ShimConfig::resolve("n", None, env, false).unwrap();
         assert_eq!(c.migration, MigrationMode::Lazy);
+        let env = |k: &str| (k == env::MIGRATION).then(|| "post-copy".to_string());
+        let c = ShimConfig::resolve("n", None, env, false).unwrap();
+        assert_eq!(c.migration, MigrationMode::PostCopy);
+        assert!(c.migration.runs_early());
         assert_eq!(c.restore_fetch, RestoreFetch::Stream);
         let env = |k: &str| (k == env::RESTORE_FETCH).then(|| "staged".to_string());
         let c = ShimConfig::resolve("n", None, env, false).unwrap();

@@ -274,6 +274,38 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
     }
 }
 
+/// containerd's Checkpoint RPC (the kubelet's checkpoint API) for a
+/// container that migrates post-copy (`criu-shim.io/migration:
+/// post-copy` and a `checkpoint-to` destination): its memory is served
+/// from here to the node that restores it, and containerd gets the
+/// images, none of which holds memory. The container exits once its
+/// memory has moved (or runs on if nobody restores it in time).
+pub fn post_copy_for_containerd(
+    c: &Arc<Container>,
+    req: &api::CheckpointTaskRequest,
+) -> Result<()> {
+    let args = containerd_args(req, &c.bundle)?;
+    let r = CheckpointRequest {
+        tcp_established: args.tcp_established,
+        file_locks: args.file_locks,
+        ext_unix_sk: args.ext_unix_sk,
+        post_copy: true,
+        ..Default::default()
+    };
+    let asked = post_copy::Asked {
+        progress: None,
+        handover: Some(args.image_path),
+    };
+    post_copy::checkpoint(c, &r, asked).map(drop)
+}
+
+/// Whether containerd's Checkpoint RPC for `spec`'s container is a
+/// post-copy one (see [`post_copy_for_containerd`]).
+pub fn post_copy_wanted(spec: &Spec, node: criu_shim_config::MigrationMode) -> Result<bool> {
+    Ok(spec.checkpoint_to().is_some()
+        && spec.migration(node)? == criu_shim_config::MigrationMode::PostCopy)
+}
+
 /// A pod checkpoint: `members` (the pod's containers, not its sandbox)
 /// are all frozen, then dumped one by one, then published; the pod goes on
 /// (`leave_running`) or its containers are killed once every archive is on

@@ -288,7 +288,11 @@ impl Service {
             Some(r) if r.post_copy => {
                 let dir =
                     Some(std::path::PathBuf::from(&req.path)).filter(|p| !p.as_os_str().is_empty());
-                let report = checkpoint::post_copy::checkpoint(&c, &r, dir.clone())?;
+                let asked = checkpoint::post_copy::Asked {
+                    progress: dir.clone(),
+                    handover: None,
+                };
+                let report = checkpoint::post_copy::checkpoint(&c, &r, asked)?;
                 if let Some(dir) = &dir {
                     checkpoint::write_report(dir, &[&report]);
                 }
@@ -301,6 +305,9 @@ impl Service {
                 checkpoint::checkpoint_pod(&members, &r, report_dir).map(drop)
             }
             Some(_) => checkpoint::checkpoint(&c, req).map(drop),
+            None if checkpoint::post_copy_wanted(&Spec::read(&c.bundle), c.config.migration)? => {
+                checkpoint::post_copy_for_containerd(&c, req)
+            }
             None if Spec::read(&c.bundle).checkpoint_pod() => {
                 let members = self.pod_members(&c);
                 checkpoint::checkpoint_pod_for_containerd(&members, &c, req).map(drop)

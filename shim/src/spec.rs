@@ -56,7 +56,7 @@ impl Spec {
             None => Ok(node),
             Some(v) => cfg::MigrationMode::parse(v).ok_or_else(|| {
                 crate::error::Error::InvalidArgument(format!(
-                    "{}={v}: expected cold or lazy",
+                    "{}={v}: expected cold, lazy or post-copy",
                     cfg::ANNOTATION_MIGRATION
                 ))
             }),

@@ -436,3 +436,75 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// The kubelet's checkpoint API on a pod annotated
+/// `criu-shim.io/migration: post-copy`: CheckpointContainer returns with
+/// containerd's export holding no memory, the pod on B (the same
+/// annotations, as a controller would make it) runs from the share's
+/// archive with its memory served by A, and A's container exits once it
+/// has moved.
+#[test]
+fn the_kubelet_checkpoint_api_moves_a_post_copy_pod() {
+    use criu_shim_tests::cri::{container_config, pod_config};
+    use criu_shim_tests::{http_count_within, IMAGE};
+    let (share, secrets) = dirs();
+    let key = secrets.path().join("cluster.key");
+    std::fs::write(&key, [5u8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let key = key.display().to_string();
+    let env = [("CRIU_SHIM_ARCHIVE_KEY_FILE", key.as_str())];
+    let a = Containerd::cri_net_node(share.path(), &env);
+    let b = Containerd::cri_net_node(share.path(), &env);
+    let (mut ca, mut cb) = (a.cri(), b.cri());
+    let app: &[&str] = &[
+        "/testapp",
+        "-m",
+        "128",
+        "--fill",
+        "realistic",
+        "--touch",
+        "16",
+    ];
+    let run = |cri: &mut criu_shim_tests::cri::Cri, uid: &str, ann: &[(&str, &str)]| {
+        let pod = pod_config("cache", uid, ann, false);
+        let pod_id = cri.run_pod_sandbox(&pod, "criu").expect("pod");
+        let id = cri
+            .create_container(&pod_id, container_config("cache", IMAGE, app), &pod)
+            .expect("container");
+        cri.start_container(&id).expect("start");
+        let ip = cri.pod_ip(&pod_id).unwrap();
+        (pod_id, id, ip)
+    };
+    let post_copy = ("criu-shim.io/migration", "post-copy");
+    let (pod_a, id_a, ip_a) = run(
+        &mut ca,
+        "uid-a",
+        &[("criu-shim.io/checkpoint-to", "kpc"), post_copy],
+    );
+    assert_eq!(http_count_within(&ip_a, 8080, Duration::from_secs(30)), 1);
+    let export = share.path().join("kubelet-export.tar");
+    ca.checkpoint_container(&id_a, &export)
+        .expect("CheckpointContainer");
+    let exported = std::fs::metadata(&export).unwrap().len();
+    assert!(
+        exported < 16 << 20,
+        "containerd's export holds {exported} bytes: memory it should not have"
+    );
+    let (pod_b, _id_b, ip_b) = run(
+        &mut cb,
+        "uid-b",
+        &[("criu-shim.io/restore-from", "kpc"), post_copy],
+    );
+    assert_eq!(http_count_within(&ip_b, 8080, Duration::from_secs(30)), 2);
+    wait_until(Duration::from_secs(30), "A's container to exit", || {
+        ca.container_status(&id_a).unwrap().state != 1
+    });
+    assert!(
+        a.log().contains("the dump ended and the source exited"),
+        "A did not serve the memory"
+    );
+    for (cri, pod) in [(&mut ca, &pod_a), (&mut cb, &pod_b)] {
+        cri.stop_pod_sandbox(pod).unwrap();
+        cri.remove_pod_sandbox(pod).unwrap();
+    }
+}

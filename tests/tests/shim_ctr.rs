@@ -283,6 +283,42 @@ fn the_shim_keeps_its_containers_across_a_containerd_restart() {
     });
 }
 
+/// With containerd gone, its log FIFO has no reader: a shim that logs
+/// (here: its container exits, the exit cannot be published) must not
+/// spin on SIGPIPE (containerd-shim catches it only to log it, which
+/// raises it again). It stays idle, and containerd learns of the exit
+/// once it is back.
+#[test]
+fn a_shim_whose_containerd_is_gone_stays_idle() {
+    let mut cd = Containerd::start();
+    cd.run_detached("idle", &[]);
+    let task = cd.task_pid("idle");
+    let shims = pids_matching(&format!("-namespace {NAMESPACE} -id idle "));
+    assert_eq!(shims.len(), 1, "one shim: {shims:?}");
+    let cpu_ticks = |pid: i32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    cd.stop();
+    unsafe { libc::kill(task, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_ticks(shims[0]);
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_ticks(shims[0]) - before;
+    // 100 ticks a second: a spinning shim burns 150 or more in 2 s.
+    assert!(
+        spent < 20,
+        "the shim spent {spent} ticks of CPU in 2 s, idle"
+    );
+    cd.restart();
+    // containerd learns of the exit (and cleans the task up).
+    wait_until(Duration::from_secs(10), "the exit to be known", || {
+        matches!(cd.task_status("idle").as_deref(), None | Some("STOPPED"))
+    });
+}
+
 #[test]
 fn a_killed_shim_is_cleaned_up_by_shim_delete() {
     let cd = Containerd::start();

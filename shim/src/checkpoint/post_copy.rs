@@ -62,16 +62,21 @@ const PAGE_SERVER_WAIT: Duration = Duration::from_secs(60);
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 const SHOW_EVERY: Duration = Duration::from_millis(250);
 
+/// Who asked for a post-copy checkpoint, and what they get besides.
+#[derive(Default)]
+pub struct Asked {
+    /// Our CLI's directory: the transfer's progress and its end are
+    /// written there (`--wait`).
+    pub progress: Option<PathBuf>,
+    /// containerd's images directory (the kubelet's checkpoint API, which
+    /// paused the container for us): it gets the images, none of which
+    /// holds memory, for its own export.
+    pub handover: Option<PathBuf>,
+}
+
 /// A post-copy checkpoint of `c`: returns once the archive of everything
 /// but its memory is published; the memory follows through the relay.
-///
-/// `progress`: our CLI's directory, where the transfer's progress and its
-/// end are written for `--wait`.
-pub fn checkpoint(
-    c: &Arc<Container>,
-    r: &CheckpointRequest,
-    progress: Option<PathBuf>,
-) -> Result<Report> {
+pub fn checkpoint(c: &Arc<Container>, r: &CheckpointRequest, asked: Asked) -> Result<Report> {
     if r.leave_running {
         return Err(Error::InvalidArgument(
             "post-copy moves the container (the source exits once its memory has moved); \
@@ -119,7 +124,7 @@ pub fn checkpoint(
     args.page_server = Some(format!("127.0.0.1:{criu_port}"));
 
     let started = Instant::now();
-    let moving = MovingOut::start(c)?;
+    let moving = MovingOut::start(c, asked.handover.is_some())?;
     let dump = start_dump(c, args.clone())?;
     let criu = match connect_page_server(criu_port, &dump) {
         Ok(s) => PageClient::new(s),
@@ -130,6 +135,14 @@ pub fn checkpoint(
         }
     };
     let dumped_in = started.elapsed();
+    if let Some(dir) = &asked.handover {
+        if let Err(e) = super::hand_over(&args.image_path, dir) {
+            drop(criu);
+            wait_for_dump(c, &dump);
+            moving.called_off();
+            return Err(e);
+        }
+    }
     let session = page_stream::new_session().map_err(|e| Error::io("session id", e))?;
     let how = Writing {
         page_source: Some(PageSourceRef {
@@ -166,7 +179,7 @@ pub fn checkpoint(
         dump,
         idle: Duration::from_secs(c.config.post_copy_idle_secs),
         archive: report.clone(),
-        progress,
+        progress: asked.progress,
         _staging: staging,
     };
     std::thread::Builder::new()
@@ -274,11 +287,14 @@ struct MovingOut {
 }
 
 impl MovingOut {
-    fn start(c: &Arc<Container>) -> Result<MovingOut> {
-        let froze = c.init.status() == Status::Running;
-        if froze {
+    /// `paused_for_us`: containerd paused it for this checkpoint (and its
+    /// Resume, which comes while the memory moves, is refused).
+    fn start(c: &Arc<Container>, paused_for_us: bool) -> Result<MovingOut> {
+        let running = c.init.status() == Status::Running;
+        if running {
             c.pause()?;
         }
+        let froze = running || paused_for_us;
         c.moving_out.store(true, Ordering::SeqCst);
         Ok(MovingOut {
             c: c.clone(),

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use containerd_shim::api;
-use criu_shim_config::{MigrationMode, RestoreFetch, ShimConfig};
+use criu_shim_config::{RestoreFetch, ShimConfig};
 
 use crate::error::Result;
 use crate::migrate::share::Tenant;
@@ -75,14 +75,16 @@ pub fn prepare(
         .version()?;
     // Read before anything is fetched: a spec we cannot read fails fast.
     let allowed = privileges::Allowed::from_bundle(bundle)?;
-    let lazy = spec.migration(config.migration)? == MigrationMode::Lazy;
+    let lazy = spec.migration(config.migration)?.runs_early();
     // A lazy restore needs userfaultfd: refused here, before anything is
     // fetched, on a node without it.
     if lazy {
         uffd_support().map_err(|why| {
             crate::error::Error::FailedPrecondition(format!(
-                "{}=lazy for {}: {why}; restore it cold",
+                "{}={} for {}: {why}; restore it cold",
                 criu_shim_config::ANNOTATION_MIGRATION,
+                spec.annotation(criu_shim_config::ANNOTATION_MIGRATION)
+                    .unwrap_or("lazy"),
                 req.id
             ))
         })?;

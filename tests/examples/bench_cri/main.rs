@@ -30,6 +30,8 @@
 //!   and its memory comes from node A's frozen source over the nodes'
 //!   addresses; pod A is removed once its source has exited (every page
 //!   moved), the time reported as "all memory on B";
+//! - `criu-shim cri post-copy`: the same through CRI CheckpointContainer,
+//!   pod A annotated `criu-shim.io/migration: post-copy`;
 //! - `stock`: handler `runc` (containerd-shim-runc-v2): CRI
 //!   CheckpointContainer to a tar on the share, pod B's container created
 //!   from that tar (containerd 2.1's own CRI restore). That restore pulls
@@ -167,6 +169,9 @@ enum Way {
     /// Our CLI's `--post-copy`: the memory moves from the frozen source
     /// while pod B runs (restored lazily).
     CriuPostCopy,
+    /// The kubelet's checkpoint API on a pod annotated
+    /// `criu-shim.io/migration: post-copy`.
+    CriuCriPostCopy,
     Stock,
 }
 
@@ -178,6 +183,7 @@ impl Way {
             Way::CriuCliLazy => "criu-shim cli lazy",
             Way::CriuCriLazy => "criu-shim cri lazy",
             Way::CriuPostCopy => "criu-shim cli post-copy",
+            Way::CriuCriPostCopy => "criu-shim cri post-copy",
             Way::Stock => "stock",
         }
     }
@@ -185,8 +191,12 @@ impl Way {
     fn lazy(self) -> bool {
         matches!(
             self,
-            Way::CriuCliLazy | Way::CriuCriLazy | Way::CriuPostCopy
+            Way::CriuCliLazy | Way::CriuCriLazy | Way::CriuPostCopy | Way::CriuCriPostCopy
         )
+    }
+
+    fn post_copy(self) -> bool {
+        matches!(self, Way::CriuPostCopy | Way::CriuCriPostCopy)
     }
 }
 
@@ -245,12 +255,11 @@ fn migrate(
         touch.as_str(),
     ];
 
-    let pod = pod_config(
-        &name,
-        &format!("uid-a-{key}"),
-        &[("criu-shim.io/checkpoint-to", key.as_str())],
-        false,
-    );
+    let mut ann_a = vec![("criu-shim.io/checkpoint-to", key.as_str())];
+    if way == Way::CriuCriPostCopy {
+        ann_a.push(("criu-shim.io/migration", "post-copy"));
+    }
+    let pod = pod_config(&name, &format!("uid-a-{key}"), &ann_a, false);
     let pod_a = ca.run_pod_sandbox(&pod, handler).expect("pod A");
     let id_a = ca
         .create_container(&pod_a, container_config("counter", image_a, &cmd), &pod)
@@ -275,7 +284,7 @@ fn migrate(
             let out = a.cli_checkpoint(&id_a, extra);
             assert!(out.status.success(), "{}", criu_shim_tests::text(&out));
         }
-        Way::CriuCri | Way::CriuCriLazy => ca
+        Way::CriuCri | Way::CriuCriLazy | Way::CriuCriPostCopy => ca
             .checkpoint_container(&id_a, &tar)
             .expect("CheckpointContainer"),
         Way::Stock => {
@@ -298,7 +307,7 @@ fn migrate(
     }
     let t1 = Instant::now();
     // A post-copy source serves its memory until pod B has it all.
-    if way != Way::CriuPostCopy {
+    if !way.post_copy() {
         remove_pod(&mut ca, &pod_a);
     }
 
@@ -327,7 +336,7 @@ fn migrate(
     let latency = client.latencies(addr(&ip_a), addr(&ip_b), 10);
     drop(client);
     let all_moved = match way {
-        Way::CriuPostCopy => {
+        Way::CriuPostCopy | Way::CriuCriPostCopy => {
             let exited = loop {
                 let st = ca.container_status(&id_a).expect("ContainerStatus A");
                 if st.state != 1 {
@@ -477,6 +486,7 @@ fn main() {
         Way::CriuCliLazy,
         Way::CriuCriLazy,
         Way::CriuPostCopy,
+        Way::CriuCriPostCopy,
         Way::Stock,
     ]
     .into_iter()
@@ -484,7 +494,7 @@ fn main() {
     .collect();
     assert!(
         !ways.is_empty(),
-        "BENCH_WAYS={wanted}: none of cli, cri, cli lazy, cri lazy, cli post-copy, stock"
+        "BENCH_WAYS={wanted}: none of cli, cri, cli lazy, cri lazy, cli post-copy, cri post-copy, stock"
     );
     println!(
         "| size (MiB) | way | checkpoint (ms) | restore (ms) | downtime (ms) | downtime min..max | downtime vs stock | all memory on B (ms) | answer before / B's first 10 (ms, median) | failed checkpoints |"
