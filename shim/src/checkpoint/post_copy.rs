@@ -135,33 +135,33 @@ pub fn checkpoint(c: &Arc<Container>, r: &CheckpointRequest, asked: Asked) -> Re
         }
     };
     let dumped_in = started.elapsed();
-    if let Some(dir) = &asked.handover {
-        if let Err(e) = super::hand_over(&args.image_path, dir) {
-            drop(criu);
-            wait_for_dump(c, &dump);
-            moving.called_off();
-            return Err(e);
+    // From here on, any failure calls the transfer off: CRIU fails the
+    // dump and the container runs on.
+    let published = (|| {
+        if let Some(dir) = &asked.handover {
+            super::hand_over(&args.image_path, dir)?;
         }
-    }
-    let session = page_stream::new_session().map_err(|e| Error::io("session id", e))?;
-    let how = Writing {
-        page_source: Some(PageSourceRef {
-            address: advertised,
-            session: page_stream::session_hex(&session),
-        }),
-        ..Writing::after_dump(r.compression(c.config.compression), None)
-    };
-    let report = match publish(c, &args, &DumpStats::default(), &to, how) {
-        Ok(report) => report,
+        let memory = served(&args.image_path)?;
+        let session = page_stream::new_session().map_err(|e| Error::io("session id", e))?;
+        let how = Writing {
+            page_source: Some(PageSourceRef {
+                address: advertised,
+                session: page_stream::session_hex(&session),
+            }),
+            ..Writing::after_dump(r.compression(c.config.compression), None)
+        };
+        let report = publish(c, &args, &DumpStats::default(), &to, how)?;
+        Ok((report, memory, session))
+    })();
+    let (report, memory, session) = match published {
+        Ok(p) => p,
         Err(e) => {
-            // Calls the transfer off: CRIU fails the dump.
             drop(criu);
             wait_for_dump(c, &dump);
             moving.called_off();
             return Err(e);
         }
     };
-    let memory = served(&args.image_path)?;
     log::info!(
         "post-copy of {}: images dumped in {dumped_in:?}, published in {:?}; {} MiB of \
          memory wait for the restoring node at {advertised}",
@@ -182,10 +182,17 @@ pub fn checkpoint(c: &Arc<Container>, r: &CheckpointRequest, asked: Asked) -> Re
         progress: asked.progress,
         _staging: staging,
     };
-    std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name(format!("post-copy-{}", c.id))
-        .spawn(move || relay.run())
-        .map_err(|e| Error::Other(format!("no thread for the post-copy relay: {e}")))?;
+        .spawn(move || relay.run());
+    if let Err(e) = spawned {
+        // The relay went with the closure: CRIU's connection was dropped,
+        // which calls the dump off.
+        c.moving_out.store(false, Ordering::SeqCst);
+        c.thaw_after_failed_checkpoint();
+        migrate::unpublish(&report);
+        return Err(Error::Other(format!("no thread for the post-copy relay: {e}")));
+    }
     Ok(report)
 }
 
