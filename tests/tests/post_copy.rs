@@ -100,10 +100,9 @@ fn post_copy_moves_the_container_and_the_source_exits_once_its_memory_has_moved(
     wait_until(Duration::from_secs(10), "A to log the end", || {
         a.log().contains("the dump ended and the source exited")
     });
-    assert!(
-        b.log().contains("every page moved; the source"),
-        "B did not log the end"
-    );
+    wait_until(Duration::from_secs(10), "B to log the end", || {
+        b.log().contains("every page moved; the source")
+    });
     wait_until(Duration::from_secs(10), "the archive to leave", || {
         on_share(share.path(), "pc") == 0
     });
@@ -295,10 +294,11 @@ fn a_cut_network_kills_the_copy_first_and_then_resumes_the_source() {
     wait_until(Duration::from_secs(30), "B's copy to be killed", || {
         b.log().contains("app: restoring its memory failed")
     });
-    let copy_killed = started.elapsed();
+    // The copy died first: A still waits, its source frozen.
     assert!(
         !a.log().contains("post-copy of app called off"),
-        "A resumed its source before B's copy was killed"
+        "A resumed its source before B's copy was killed ({:?} after the cut)",
+        started.elapsed()
     );
     wait_until(Duration::from_secs(10), "B's copy to be dead", || {
         matches!(b.task_status("app").as_deref(), None | Some("STOPPED"))
@@ -307,10 +307,6 @@ fn a_cut_network_kills_the_copy_first_and_then_resumes_the_source() {
         Duration::from_secs(30),
         "A to call the transfer off",
         || a.log().contains("post-copy of app called off"),
-    );
-    assert!(
-        started.elapsed() > copy_killed,
-        "the source resumed before the copy died"
     );
     drop(cut);
     assert_eq!(a.count("app"), 2, "the source runs on, counting");
@@ -499,9 +495,10 @@ fn the_kubelet_checkpoint_api_moves_a_post_copy_pod() {
     wait_until(Duration::from_secs(30), "A's container to exit", || {
         ca.container_status(&id_a).unwrap().state != 1
     });
-    assert!(
-        a.log().contains("the dump ended and the source exited"),
-        "A did not serve the memory"
+    wait_until(
+        Duration::from_secs(10),
+        "A to log that it served the memory",
+        || a.log().contains("the dump ended and the source exited"),
     );
     for (cri, pod) in [(&mut ca, &pod_a), (&mut cb, &pod_b)] {
         cri.stop_pod_sandbox(pod).unwrap();

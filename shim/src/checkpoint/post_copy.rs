@@ -191,7 +191,9 @@ pub fn checkpoint(c: &Arc<Container>, r: &CheckpointRequest, asked: Asked) -> Re
         c.moving_out.store(false, Ordering::SeqCst);
         c.thaw_after_failed_checkpoint();
         migrate::unpublish(&report);
-        return Err(Error::Other(format!("no thread for the post-copy relay: {e}")));
+        return Err(Error::Other(format!(
+            "no thread for the post-copy relay: {e}"
+        )));
     }
     Ok(report)
 }
