@@ -121,6 +121,37 @@ fn post_copy_moves_the_container_and_the_source_exits_once_its_memory_has_moved(
     assert_eq!(hash(&a, "h3"), before, "the memory did not come back whole");
 }
 
+/// A post-copy archive restored cold (the restoring pod does not ask for
+/// lazy): Create returns only once every page is in from the source, the
+/// tasks still stopped, and the copy then counts on with all its memory.
+#[test]
+fn a_post_copy_archive_restored_cold_has_all_its_memory_before_it_runs() {
+    let (share, secrets) = dirs();
+    let (a, b) = nodes(share.path(), secrets.path(), &[]);
+    a.run_detached("app", &["/testapp", "-m", "64", "--fill", "realistic"]);
+    assert_eq!(a.count("app"), 1);
+    let before = hash(&a, "h1");
+    let out = a.cli_checkpoint("app", &["--to", "pcc", "--post-copy"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = b.run_restored("app", "pcc");
+    assert!(out.status.success(), "{}", text(&out));
+    // Every page was in before Create returned.
+    let log = b.log();
+    let (all_in, created) = (
+        log.find("app: all 64 MiB of memory in place"),
+        log.find("created container app "),
+    );
+    assert!(
+        all_in.is_some() && created.is_some() && all_in < created,
+        "B created the container before its memory was in: {log}"
+    );
+    wait_until(Duration::from_secs(10), "A to log the end", || {
+        a.log().contains("the dump ended and the source exited")
+    });
+    assert_eq!(b.count("app"), 2, "the count continues");
+    assert_eq!(hash(&b, "h2"), before, "the memory did not arrive whole");
+}
+
 /// Nobody restores (node B never comes, or cannot reach A): once the
 /// relay has waited CRIU_SHIM_POST_COPY_IDLE_TIMEOUT the transfer is
 /// called off, the source runs on where it was, with its memory, and the

@@ -291,9 +291,11 @@ fn the_shim_keeps_its_containers_across_a_containerd_restart() {
 #[test]
 fn a_shim_whose_containerd_is_gone_stays_idle() {
     let mut cd = Containerd::start();
-    cd.run_detached("idle", &[]);
-    let task = cd.task_pid("idle");
-    let shims = pids_matching(&format!("-namespace {NAMESPACE} -id idle "));
+    // Its own id: a run that failed half-way must not collide with the next.
+    let id = format!("idle-{}", criu_shim_tests::unique());
+    cd.run_detached(&id, &[]);
+    let task = cd.task_pid(&id);
+    let shims = pids_matching(&format!("-namespace {NAMESPACE} -id {id} "));
     assert_eq!(shims.len(), 1, "one shim: {shims:?}");
     let cpu_ticks = |pid: i32| -> u64 {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -307,15 +309,17 @@ fn a_shim_whose_containerd_is_gone_stays_idle() {
     let before = cpu_ticks(shims[0]);
     std::thread::sleep(Duration::from_secs(2));
     let spent = cpu_ticks(shims[0]) - before;
+    // containerd back before anything is asserted, so that it cleans up
+    // whatever happens.
+    cd.restart();
     // 100 ticks a second: a spinning shim burns 150 or more in 2 s.
     assert!(
         spent < 20,
         "the shim spent {spent} ticks of CPU in 2 s, idle"
     );
-    cd.restart();
     // containerd learns of the exit (and cleans the task up).
     wait_until(Duration::from_secs(10), "the exit to be known", || {
-        matches!(cd.task_status("idle").as_deref(), None | Some("STOPPED"))
+        matches!(cd.task_status(&id).as_deref(), None | Some("STOPPED"))
     });
 }
 
