@@ -7,21 +7,65 @@
 use std::path::Path;
 use std::time::Duration;
 
-use criu_shim_tests::{text, wait_until, Containerd, CTR_TENANT};
+use criu_shim_tests::cri::{container_config, pod_config, Cri};
+use criu_shim_tests::{http_count_within, text, wait_until, Containerd, CTR_TENANT, IMAGE};
+
+/// A cluster key in `secrets` (root's, mode 0600, as the shim demands);
+/// its path.
+fn cluster_key(secrets: &Path) -> String {
+    let key = secrets.join("cluster.key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    key.display().to_string()
+}
 
 /// Both nodes hold the cluster key and serve post-copy memory on loopback
 /// (they are two daemons on one machine). `extra`: more settings.
 fn nodes(share: &Path, secrets: &Path, extra: &[(&str, &str)]) -> (Containerd, Containerd) {
-    let key = secrets.join("cluster.key");
-    std::fs::write(&key, [7u8; 32]).unwrap();
-    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let key: &'static str = Box::leak(key.display().to_string().into_boxed_str());
+    let key = cluster_key(secrets);
     let mut env = vec![
-        ("CRIU_SHIM_ARCHIVE_KEY_FILE", key),
+        ("CRIU_SHIM_ARCHIVE_KEY_FILE", key.as_str()),
         ("CRIU_SHIM_POST_COPY_ADDRESS", "127.0.0.1"),
     ];
     env.extend_from_slice(extra);
     (Containerd::node(share, &env), Containerd::node(share, &env))
+}
+
+/// Two CRI nodes in their own network namespaces holding the cluster key
+/// (the harness gives each its node address for post-copy).
+fn cri_nodes(share: &Path, secrets: &Path) -> (Containerd, Containerd) {
+    let key = cluster_key(secrets);
+    let env = [("CRIU_SHIM_ARCHIVE_KEY_FILE", key.as_str())];
+    (
+        Containerd::cri_net_node(share, &env),
+        Containerd::cri_net_node(share, &env),
+    )
+}
+
+/// A pod `cache` (uid `uid`, `annotations`) on the criu handler whose
+/// container holds 128 MiB of realistic memory; (pod id, container id, pod IP).
+fn run_cache_pod(
+    cri: &mut Cri,
+    uid: &str,
+    annotations: &[(&str, &str)],
+) -> (String, String, String) {
+    let app = [
+        "/testapp",
+        "-m",
+        "128",
+        "--fill",
+        "realistic",
+        "--touch",
+        "16",
+    ];
+    let pod = pod_config("cache", uid, annotations, false);
+    let pod_id = cri.run_pod_sandbox(&pod, "criu").expect("pod");
+    let id = cri
+        .create_container(&pod_id, container_config("cache", IMAGE, &app), &pod)
+        .expect("container");
+    cri.start_container(&id).expect("start");
+    let ip = cri.pod_ip(&pod_id).unwrap();
+    (pod_id, id, ip)
 }
 
 fn dirs() -> (tempfile::TempDir, tempfile::TempDir) {
@@ -352,39 +396,13 @@ fn a_cut_network_kills_the_copy_first_and_then_resumes_the_source() {
 /// exits once its memory has moved; both nodes end clean.
 #[test]
 fn a_pod_moves_post_copy_between_cri_nodes() {
-    use criu_shim_tests::cri::{container_config, pod_config};
-    use criu_shim_tests::{http_count_within, IMAGE};
     let (share, secrets) = dirs();
-    let key = secrets.path().join("cluster.key");
-    std::fs::write(&key, [3u8; 32]).unwrap();
-    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let key = key.display().to_string();
-    let env = [("CRIU_SHIM_ARCHIVE_KEY_FILE", key.as_str())];
-    let a = Containerd::cri_net_node(share.path(), &env);
-    let b = Containerd::cri_net_node(share.path(), &env);
+    let (a, b) = cri_nodes(share.path(), secrets.path());
     let (mut ca, mut cb) = (a.cri(), b.cri());
-    let app: &[&str] = &[
-        "/testapp",
-        "-m",
-        "128",
-        "--fill",
-        "realistic",
-        "--touch",
-        "16",
-    ];
-    let run = |cri: &mut criu_shim_tests::cri::Cri, uid: &str, ann: &[(&str, &str)]| {
-        let pod = pod_config("cache", uid, ann, false);
-        let pod_id = cri.run_pod_sandbox(&pod, "criu").expect("pod");
-        let id = cri
-            .create_container(&pod_id, container_config("cache", IMAGE, app), &pod)
-            .expect("container");
-        cri.start_container(&id).expect("start");
-        let ip = cri.pod_ip(&pod_id).unwrap();
-        (pod_id, id, ip)
-    };
-    let (pod_a, id_a, ip_a) = run(&mut ca, "uid-a", &[("criu-shim.io/checkpoint-to", "pc")]);
+    let (pod_a, id_a, ip_a) =
+        run_cache_pod(&mut ca, "uid-a", &[("criu-shim.io/checkpoint-to", "pc")]);
     assert_eq!(http_count_within(&ip_a, 8080, Duration::from_secs(30)), 1);
-    let hash = |cri: &mut criu_shim_tests::cri::Cri, id: &str| {
+    let hash = |cri: &mut Cri, id: &str| {
         let (code, out, err) = cri
             .exec_sync(id, &["wget", "-qO-", "http://127.0.0.1:8080/hash"])
             .unwrap();
@@ -401,7 +419,7 @@ fn a_pod_moves_post_copy_between_cri_nodes() {
 
     let out = a.cli_checkpoint(&id_a[..12], &["--post-copy"]);
     assert!(out.status.success(), "{}", text(&out));
-    let (pod_b, id_b, ip_b) = run(
+    let (pod_b, id_b, ip_b) = run_cache_pod(
         &mut cb,
         "uid-b",
         &[
@@ -472,38 +490,11 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 /// has moved.
 #[test]
 fn the_kubelet_checkpoint_api_moves_a_post_copy_pod() {
-    use criu_shim_tests::cri::{container_config, pod_config};
-    use criu_shim_tests::{http_count_within, IMAGE};
     let (share, secrets) = dirs();
-    let key = secrets.path().join("cluster.key");
-    std::fs::write(&key, [5u8; 32]).unwrap();
-    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let key = key.display().to_string();
-    let env = [("CRIU_SHIM_ARCHIVE_KEY_FILE", key.as_str())];
-    let a = Containerd::cri_net_node(share.path(), &env);
-    let b = Containerd::cri_net_node(share.path(), &env);
+    let (a, b) = cri_nodes(share.path(), secrets.path());
     let (mut ca, mut cb) = (a.cri(), b.cri());
-    let app: &[&str] = &[
-        "/testapp",
-        "-m",
-        "128",
-        "--fill",
-        "realistic",
-        "--touch",
-        "16",
-    ];
-    let run = |cri: &mut criu_shim_tests::cri::Cri, uid: &str, ann: &[(&str, &str)]| {
-        let pod = pod_config("cache", uid, ann, false);
-        let pod_id = cri.run_pod_sandbox(&pod, "criu").expect("pod");
-        let id = cri
-            .create_container(&pod_id, container_config("cache", IMAGE, app), &pod)
-            .expect("container");
-        cri.start_container(&id).expect("start");
-        let ip = cri.pod_ip(&pod_id).unwrap();
-        (pod_id, id, ip)
-    };
     let post_copy = ("criu-shim.io/migration", "post-copy");
-    let (pod_a, id_a, ip_a) = run(
+    let (pod_a, id_a, ip_a) = run_cache_pod(
         &mut ca,
         "uid-a",
         &[("criu-shim.io/checkpoint-to", "kpc"), post_copy],
@@ -517,7 +508,7 @@ fn the_kubelet_checkpoint_api_moves_a_post_copy_pod() {
         exported < 16 << 20,
         "containerd's export holds {exported} bytes: memory it should not have"
     );
-    let (pod_b, _id_b, ip_b) = run(
+    let (pod_b, _id_b, ip_b) = run_cache_pod(
         &mut cb,
         "uid-b",
         &[("criu-shim.io/restore-from", "kpc"), post_copy],

@@ -182,14 +182,18 @@ pub fn checkpoint(c: &Arc<Container>, r: &CheckpointRequest, asked: Asked) -> Re
         progress: asked.progress,
         _staging: staging,
     };
+    let froze = relay.moving.froze;
     let spawned = std::thread::Builder::new()
         .name(format!("post-copy-{}", c.id))
         .spawn(move || relay.run());
     if let Err(e) = spawned {
         // The relay went with the closure: CRIU's connection was dropped,
         // which calls the dump off.
-        c.moving_out.store(false, Ordering::SeqCst);
-        c.thaw_after_failed_checkpoint();
+        MovingOut {
+            c: c.clone(),
+            froze,
+        }
+        .called_off();
         migrate::unpublish(&report);
         return Err(Error::Other(format!(
             "no thread for the post-copy relay: {e}"
