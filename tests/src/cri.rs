@@ -26,6 +26,31 @@ fn status(e: tonic::Status) -> String {
     format!("{:?}: {}", e.code(), e.message())
 }
 
+/// Stops again, as the kubelet does on its next sync, when containerd
+/// answers `ttrpc: closed`. containerd 2.1's CRI has a race of its own
+/// there (containerd#12396): a container that exits by itself (here: after
+/// a checkpoint that does not leave it running) is deleted by the exit
+/// handler, which closes the container's shim connection, before its state
+/// says EXITED; a stop in that window sends Kill on the closed connection.
+/// containerd 2.2 retries inside the call the same way (containerd#12399).
+/// Any other error, and the third `ttrpc: closed`, is returned.
+fn retry_on_closed_shim_connection(
+    what: &str,
+    mut call: impl FnMut() -> CriResult<()>,
+) -> CriResult<()> {
+    let mut attempt = 1;
+    loop {
+        match call() {
+            Err(e) if e.contains("ttrpc: closed") && attempt < 3 => {
+                eprintln!("{what} met containerd#12396 ({e}); again, as the kubelet would");
+                std::thread::sleep(Duration::from_millis(100 * attempt * attempt));
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Cri {
     pub fn connect(socket: &Path) -> CriResult<Cri> {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -150,14 +175,16 @@ impl Cri {
     }
 
     pub fn stop_container(&mut self, id: &str, timeout_secs: i64) -> CriResult<()> {
-        let req = cri::StopContainerRequest {
-            container_id: id.to_string(),
-            timeout: timeout_secs,
-        };
-        self.rt
-            .block_on(self.runtime.stop_container(req))
-            .map(drop)
-            .map_err(status)
+        retry_on_closed_shim_connection("StopContainer", || {
+            let req = cri::StopContainerRequest {
+                container_id: id.to_string(),
+                timeout: timeout_secs,
+            };
+            self.rt
+                .block_on(self.runtime.stop_container(req))
+                .map(drop)
+                .map_err(status)
+        })
     }
 
     pub fn remove_container(&mut self, id: &str) -> CriResult<()> {
@@ -171,13 +198,15 @@ impl Cri {
     }
 
     pub fn stop_pod_sandbox(&mut self, id: &str) -> CriResult<()> {
-        let req = cri::StopPodSandboxRequest {
-            pod_sandbox_id: id.to_string(),
-        };
-        self.rt
-            .block_on(self.runtime.stop_pod_sandbox(req))
-            .map(drop)
-            .map_err(status)
+        retry_on_closed_shim_connection("StopPodSandbox", || {
+            let req = cri::StopPodSandboxRequest {
+                pod_sandbox_id: id.to_string(),
+            };
+            self.rt
+                .block_on(self.runtime.stop_pod_sandbox(req))
+                .map(drop)
+                .map_err(status)
+        })
     }
 
     pub fn remove_pod_sandbox(&mut self, id: &str) -> CriResult<()> {
