@@ -115,9 +115,171 @@ fn workers() -> u32 {
     std::thread::available_parallelism().map_or(2, |n| n.get().min(8) as u32)
 }
 
-/// One container's checkpoint, decided before anything is frozen: what
-/// CRIU is asked for, where the archive goes and what happens after.
-struct Plan {
+/// What a Checkpoint RPC asks for, read once (the request, the
+/// container's annotations, the node's settings) before anything is
+/// frozen. containerd's requests and our CLI's end in the same three
+/// plans; each runs straight through its own function.
+pub enum Plan {
+    /// One container: containerd's images, an archive on the share, or
+    /// both.
+    Container(ContainerPlan),
+    /// Every container of the pod, frozen at one instant and published
+    /// all or none (`--pod`, or the kubelet asking for one container of a
+    /// pod annotated `criu-shim.io/checkpoint-pod`).
+    Pod(PodPlan),
+    /// The container moves post-copy: its memory is served from here to
+    /// the node that restores it (`--post-copy`, or the kubelet asking for
+    /// a container annotated `criu-shim.io/migration: post-copy`).
+    PostCopy(PostCopyPlan),
+}
+
+impl Plan {
+    pub fn of(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Plan> {
+        let spec = Spec::read(&c.bundle);
+        match CheckpointRequest::from_options(req)? {
+            Some(r) => Plan::for_cli(c, &spec, r, req),
+            None => Plan::for_containerd(c, &spec, req),
+        }
+    }
+
+    /// Our CLI's request; its directory (the RPC's path) gets progress and
+    /// the report.
+    fn for_cli(
+        c: &Container,
+        spec: &Spec,
+        r: CheckpointRequest,
+        req: &api::CheckpointTaskRequest,
+    ) -> Result<Plan> {
+        let cli_dir = Some(PathBuf::from(&req.path)).filter(|p| !p.as_os_str().is_empty());
+        if r.post_copy && r.pod {
+            return Err(Error::InvalidArgument(
+                "post-copy moves one container; a pod checkpoint (--pod) is cold".into(),
+            ));
+        }
+        if r.post_copy {
+            let to = Destination::of(c, spec, &r.destination(spec)?)?;
+            return Ok(Plan::PostCopy(PostCopyPlan {
+                asked: post_copy::Asked {
+                    progress: cli_dir.clone(),
+                    handover: None,
+                },
+                request: r,
+                to,
+                report_dir: cli_dir,
+            }));
+        }
+        if r.pod {
+            return Ok(Plan::Pod(PodPlan {
+                request: r,
+                containerd_wants: None,
+                report_dir: cli_dir,
+            }));
+        }
+        let to = Destination::of(c, spec, &r.destination(spec)?)?;
+        let staging = Staging::new(&c.config.staging_dir, &format!("dump-{}", c.id))?;
+        Ok(Plan::Container(ContainerPlan {
+            from_cli: true,
+            args: r.staged_args(&staging),
+            to: Some(to),
+            exit_after: !r.leave_running,
+            compression: r.compression(c.config.compression),
+            handover: None,
+            report_dir: cli_dir,
+            _staging: Some(staging),
+        }))
+    }
+
+    /// containerd's request (`ctr task checkpoint`, the kubelet's
+    /// checkpoint API): runc's CheckpointOptions, the images wanted in
+    /// its path; the container's annotations say where else they go.
+    fn for_containerd(
+        c: &Container,
+        spec: &Spec,
+        req: &api::CheckpointTaskRequest,
+    ) -> Result<Plan> {
+        let mut args = containerd_args(req, &c.bundle)?;
+        // Only the share's annotations make this more than a runc dump.
+        let as_cli_would = || CheckpointRequest {
+            leave_running: args.leave_running,
+            tcp_established: args.tcp_established,
+            file_locks: args.file_locks,
+            ext_unix_sk: args.ext_unix_sk,
+            ..Default::default()
+        };
+        if post_copy_wanted(spec, c.config.migration)? {
+            let r = CheckpointRequest {
+                leave_running: false,
+                post_copy: true,
+                ..as_cli_would()
+            };
+            let to = Destination::of(c, spec, &r.destination(spec)?)?;
+            return Ok(Plan::PostCopy(PostCopyPlan {
+                request: r,
+                to,
+                asked: post_copy::Asked {
+                    progress: None,
+                    handover: Some(args.image_path),
+                },
+                report_dir: None,
+            }));
+        }
+        if spec.checkpoint_pod() {
+            let r = CheckpointRequest {
+                pod: true,
+                ..as_cli_would()
+            };
+            // Exiting is ours to do, after publishing.
+            args.leave_running = true;
+            return Ok(Plan::Pod(PodPlan {
+                request: r,
+                containerd_wants: Some((c.id.clone(), args)),
+                report_dir: None,
+            }));
+        }
+        let to = spec
+            .checkpoint_to()
+            .map(|key| Destination::of(c, spec, key))
+            .transpose()?;
+        let (mut handover, mut own) = (None, None);
+        if to.is_some() {
+            // The share is this checkpoint's home: dump into our staging,
+            // and hand containerd the images without their memory pages.
+            let staging = Staging::new(&c.config.staging_dir, &format!("dump-{}", c.id))?;
+            handover = Some(std::mem::replace(&mut args.image_path, staging.images()));
+            own = Some(staging);
+        }
+        Ok(Plan::Container(ContainerPlan {
+            from_cli: false,
+            exit_after: to.is_some() && !args.leave_running,
+            args,
+            to,
+            compression: compression_of(c.config.compression),
+            handover,
+            report_dir: None,
+            _staging: own,
+        }))
+    }
+
+    /// Runs the plan for `c`; `pod` lists the running containers of its
+    /// pod (asked only by a pod plan).
+    pub fn run(self, c: &Arc<Container>, pod: impl FnOnce() -> Vec<Member>) -> Result<()> {
+        match self {
+            Plan::Container(p) => checkpoint(c, p).map(drop),
+            Plan::Pod(p) => pod_checkpoint(&pod(), p).map(drop),
+            Plan::PostCopy(p) => {
+                let report = post_copy::checkpoint(c, &p.request, p.to, p.asked)?;
+                if let Some(dir) = &p.report_dir {
+                    write_report(dir, &[&report]);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// One container's checkpoint: what CRIU is asked for, where the archive
+/// goes and what happens after.
+pub struct ContainerPlan {
     /// Our CLI asked (else containerd's Checkpoint RPC).
     from_cli: bool,
     args: CriuArgs,
@@ -129,55 +291,38 @@ struct Plan {
     /// containerd's images directory: it gets every image but the pages
     /// (see [`hand_over`]).
     handover: Option<PathBuf>,
+    /// Our CLI's directory: progress while publishing, then the report.
+    report_dir: Option<PathBuf>,
     /// Local staging of the dump, removed with the plan.
     _staging: Option<Staging>,
 }
 
-impl Plan {
-    fn of(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Plan> {
-        let spec = Spec::read(&c.bundle);
-        let staging = || Staging::new(&c.config.staging_dir, &format!("dump-{}", c.id));
-        if let Some(r) = CheckpointRequest::from_options(req)? {
-            let to = Destination::of(c, &spec, &r.destination(&spec)?)?;
-            let staging = staging()?;
-            return Ok(Plan {
-                from_cli: true,
-                args: r.staged_args(&staging),
-                to: Some(to),
-                exit_after: !r.leave_running,
-                compression: r.compression(c.config.compression),
-                handover: None,
-                _staging: Some(staging),
-            });
-        }
-        let mut args = containerd_args(req, &c.bundle)?;
-        let to = spec
-            .checkpoint_to()
-            .map(|key| Destination::of(c, &spec, key))
-            .transpose()?;
-        let (mut handover, mut own) = (None, None);
-        if to.is_some() {
-            // The share is this checkpoint's home: dump into our staging,
-            // and hand containerd the images without their memory pages.
-            let staging = staging()?;
-            handover = Some(std::mem::replace(&mut args.image_path, staging.images()));
-            own = Some(staging);
-        }
-        Ok(Plan {
-            from_cli: false,
-            exit_after: to.is_some() && !args.leave_running,
-            args,
-            to,
-            compression: compression_of(c.config.compression),
-            handover,
-            _staging: own,
-        })
-    }
+/// A pod's checkpoint. The destination key is decided by the first member
+/// (the pod's annotations are the same on all of them).
+pub struct PodPlan {
+    request: CheckpointRequest,
+    /// containerd asked through one member: its id, and the runc
+    /// arguments that put that member's images where containerd wants.
+    containerd_wants: Option<(String, CriuArgs)>,
+    report_dir: Option<PathBuf>,
+}
+
+/// A post-copy checkpoint, its destination checked.
+pub struct PostCopyPlan {
+    request: CheckpointRequest,
+    to: Destination,
+    asked: post_copy::Asked,
+    report_dir: Option<PathBuf>,
+}
+
+/// A running container of a pod, with its spec (read once).
+pub struct Member {
+    pub container: Arc<Container>,
+    pub spec: Spec,
 }
 
 /// One container's checkpoint, from containerd or our CLI.
-pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Option<Report>> {
-    let mut plan = Plan::of(c, req)?;
+fn checkpoint(c: &Container, mut plan: ContainerPlan) -> Result<Option<Report>> {
     // Before anything is frozen: a lazy restore's pages must all be in.
     c.memory_in_place(Duration::from_secs(c.config.criu_timeout_secs))?;
     let Some(to) = plan.to.take() else {
@@ -210,8 +355,10 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
     let thaw_when_taken = !exit_after && (frozen.any() || paused_by_containerd);
     let args = &plan.args;
     // Our CLI waits on this RPC: tell it how far we are.
-    let reporter = (plan.from_cli && !req.path.is_empty())
-        .then(|| Reporter::start(PathBuf::from(&req.path), args.image_path.clone()));
+    let reporter = plan
+        .report_dir
+        .as_ref()
+        .map(|dir| Reporter::start(dir.clone(), args.image_path.clone()));
     let progress = reporter.as_ref().map(Reporter::archived);
     let after_dump = || {
         if let Some(r) = &reporter {
@@ -258,8 +405,8 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
                 c.runc_kill_all(libc::SIGKILL as u32)?;
                 frozen.release();
             }
-            if !req.path.is_empty() {
-                write_report(Path::new(&req.path), &[&report]);
+            if let Some(dir) = &plan.report_dir {
+                write_report(dir, &[&report]);
             }
             Ok(Some(report))
         }
@@ -274,34 +421,9 @@ pub fn checkpoint(c: &Container, req: &api::CheckpointTaskRequest) -> Result<Opt
     }
 }
 
-/// containerd's Checkpoint RPC (the kubelet's checkpoint API) for a
-/// container that migrates post-copy (`criu-shim.io/migration:
-/// post-copy` and a `checkpoint-to` destination): its memory is served
-/// from here to the node that restores it, and containerd gets the
-/// images, none of which holds memory. The container exits once its
-/// memory has moved (or runs on if nobody restores it in time).
-pub fn post_copy_for_containerd(
-    c: &Arc<Container>,
-    req: &api::CheckpointTaskRequest,
-) -> Result<()> {
-    let args = containerd_args(req, &c.bundle)?;
-    let r = CheckpointRequest {
-        tcp_established: args.tcp_established,
-        file_locks: args.file_locks,
-        ext_unix_sk: args.ext_unix_sk,
-        post_copy: true,
-        ..Default::default()
-    };
-    let asked = post_copy::Asked {
-        progress: None,
-        handover: Some(args.image_path),
-    };
-    post_copy::checkpoint(c, &r, asked).map(drop)
-}
-
 /// Whether containerd's Checkpoint RPC for `spec`'s container is a
-/// post-copy one (see [`post_copy_for_containerd`]).
-pub fn post_copy_wanted(spec: &Spec, node: criu_shim_config::MigrationMode) -> Result<bool> {
+/// post-copy one: a destination, and the migration mode post-copy.
+fn post_copy_wanted(spec: &Spec, node: criu_shim_config::MigrationMode) -> Result<bool> {
     Ok(spec.checkpoint_to().is_some()
         && spec.migration(node)? == criu_shim_config::MigrationMode::PostCopy)
 }
@@ -310,57 +432,21 @@ pub fn post_copy_wanted(spec: &Spec, node: criu_shim_config::MigrationMode) -> R
 /// are all frozen, then dumped one by one, then published; the pod goes on
 /// (`leave_running`) or its containers are killed once every archive is on
 /// the share. Any failure thaws them all and removes what was published.
-pub fn checkpoint_pod(
-    members: &[Arc<Container>],
-    r: &CheckpointRequest,
-    report_dir: Option<&Path>,
-) -> Result<Vec<Report>> {
-    pod_checkpoint(members, r, report_dir, None)
-}
-
-/// containerd's Checkpoint RPC for container `c` of a pod annotated
-/// `criu-shim.io/checkpoint-pod: "true"` (the kubelet checkpoint API asks
-/// for one container at a time): the whole pod is checkpointed and
-/// published as by `--pod`, and `c`'s images also go where containerd
-/// wants them.
-pub fn checkpoint_pod_for_containerd(
-    members: &[Arc<Container>],
-    c: &Container,
-    req: &api::CheckpointTaskRequest,
-) -> Result<Vec<Report>> {
-    let mut args = containerd_args(req, &c.bundle)?;
-    let r = CheckpointRequest {
-        leave_running: args.leave_running,
-        tcp_established: args.tcp_established,
-        file_locks: args.file_locks,
-        ext_unix_sk: args.ext_unix_sk,
-        pod: true,
-        ..Default::default()
-    };
-    // Exiting is ours to do, after publishing.
-    args.leave_running = true;
-    pod_checkpoint(members, &r, None, Some((&c.id, args)))
-}
-
-fn pod_checkpoint(
-    members: &[Arc<Container>],
-    r: &CheckpointRequest,
-    report_dir: Option<&Path>,
-    given: Option<(&str, CriuArgs)>,
-) -> Result<Vec<Report>> {
+fn pod_checkpoint(members: &[Member], plan: PodPlan) -> Result<Vec<Report>> {
+    let r = &plan.request;
     let first = members
         .first()
         .ok_or_else(|| Error::FailedPrecondition("the pod has no running containers".into()))?;
-    let key = r.destination(&Spec::read(&first.bundle))?;
+    let key = r.destination(&first.spec)?;
     // Every member's destination checked before anything is frozen.
     let destinations = members
         .iter()
-        .map(|c| Destination::of(c, &Spec::read(&c.bundle), &key))
+        .map(|m| Destination::of(&m.container, &m.spec, &key))
         .collect::<Result<Vec<_>>>()?;
     let started = Instant::now();
     let mut frozen = Frozen::default();
-    for c in members {
-        frozen.freeze(c)?;
+    for m in members {
+        frozen.freeze(&m.container)?;
     }
     log::info!(
         "pod checkpoint: froze {} containers in {:?}",
@@ -368,9 +454,10 @@ fn pod_checkpoint(
         started.elapsed()
     );
     let mut dumps = Vec::new();
-    for c in members {
+    for m in members {
+        let c = &m.container;
         let staging = Staging::new(&c.config.staging_dir, &format!("dump-{}", c.id))?;
-        let args = match &given {
+        let args = match &plan.containerd_wants {
             Some((id, args)) if *id == c.id => args.clone(),
             _ => r.staged_args(&staging),
         };
@@ -398,8 +485,8 @@ fn pod_checkpoint(
         }
     }
     if !r.leave_running {
-        for c in members {
-            c.runc_kill_all(libc::SIGKILL as u32)?;
+        for m in members {
+            m.container.runc_kill_all(libc::SIGKILL as u32)?;
         }
     }
     frozen.thaw_all();
@@ -408,7 +495,7 @@ fn pod_checkpoint(
         members.len(),
         started.elapsed()
     );
-    if let Some(dir) = report_dir {
+    if let Some(dir) = &plan.report_dir {
         write_report(dir, &published.iter().collect::<Vec<_>>());
     }
     Ok(published)
@@ -857,6 +944,185 @@ pub fn write_report(dir: &Path, reports: &[&Report]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::container::tests::configured;
+    use crate::runc::fake::Fake;
+    use containerd_shim::protos::protobuf::well_known_types::any::Any;
+
+    /// A running container on the fake runtime with `annotations`, on a
+    /// node whose share and staging are temporary directories.
+    struct Node {
+        dirs: tempfile::TempDir,
+        c: Container,
+    }
+
+    fn node(annotations: serde_json::Value) -> Node {
+        let dirs = tempfile::tempdir().unwrap();
+        let (bundle, share, staging) = (
+            dirs.path().join("bundle"),
+            dirs.path().join("share"),
+            dirs.path().join("staging"),
+        );
+        for d in [&bundle, &share, &staging] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let spec = serde_json::json!({ "annotations": annotations });
+        std::fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
+        let mut config = criu_shim_config::ShimConfig::defaults("test");
+        config.share_dir = share;
+        config.staging_dir = staging;
+        let c = configured(&bundle, Arc::new(Fake::default()), false, "c", config);
+        c.start().unwrap();
+        Node { dirs, c }
+    }
+
+    /// containerd's request: runc's options, the images wanted in `path`.
+    fn from_containerd(path: &Path, exit: bool) -> api::CheckpointTaskRequest {
+        let options = CheckpointOptions {
+            exit,
+            open_tcp: true,
+            ..Default::default()
+        };
+        api::CheckpointTaskRequest {
+            id: "c".into(),
+            path: path.to_string_lossy().into_owned(),
+            options: Some(Any {
+                type_url: "containerd.runc.v1.CheckpointOptions".into(),
+                value: options.write_to_bytes().unwrap(),
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        }
+    }
+
+    /// Our CLI's request, its directory `dir`.
+    fn from_cli(dir: &Path, r: &CheckpointRequest) -> api::CheckpointTaskRequest {
+        api::CheckpointTaskRequest {
+            id: "c".into(),
+            path: dir.to_string_lossy().into_owned(),
+            options: Some(Any {
+                type_url: CHECKPOINT_REQUEST_TYPE.into(),
+                value: serde_json::to_vec(r).unwrap(),
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn containerd_s_request_without_a_destination_is_runc_s_dump_into_its_path() {
+        let n = node(serde_json::json!({}));
+        let images = n.dirs.path().join("images");
+        let Plan::Container(p) = Plan::of(&n.c, &from_containerd(&images, false)).unwrap() else {
+            panic!("not a container plan");
+        };
+        assert!(p.to.is_none() && p.handover.is_none() && p.report_dir.is_none());
+        assert_eq!(p.args.image_path, images);
+        assert!(p.args.leave_running && p.args.tcp_established);
+        assert!(!p.exit_after, "containerd's own checkpoint: runc decides");
+    }
+
+    #[test]
+    fn containerd_s_request_with_a_destination_dumps_into_staging_and_hands_over() {
+        let n = node(serde_json::json!({ criu_shim_config::ANNOTATION_CHECKPOINT_TO: "job" }));
+        let images = n.dirs.path().join("images");
+        let Plan::Container(p) = Plan::of(&n.c, &from_containerd(&images, true)).unwrap() else {
+            panic!("not a container plan");
+        };
+        assert_eq!(p.to.as_ref().map(|t| t.name.as_str()), Some("job"));
+        assert_eq!(p.handover.as_deref(), Some(images.as_path()));
+        assert!(images_are_staging(&n.c, &p.args), "{:?}", p.args.image_path);
+        assert!(p.exit_after, "exit asked: killed once published");
+        assert!(
+            p.report_dir.is_none(),
+            "nothing of ours in containerd's images"
+        );
+    }
+
+    #[test]
+    fn containerd_s_request_for_a_pod_member_plans_the_whole_pod() {
+        let n = node(serde_json::json!({
+            criu_shim_config::ANNOTATION_CHECKPOINT_TO: "job",
+            criu_shim_config::ANNOTATION_CHECKPOINT_POD: "true",
+        }));
+        let images = n.dirs.path().join("images");
+        let Plan::Pod(p) = Plan::of(&n.c, &from_containerd(&images, false)).unwrap() else {
+            panic!("not a pod plan");
+        };
+        assert!(p.request.pod && p.request.leave_running && p.request.tcp_established);
+        let (id, args) = p.containerd_wants.expect("containerd's member");
+        assert_eq!((id.as_str(), args.image_path), ("c", images));
+        assert!(args.leave_running, "exiting is ours, after publishing");
+    }
+
+    #[test]
+    fn the_kubelet_s_request_for_a_post_copy_container_hands_containerd_the_images() {
+        let n = node(serde_json::json!({
+            criu_shim_config::ANNOTATION_CHECKPOINT_TO: "job",
+            criu_shim_config::ANNOTATION_MIGRATION: "post-copy",
+        }));
+        let images = n.dirs.path().join("images");
+        let Plan::PostCopy(p) = Plan::of(&n.c, &from_containerd(&images, false)).unwrap() else {
+            panic!("not a post-copy plan");
+        };
+        assert!(p.request.post_copy && !p.request.leave_running);
+        assert_eq!(p.asked.handover.as_deref(), Some(images.as_path()));
+        assert!(p.asked.progress.is_none() && p.report_dir.is_none());
+        assert_eq!(p.to.name, "job");
+    }
+
+    #[test]
+    fn the_cli_s_requests_report_to_its_directory() {
+        let n = node(serde_json::json!({}));
+        let dir = n.dirs.path().join("cli");
+        let r = CheckpointRequest {
+            to: Some("job".into()),
+            ..Default::default()
+        };
+        let Plan::Container(p) = Plan::of(&n.c, &from_cli(&dir, &r)).unwrap() else {
+            panic!("not a container plan");
+        };
+        assert!(p.from_cli && p.exit_after && p.handover.is_none());
+        assert_eq!(p.report_dir.as_deref(), Some(dir.as_path()));
+        assert!(images_are_staging(&n.c, &p.args));
+        let moving = CheckpointRequest {
+            post_copy: true,
+            ..r.clone()
+        };
+        let Plan::PostCopy(p) = Plan::of(&n.c, &from_cli(&dir, &moving)).unwrap() else {
+            panic!("not a post-copy plan");
+        };
+        assert_eq!(p.asked.progress.as_deref(), Some(dir.as_path()));
+        assert!(p.asked.handover.is_none());
+    }
+
+    #[test]
+    fn plans_that_cannot_run_are_refused_before_anything_is_frozen() {
+        let n = node(serde_json::json!({}));
+        let dir = n.dirs.path().join("cli");
+        let both = CheckpointRequest {
+            to: Some("job".into()),
+            pod: true,
+            post_copy: true,
+            ..Default::default()
+        };
+        let err = Plan::of(&n.c, &from_cli(&dir, &both)).err().unwrap();
+        assert!(err.to_string().contains("cold"), "{err}");
+        let nowhere = CheckpointRequest::default();
+        let err = Plan::of(&n.c, &from_cli(&dir, &nowhere)).err().unwrap();
+        assert!(err.to_string().contains("--to"), "{err}");
+        let escaping = CheckpointRequest {
+            to: Some("../other-tenant/job".into()),
+            ..Default::default()
+        };
+        assert!(Plan::of(&n.c, &from_cli(&dir, &escaping)).is_err());
+        assert_eq!(
+            std::fs::read_dir(&n.c.config.staging_dir).unwrap().count(),
+            0,
+            "a refused plan stages nothing"
+        );
+    }
 
     #[test]
     fn requests_from_older_clis_still_parse() {

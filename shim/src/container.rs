@@ -590,6 +590,18 @@ pub(crate) mod tests {
 
     /// A container `id` on the fake runtime, its bundle in `bundle`.
     pub(crate) fn named(bundle: &Path, fake: Arc<Fake>, restore: bool, id: &str) -> Container {
+        let config = criu_shim_config::ShimConfig::defaults("test");
+        configured(bundle, fake, restore, id, config)
+    }
+
+    /// As [`named`], with the node's settings in `config`.
+    pub(crate) fn configured(
+        bundle: &Path,
+        fake: Arc<Fake>,
+        restore: bool,
+        id: &str,
+        config: criu_shim_config::ShimConfig,
+    ) -> Container {
         let opts = CreateOpts {
             id: id.into(),
             bundle: bundle.to_path_buf(),
@@ -602,7 +614,7 @@ pub(crate) mod tests {
             lazy_pages: None,
             pages_before_start: false,
             deadline: None,
-            config: criu_shim_config::ShimConfig::defaults("test"),
+            config,
         };
         Container::create(opts, fake).unwrap()
     }

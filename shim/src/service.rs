@@ -23,7 +23,7 @@ use containerd_shim::protos::shim::oci::Options as RuncProtoOptions;
 use containerd_shim::{ExitSignal, Task, TtrpcContext, TtrpcResult};
 use criu_shim_config::{RuncOptions, ShimConfig};
 
-use crate::checkpoint::{self, CheckpointRequest};
+use crate::checkpoint;
 use crate::container::{Container, CreateOpts, Mount};
 use crate::criu_front::env as front_env;
 use crate::error::{Error, Result};
@@ -276,49 +276,17 @@ impl Service {
         Ok(pid as u32)
     }
 
-    /// Checkpoint RPC: one container, or (our CLI's `--pod`) every
-    /// container of its pod; see [`checkpoint`].
+    /// Checkpoint RPC: one container, its pod, or a post-copy move; see
+    /// [`checkpoint::Plan`].
     fn do_checkpoint(&self, req: &api::CheckpointTaskRequest) -> Result<()> {
         let c = self.container(&req.id)?;
         c.not_moving_out()?;
-        match CheckpointRequest::from_options(req)? {
-            Some(r) if r.post_copy && r.pod => Err(Error::InvalidArgument(
-                "post-copy moves one container; a pod checkpoint (--pod) is cold".into(),
-            )),
-            Some(r) if r.post_copy => {
-                let dir =
-                    Some(std::path::PathBuf::from(&req.path)).filter(|p| !p.as_os_str().is_empty());
-                let asked = checkpoint::post_copy::Asked {
-                    progress: dir.clone(),
-                    handover: None,
-                };
-                let report = checkpoint::post_copy::checkpoint(&c, &r, asked)?;
-                if let Some(dir) = &dir {
-                    checkpoint::write_report(dir, &[&report]);
-                }
-                Ok(())
-            }
-            Some(r) if r.pod => {
-                let members = self.pod_members(&c);
-                let report_dir =
-                    Some(std::path::Path::new(&req.path)).filter(|p| !p.as_os_str().is_empty());
-                checkpoint::checkpoint_pod(&members, &r, report_dir).map(drop)
-            }
-            Some(_) => checkpoint::checkpoint(&c, req).map(drop),
-            None if checkpoint::post_copy_wanted(&Spec::read(&c.bundle), c.config.migration)? => {
-                checkpoint::post_copy_for_containerd(&c, req)
-            }
-            None if Spec::read(&c.bundle).checkpoint_pod() => {
-                let members = self.pod_members(&c);
-                checkpoint::checkpoint_pod_for_containerd(&members, &c, req).map(drop)
-            }
-            None => checkpoint::checkpoint(&c, req).map(drop),
-        }
+        checkpoint::Plan::of(&c, req)?.run(&c, || self.pod_members(&c))
     }
 
-    /// The running containers of `c`'s pod (not its sandbox), by name; just
-    /// `c` outside a pod.
-    fn pod_members(&self, c: &Arc<Container>) -> Vec<Arc<Container>> {
+    /// The running containers of `c`'s pod (not its sandbox), by name, with
+    /// their specs; just `c` outside a pod.
+    fn pod_members(&self, c: &Arc<Container>) -> Vec<checkpoint::Member> {
         let spec = Spec::read(&c.bundle);
         let pod = if spec.is_pod_sandbox() {
             Some(c.id.clone())
@@ -326,22 +294,28 @@ impl Service {
             spec.sandbox_id().map(str::to_string)
         };
         let Some(pod) = pod else {
-            return vec![c.clone()];
+            return vec![checkpoint::Member {
+                container: c.clone(),
+                spec,
+            }];
         };
         let all: Vec<Arc<Container>> = self.containers.lock().unwrap().values().cloned().collect();
-        // Each spec read once, outside the lock; keyed by the name in the
+        // Each spec read once, outside the lock; sorted by the name in the
         // pod manifest, for logs a person can follow.
-        let mut members: Vec<(Option<String>, Arc<Container>)> = all
+        let mut members: Vec<checkpoint::Member> = all
             .into_iter()
             .filter(|m| matches!(m.init.status(), Status::Running | Status::Paused))
-            .filter_map(|m| {
-                let s = Spec::read(&m.bundle);
-                let ours = !s.is_pod_sandbox() && s.sandbox_id() == Some(pod.as_str());
-                ours.then(|| (s.container_name().map(str::to_string), m))
+            .map(|m| checkpoint::Member {
+                spec: Spec::read(&m.bundle),
+                container: m,
             })
+            .filter(|m| !m.spec.is_pod_sandbox() && m.spec.sandbox_id() == Some(pod.as_str()))
             .collect();
-        members.sort_by(|(a, x), (b, y)| (a, &x.id).cmp(&(b, &y.id)));
-        members.into_iter().map(|(_, m)| m).collect()
+        members.sort_by(|a, b| {
+            (a.spec.container_name(), &a.container.id)
+                .cmp(&(b.spec.container_name(), &b.container.id))
+        });
+        members
     }
 
     fn do_delete(&self, id: &str, exec_id: &str) -> Result<(u32, Exit)> {
@@ -827,10 +801,18 @@ mod tests {
             ann("container", "pod2", "web"),
         );
         let web = svc.container("web-id").unwrap();
-        let ids: Vec<String> = svc.pod_members(&web).iter().map(|c| c.id.clone()).collect();
+        let ids: Vec<String> = svc
+            .pod_members(&web)
+            .iter()
+            .map(|m| m.container.id.clone())
+            .collect();
         assert_eq!(ids, ["cache-id", "web-id"]);
         svc.container("cache-id").unwrap().init.set_exited(0);
-        let ids: Vec<String> = svc.pod_members(&web).iter().map(|c| c.id.clone()).collect();
+        let ids: Vec<String> = svc
+            .pod_members(&web)
+            .iter()
+            .map(|m| m.container.id.clone())
+            .collect();
         assert_eq!(ids, ["web-id"], "a stopped container is not checkpointed");
     }
 }

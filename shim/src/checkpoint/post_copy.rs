@@ -50,7 +50,6 @@ use crate::migrate::manifest::PageSourceRef;
 use crate::migrate::{self, stage::Staging, Report};
 use crate::page_stream::{self, Answer, Request, SessionId, MAX_PAGES, PAGE_SIZE};
 use crate::process::Status;
-use crate::spec::Spec;
 use criu_shim_config::env;
 use std::sync::atomic::Ordering;
 
@@ -76,7 +75,12 @@ pub struct Asked {
 
 /// A post-copy checkpoint of `c`: returns once the archive of everything
 /// but its memory is published; the memory follows through the relay.
-pub fn checkpoint(c: &Arc<Container>, r: &CheckpointRequest, asked: Asked) -> Result<Report> {
+pub(super) fn checkpoint(
+    c: &Arc<Container>,
+    r: &CheckpointRequest,
+    to: Destination,
+    asked: Asked,
+) -> Result<Report> {
     if r.leave_running {
         return Err(Error::InvalidArgument(
             "post-copy moves the container (the source exits once its memory has moved); \
@@ -84,8 +88,6 @@ pub fn checkpoint(c: &Arc<Container>, r: &CheckpointRequest, asked: Asked) -> Re
                 .into(),
         ));
     }
-    let spec = Spec::read(&c.bundle);
-    let to = Destination::of(c, &spec, &r.destination(&spec)?)?;
     let key = to.mac_key.clone().ok_or_else(|| {
         Error::FailedPrecondition(format!(
             "post-copy serves the container's memory over the network, authenticated with \
