@@ -30,7 +30,7 @@ use containerd_shim::protos::shim::oci::CheckpointOptions;
 use crate::container::{Container, DumpStats};
 use crate::criu_front::env as front_env;
 use crate::error::{Error, Result};
-use crate::messages::{ArchiveReport, CheckpointReport, ProgressReport};
+use crate::messages::{ArchiveReport, CheckpointReport, FileMessage, ProgressReport};
 pub use crate::messages::{CheckpointRequest, CHECKPOINT_REQUEST_TYPE};
 use crate::migrate::follow::{DumpEnd, Follow};
 use crate::migrate::share::{self, Share, Tenant};
@@ -833,7 +833,8 @@ impl Reporter {
                         total_bytes: Some(total),
                     }
                 };
-                report.write(&dir);
+                // The CLI shows what it last read; a missed update is harmless.
+                let _ = report.write(&dir);
                 if stopped.recv_timeout(every) != Err(RecvTimeoutError::Timeout) {
                     return;
                 }
@@ -935,8 +936,7 @@ pub fn write_report(dir: &Path, reports: &[&Report]) {
             .collect::<Vec<_>>()
             .join("\n"),
     };
-    let json = serde_json::to_vec(&report).unwrap_or_default();
-    if let Err(e) = std::fs::write(dir.join(CheckpointReport::FILE), json) {
+    if let Err(e) = report.write(dir) {
         log::warn!("cannot write checkpoint report: {e}");
     }
 }

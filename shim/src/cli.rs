@@ -19,7 +19,7 @@ use containerd_shim::protos::ttrpc;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::messages::{CheckpointReport, CheckpointRequest, CHECKPOINT_REQUEST_TYPE};
+use crate::messages::{CheckpointReport, CheckpointRequest, FileMessage, CHECKPOINT_REQUEST_TYPE};
 use crate::migrate::share::{self, Share};
 use crate::migrate::{self, manifest::Manifest, unpack};
 
@@ -238,10 +238,7 @@ fn checkpoint(a: CheckpointArgs) -> Result<(), Failure> {
     if let Err(e) = result {
         return Err(failed(rpc_message(e)));
     }
-    let report: Option<CheckpointReport> =
-        std::fs::read(report_dir.path().join(CheckpointReport::FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+    let report = CheckpointReport::read(report_dir.path());
     match report {
         Some(r) if a.json => println!("{}", serde_json::to_string_pretty(&r).map_err(failed)?),
         Some(r) => println!("{id}: {}", r.summary),
@@ -268,7 +265,7 @@ fn checkpoint(a: CheckpointArgs) -> Result<(), Failure> {
 /// Until the relay writes how the transfer ended (or its shim, at
 /// `address`, is gone).
 fn wait_for_post_copy(id: &str, dir: &Path, address: &str, json: bool) -> Result<(), Failure> {
-    use crate::messages::PostCopyEnd;
+    use crate::messages::{FileMessage, PostCopyEnd};
     let progress = (!json).then(|| Progress::watching(format!("moving {id}"), Some(dir.into())));
     let socket = address.strip_prefix("unix://").unwrap_or(address);
     let mut looked = Instant::now();
@@ -795,7 +792,7 @@ impl Drop for Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::messages::ProgressReport;
+    use crate::messages::{FileMessage, ProgressReport};
 
     #[test]
     fn progress_lines_say_bytes_rate_and_eta() {
@@ -815,7 +812,7 @@ mod tests {
         };
         assert_eq!(progress_line(&d, None), "dump 64.0 MiB");
         let dir = tempfile::tempdir().unwrap();
-        r.write(dir.path());
+        r.write(dir.path()).unwrap();
         assert_eq!(ProgressReport::read(dir.path()), Some(r));
     }
 }

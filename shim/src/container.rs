@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::messages::{FailureKind, FrontFailure, FrontStats};
+use crate::messages::{FailureKind, FileMessage, FrontFailure, FrontStats};
 use crate::process::{Process, Status};
 use crate::restore::lazy::{LazyRestore, OnFailure};
 use crate::runc::{CriuArgs, Runtime, SpawnOpts};
@@ -133,12 +133,14 @@ impl Container {
         let make = |stdio| match &o.restore {
             Some(args) => runc
                 .restore(&o.id, &o.bundle, args, &spawn, stdio)
-                .map_err(|e| match &FrontStats::read(&args.work_path).error {
-                    // CRIU's own words beat runc's summary (and its log
-                    // goes with the staging).
-                    Some(f) => criu_failure(f, &format!("restore of {}", o.id)),
-                    None => e,
-                }),
+                .map_err(
+                    |e| match &FrontStats::read(&args.work_path).unwrap_or_default().error {
+                        // CRIU's own words beat runc's summary (and its log
+                        // goes with the staging).
+                        Some(f) => criu_failure(f, &format!("restore of {}", o.id)),
+                        None => e,
+                    },
+                ),
             None => runc.create(&o.id, &o.bundle, &spawn, stdio),
         };
         match &console {
@@ -234,7 +236,7 @@ impl Container {
             .and_then(|_| std::fs::create_dir_all(&args.work_path))
             .map_err(|e| Error::io("create checkpoint directories", e))?;
         let result = self.runc.checkpoint(&self.id, args, env);
-        let stats = FrontStats::read(&args.work_path);
+        let stats = FrontStats::read(&args.work_path).unwrap_or_default();
         if let Err(e) = result {
             self.recover_after_failed_dump();
             // CRIU's own words beat runc's summary of them.

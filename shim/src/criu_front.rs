@@ -20,7 +20,7 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use crate::messages::{FailureKind, FrontFailure, FrontStats};
+use crate::messages::{FailureKind, FileMessage, FrontFailure, FrontStats};
 
 use criu_sys::rpc::{CriuReq, CriuReqType, CriuResp};
 use criu_sys::{Action, Criu, Notification, Options, ServiceSocket};
@@ -169,7 +169,8 @@ fn relay_with_options(
                 message: e.to_string(),
             }),
         }
-        .write(dir);
+        .write(dir)
+        .unwrap_or_else(|e| eprintln!("criu-shim CRIU front: cannot leave its stats: {e}"));
     }
     Ok(result?)
 }

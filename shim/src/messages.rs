@@ -8,10 +8,36 @@
 //! | [`CheckpointReport`] | the shim | our CLI | a file in the directory the RPC names |
 //! | [`ShimState`] | the shim | `shim delete` after a crash | a file in the bundle |
 //! | [`ProgressReport`] | the shim, while it checkpoints | our CLI | a file beside the report, rewritten |
+//! | [`PostCopyEnd`] | the shim's relay, once | our CLI (`--post-copy --wait`) | a file beside the report |
+//!
+//! The file-borne ones share [`FileMessage`]: written whole, read
+//! leniently.
 
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+/// A message passed as a JSON file in a directory both sides know.
+/// Written whole (to a hidden name, then renamed: a reader never sees
+/// half of one, even of a file rewritten while it is read); read as
+/// absent when missing or unreadable, since the writer may have died.
+pub trait FileMessage: Serialize + DeserializeOwned {
+    /// The file's name in the directory.
+    const FILE: &'static str;
+
+    fn write(&self, dir: &Path) -> std::io::Result<()> {
+        let json = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        let tmp = dir.join(format!(".{}.new", Self::FILE));
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(&tmp, dir.join(Self::FILE))
+    }
+
+    fn read(dir: &Path) -> Option<Self> {
+        let bytes = std::fs::read(dir.join(Self::FILE)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
 
 /// What the CRIU front measured and, on failure, CRIU's own words and
 /// what kind of failure it was (so the shim can map it to the right
@@ -52,23 +78,9 @@ impl FailureKind {
     }
 }
 
-impl FrontStats {
-    /// Name of the file in runc's work directory.
-    pub const FILE: &'static str = "criu-shim-front.json";
-
-    pub fn write(&self, work_dir: &Path) {
-        if let Ok(json) = serde_json::to_vec(self) {
-            let _ = std::fs::write(work_dir.join(Self::FILE), json);
-        }
-    }
-
-    /// What the front left in `work_dir` (default if nothing).
-    pub fn read(work_dir: &Path) -> FrontStats {
-        std::fs::read(work_dir.join(Self::FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
-    }
+/// In runc's work directory.
+impl FileMessage for FrontStats {
+    const FILE: &'static str = "criu-shim-front.json";
 }
 
 /// The `type_url` of our CLI's checkpoint options.
@@ -112,9 +124,9 @@ pub struct ArchiveReport {
     pub criu_ms: Option<f64>,
 }
 
-impl CheckpointReport {
-    /// Name of the file in the directory the Checkpoint RPC names.
-    pub const FILE: &'static str = "report.json";
+/// In the directory the Checkpoint RPC names.
+impl FileMessage for CheckpointReport {
+    const FILE: &'static str = "report.json";
 }
 
 /// How far a checkpoint is, for the CLI to show while it waits.
@@ -128,25 +140,9 @@ pub struct ProgressReport {
     pub total_bytes: Option<u64>,
 }
 
-impl ProgressReport {
-    pub const FILE: &'static str = "progress.json";
-
-    /// Replaces the file in `dir` whole (write, then rename), so a reader
-    /// never sees half of it.
-    pub fn write(&self, dir: &Path) {
-        let tmp = dir.join(".progress.json.new");
-        if let Ok(json) = serde_json::to_vec(self) {
-            if std::fs::write(&tmp, json).is_ok() {
-                let _ = std::fs::rename(&tmp, dir.join(Self::FILE));
-            }
-        }
-    }
-
-    pub fn read(dir: &Path) -> Option<ProgressReport> {
-        std::fs::read(dir.join(Self::FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-    }
+/// Beside the report, rewritten as the checkpoint goes.
+impl FileMessage for ProgressReport {
+    const FILE: &'static str = "progress.json";
 }
 
 /// How a post-copy transfer ended, for a CLI that waits for it
@@ -162,23 +158,9 @@ pub struct PostCopyEnd {
     pub why: Option<String>,
 }
 
-impl PostCopyEnd {
-    pub const FILE: &'static str = "post-copy.json";
-
-    pub fn write(&self, dir: &Path) {
-        let tmp = dir.join(".post-copy.json.new");
-        if let Ok(json) = serde_json::to_vec(self) {
-            if std::fs::write(&tmp, json).is_ok() {
-                let _ = std::fs::rename(&tmp, dir.join(Self::FILE));
-            }
-        }
-    }
-
-    pub fn read(dir: &Path) -> Option<PostCopyEnd> {
-        std::fs::read(dir.join(Self::FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-    }
+/// Beside the report, once.
+impl FileMessage for PostCopyEnd {
+    const FILE: &'static str = "post-copy.json";
 }
 
 /// What `shim delete` needs to clean up after a shim that died.
@@ -188,9 +170,9 @@ pub struct ShimState {
     pub runc_root: PathBuf,
 }
 
-impl ShimState {
-    /// Name of the file in the bundle.
-    pub const FILE: &'static str = "criu-shim.json";
+/// In the bundle.
+impl FileMessage for ShimState {
+    const FILE: &'static str = "criu-shim.json";
 }
 
 #[cfg(test)]
@@ -200,7 +182,7 @@ mod tests {
     #[test]
     fn front_stats_round_trip_with_the_failure_kind() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(FrontStats::read(dir.path()), FrontStats::default());
+        assert_eq!(FrontStats::read(dir.path()), None);
         let s = FrontStats {
             criu_ms: 12.5,
             frozen_ms: Some(3.0),
@@ -209,9 +191,29 @@ mod tests {
                 message: "CRIU dump timed out after 1 s".into(),
             }),
         };
-        s.write(dir.path());
-        assert_eq!(FrontStats::read(dir.path()), s);
+        s.write(dir.path()).unwrap();
+        assert_eq!(FrontStats::read(dir.path()), Some(s));
         let raw = std::fs::read_to_string(dir.path().join(FrontStats::FILE)).unwrap();
         assert!(raw.contains(r#""kind":"timeout""#), "{raw}");
+    }
+
+    #[test]
+    fn a_message_is_replaced_whole_and_a_damaged_one_reads_as_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |done_bytes| ProgressReport {
+            phase: "publish".into(),
+            done_bytes,
+            total_bytes: Some(10),
+        };
+        at(1).write(dir.path()).unwrap();
+        at(2).write(dir.path()).unwrap();
+        assert_eq!(ProgressReport::read(dir.path()), Some(at(2)));
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [ProgressReport::FILE], "no temporary file left");
+        std::fs::write(dir.path().join(ProgressReport::FILE), b"{\"phase\":").unwrap();
+        assert_eq!(ProgressReport::read(dir.path()), None);
     }
 }

@@ -28,7 +28,7 @@ use crate::container::{Container, CreateOpts, Mount};
 use crate::criu_front::env as front_env;
 use crate::error::{Error, Result};
 use crate::events::{Event, Events};
-use crate::messages::ShimState;
+use crate::messages::{FileMessage, ShimState};
 use crate::migrate::unpack::Deadline;
 use crate::process::{Exit, Process, Status};
 use crate::reaper::MonitorReaper;
@@ -423,8 +423,7 @@ fn save_shim_state(bundle: &std::path::Path, config: &ShimConfig) {
         runc: config.runc.clone(),
         runc_root: config.runc_root.clone(),
     };
-    let json = serde_json::to_vec(&state).unwrap_or_default();
-    if let Err(e) = std::fs::write(bundle.join(ShimState::FILE), json) {
+    if let Err(e) = state.write(bundle) {
         log::warn!("cannot save shim state in {}: {e}", bundle.display());
     }
 }

@@ -14,7 +14,7 @@ use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::types::introspection::{RuntimeInfo, RuntimeVersion};
 
 use crate::events::Events;
-use crate::messages::ShimState;
+use crate::messages::{FileMessage, ShimState};
 use crate::reaper::MonitorReaper;
 use crate::runc::Runc;
 use crate::service::{Service, TaskService};
@@ -191,9 +191,7 @@ fn runtime_info(runtime_id: &str, runc: &str) -> RuntimeInfo {
 /// mount it left behind.
 fn cleanup_after_crash(namespace: &str, id: &str, bundle: &Path) {
     let defaults = ShimConfig::defaults(namespace);
-    let saved: Option<ShimState> = std::fs::read(bundle.join(ShimState::FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
+    let saved = ShimState::read(bundle);
     let (runc_bin, runc_root) = match saved {
         Some(s) => (s.runc, s.runc_root),
         None => (defaults.runc, defaults.runc_root),

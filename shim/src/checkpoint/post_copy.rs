@@ -45,7 +45,7 @@ use criu_sys::page_xfer::{self, PageClient};
 use super::{publish, CheckpointRequest, Destination, Writing};
 use crate::container::{Container, DumpStats};
 use crate::error::{Error, Result};
-use crate::messages::{PostCopyEnd, ProgressReport};
+use crate::messages::{FileMessage, PostCopyEnd, ProgressReport};
 use crate::migrate::manifest::PageSourceRef;
 use crate::migrate::{self, stage::Staging, Report};
 use crate::page_stream::{self, Answer, Request, SessionId, MAX_PAGES, PAGE_SIZE};
@@ -379,13 +379,16 @@ impl Relay {
         let started = Instant::now();
         let served = self.serve();
         if let Some(dir) = &self.progress {
-            PostCopyEnd {
+            let end = PostCopyEnd {
                 moved: served.is_ok(),
                 bytes: served.as_ref().map_or(0, |m| m.bytes),
                 seconds: started.elapsed().as_secs_f64(),
                 why: served.as_ref().err().cloned(),
+            };
+            if let Err(e) = end.write(dir) {
+                // The waiting CLI then says the shim went away.
+                log::warn!("post-copy: cannot tell the waiting CLI how it ended: {e}");
             }
-            .write(dir);
         }
         match served {
             Ok(m) => {
@@ -460,12 +463,13 @@ impl Relay {
                     bytes += n as u64;
                     if let (Some(dir), true) = (&self.progress, shown.elapsed() >= SHOW_EVERY) {
                         shown = Instant::now();
-                        ProgressReport {
+                        let progress = ProgressReport {
                             phase: "post-copy".into(),
                             done_bytes: bytes,
                             total_bytes: Some(total),
-                        }
-                        .write(dir);
+                        };
+                        // The CLI shows what it last read; a missed update is harmless.
+                        let _ = progress.write(dir);
                     }
                     if logged.elapsed() >= PROGRESS_EVERY {
                         logged = Instant::now();

@@ -34,6 +34,7 @@ use containerd_shim::api;
 use criu_shim_config::{RestoreFetch, ShimConfig};
 
 use crate::error::Result;
+use crate::messages::{FileMessage, FrontStats};
 use crate::migrate::share::Tenant;
 use crate::migrate::unpack::{Deadline, Limits};
 use crate::migrate::{self, Fetched};
@@ -178,7 +179,7 @@ impl Prepared {
     pub fn keep_failed_log(&self, staging_root: &Path, id: &str) -> Option<PathBuf> {
         // Only when CRIU is what failed: after a restore CRIU finished (its
         // memory then failed verification, say), its log tells nothing.
-        crate::messages::FrontStats::read(&self.args.work_path).error?;
+        FrontStats::read(&self.args.work_path)?.error?;
         let log = self.args.work_path.join("restore.log");
         let mut f = std::fs::File::open(&log).ok()?;
         let len = f.metadata().ok()?.len();
@@ -306,9 +307,9 @@ mod tests {
         };
         let staging = root.path().join("staging");
         // CRIU restored, and something after it failed: its log tells nothing.
-        stats(None).write(&work);
+        stats(None).write(&work).unwrap();
         assert!(p.keep_failed_log(&staging, "ok").is_none());
-        stats(Some("restore failed")).write(&work);
+        stats(Some("restore failed")).write(&work).unwrap();
         let kept = p.keep_failed_log(&staging, "app").unwrap();
         let text = std::fs::read(&kept).unwrap();
         assert_eq!(text.len() as u64, KEPT_LOG_BYTES);
