@@ -45,11 +45,22 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use super::uffd::{self, Event, Filled};
 use crate::error::{Error, Result};
 
-/// Bytes copied around a faulting page: enough to make a sequential scan
-/// cheap, small enough that one fault does not wait long.
-const FAULT_RUN: u64 = 128 << 10;
-/// Bytes copied per background step (between two looks at the uffds).
-const BACKGROUND_RUN: u64 = 1 << 20;
+/// How much a source is asked for at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Runs {
+    /// Bytes copied around a faulting page: enough to make a sequential
+    /// scan cheap, small enough that one fault does not wait long.
+    pub fault: u64,
+    /// Bytes copied per background step (between two looks at the uffds).
+    pub background: u64,
+}
+
+/// For sources read locally (the share): a fault costs a read, not a
+/// round trip, and large background steps keep the disk streaming.
+pub const LOCAL_RUNS: Runs = Runs {
+    fault: 128 << 10,
+    background: 1 << 20,
+};
 /// How often a waiting daemon looks at its stop flag.
 const IDLE_POLL: Duration = Duration::from_millis(50);
 /// How often progress is logged.
@@ -79,6 +90,11 @@ pub trait PageSource: Send {
     /// `offset` of task `pid`: a source with a round trip per read (the
     /// source node) asks for them while the current read is answered.
     fn hint_next(&mut self, _pid: u32, _pages_id: u32, _offset: u64, _len: u64) {}
+
+    /// How much to ask for per fault and per background step.
+    fn runs(&self) -> Runs {
+        LOCAL_RUNS
+    }
 
     /// Every page is in place. A source that must be told (the source
     /// node, which then ends its dump) is told here; an error means the
@@ -391,6 +407,8 @@ struct Daemon {
     id: String,
     images: PathBuf,
     source: Box<dyn PageSource>,
+    /// The source's run sizes, asked once.
+    runs: Runs,
     listener: Option<LazyListener>,
     conn: Option<LazyConnection>,
     tasks: Vec<Task>,
@@ -420,6 +438,7 @@ impl Daemon {
         Daemon {
             id: id.to_string(),
             images: images.to_path_buf(),
+            runs: source.runs(),
             source,
             listener,
             conn: None,
@@ -682,7 +701,7 @@ impl Daemon {
             None => uffd::zero(&self.tasks[i].uffd, page)
                 .map_err(|e| format!("task {}: zero page at {page:#x}: {e}", self.tasks[i].pid))?,
             Some((_, p)) => {
-                let end = p.end.min(page + FAULT_RUN);
+                let end = p.end.min(page + self.runs.fault);
                 let mut last = Filled::Done;
                 for (s, piece) in self.tasks[i].ranges.take(page, end) {
                     last = self.fill(i, s, piece)?;
@@ -759,11 +778,11 @@ impl Daemon {
         let Some((s, p)) = self.tasks[i].ranges.first() else {
             return Ok(());
         };
-        let end = p.end.min(s + BACKGROUND_RUN);
+        let end = p.end.min(s + self.runs.background);
         let pieces = self.tasks[i].ranges.take(s, end);
         let task = &self.tasks[i];
         if let Some((next, piece)) = task.ranges.first() {
-            let len = piece.end.min(next + BACKGROUND_RUN) - next;
+            let len = piece.end.min(next + self.runs.background) - next;
             self.source
                 .hint_next(task.pid, task.pages_id, piece.offset, len);
         }
