@@ -373,6 +373,16 @@ impl Containerd {
     }
 
     /// Runs `cmd` in the container; returns (exit code, stdout, stderr).
+    /// The test app's digest of its memory (`GET /hash`: the digest and
+    /// the bytes it covers), asked from inside container `id` by an exec
+    /// named `exec_id`: equal digests before and after a move mean every
+    /// byte arrived.
+    pub fn memory_hash(&self, id: &str, exec_id: &str) -> Vec<String> {
+        let (code, out, err) = self.exec(id, exec_id, &["wget", "-qO-", HASH_URL]);
+        assert_eq!(code, 0, "{err}");
+        hash_parts(&out)
+    }
+
     pub fn exec(&self, id: &str, exec_id: &str, cmd: &[&str]) -> (i32, String, String) {
         let mut args = vec!["task", "exec", "--exec-id", exec_id, id];
         args.extend_from_slice(cmd);
@@ -739,4 +749,14 @@ pub fn checkpointctl_reads(archive: &Path) -> (String, String) {
     }
     checkpointctl(&["memparse", a]);
     (show, inspect)
+}
+
+/// The test app's memory digest, as served inside its container.
+pub const HASH_URL: &str = "http://127.0.0.1:8080/hash";
+
+/// `GET /hash`'s answer: the digest and the bytes it covers.
+pub fn hash_parts(answer: &str) -> Vec<String> {
+    let parts: Vec<String> = answer.split_whitespace().map(str::to_string).collect();
+    assert_eq!(parts.len(), 2, "not a memory digest: {answer:?}");
+    parts
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use criu_shim_tests::cri::{container_config, pod_config, ContainerState, Cri, PodSandboxConfig};
 use criu_shim_tests::sshfs::SshfsShare;
 use criu_shim_tests::{
-    http_count, http_count_within, mounts_containing, pids_matching, wait_until, Containerd,
-    SmallShare, IMAGE, POD_TENANT,
+    hash_parts, http_count, http_count_within, mounts_containing, pids_matching, wait_until,
+    Containerd, SmallShare, HASH_URL, IMAGE, POD_TENANT,
 };
 
 #[test]
@@ -213,9 +213,7 @@ fn a_pod_migrates_lazily_through_the_cri() {
     let ip_a = ca.pod_ip(&pod_a).unwrap();
     assert_eq!(http_count_within(&ip_a, PORT, Duration::from_secs(30)), 1);
     let hash = |cri: &mut Cri, node: &Containerd, id: &str| {
-        let (code, out, err) = cri
-            .exec_sync(id, &["wget", "-qO-", "http://127.0.0.1:8080/hash"])
-            .unwrap();
+        let (code, out, err) = cri.exec_sync(id, &["wget", "-qO-", HASH_URL]).unwrap();
         let lazy: Vec<String> = node
             .log()
             .lines()
@@ -223,9 +221,7 @@ fn a_pod_migrates_lazily_through_the_cri() {
             .map(str::to_string)
             .collect();
         assert_eq!(code, 0, "{err} {lazy:#?}");
-        out.split_whitespace()
-            .map(str::to_string)
-            .collect::<Vec<_>>()
+        hash_parts(&out)
     };
     let before = hash(&mut ca, &a, &ids_a[0]);
     assert_eq!(before.len(), 2);

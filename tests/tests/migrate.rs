@@ -39,13 +39,6 @@ fn archives(share: &Path, key: &str) -> Vec<PathBuf> {
 
 /// The test app's `GET /hash` in container `app` on `node` (by an exec
 /// named `exec`): the hash of all its memory now, and when it was filled.
-fn hash(node: &Containerd, exec: &str) -> Vec<String> {
-    let (code, out, err) = node.exec("app", exec, &["wget", "-qO-", "http://127.0.0.1:8080/hash"]);
-    assert_eq!(code, 0, "{err}");
-    let parts: Vec<String> = out.split_whitespace().map(str::to_string).collect();
-    assert_eq!(parts.len(), 2, "{out}");
-    parts
-}
 
 #[test]
 fn the_counter_migrates_a_to_b_and_back_with_its_rootfs_changes() {
@@ -776,14 +769,18 @@ fn realistic_memory_arrives_whole() {
     let b = Containerd::node(share.path(), &[]);
     a.run_detached("app", &["/testapp", "-m", "32", "--fill", "realistic"]);
     assert_eq!(a.count("app"), 1);
-    let before = hash(&a, "h1");
+    let before = a.memory_hash("app", "h1");
     assert_eq!(before[0], before[1], "the memory changed before the move");
     let out = a.cli_checkpoint("app", &["--to", "real"]);
     assert!(out.status.success(), "{}", text(&out));
     let out = b.run_restored("app", "real");
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(b.count("app"), 2, "the count continues");
-    assert_eq!(hash(&b, "h2"), before, "the memory did not arrive whole");
+    assert_eq!(
+        b.memory_hash("app", "h2"),
+        before,
+        "the memory did not arrive whole"
+    );
 }
 
 /// A long checkpoint tells the operator how far it is: bytes, rate, ETA.
@@ -826,7 +823,7 @@ fn a_lazy_restore_answers_at_once_and_its_memory_arrives_whole() {
     let b = Containerd::node(share.path(), &[]);
     a.run_detached("app", &["/testapp", "-m", "64", "--fill", "realistic"]);
     assert_eq!(a.count("app"), 1);
-    let before = hash(&a, "h1");
+    let before = a.memory_hash("app", "h1");
     let out = a.cli_checkpoint("app", &["--to", "lazy"]);
     assert!(out.status.success(), "{}", text(&out));
 
@@ -835,7 +832,11 @@ fn a_lazy_restore_answers_at_once_and_its_memory_arrives_whole() {
     assert_eq!(b.count("app"), 2, "the count continues");
     let (code, out, _) = b.exec("app", "ls", &["ls", "/"]);
     assert_eq!(code, 0, "exec works while pages move: {out}");
-    assert_eq!(hash(&b, "h2"), before, "the memory did not arrive whole");
+    assert_eq!(
+        b.memory_hash("app", "h2"),
+        before,
+        "the memory did not arrive whole"
+    );
     wait_until(Duration::from_secs(30), "every page in place", || {
         b.log().contains("app: all 64 MiB of memory in place")
     });
@@ -854,7 +855,11 @@ fn a_lazy_restore_answers_at_once_and_its_memory_arrives_whole() {
     let out = a.run_restored("app", "back");
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(a.count("app"), 3);
-    assert_eq!(hash(&a, "h3"), before, "the memory did not come back whole");
+    assert_eq!(
+        a.memory_hash("app", "h3"),
+        before,
+        "the memory did not come back whole"
+    );
 }
 
 /// A page the share cannot give as it was written (here one modified byte

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use criu_shim_tests::cri::{container_config, pod_config, Cri};
-use criu_shim_tests::{http_count_within, text, wait_until, Containerd, CTR_TENANT, IMAGE};
+use criu_shim_tests::{
+    hash_parts, http_count_within, text, wait_until, Containerd, CTR_TENANT, HASH_URL, IMAGE,
+};
 
 /// A cluster key in `secrets` (root's, mode 0600, as the shim demands);
 /// its path.
@@ -89,12 +91,6 @@ fn on_share(share: &Path, key: &str) -> usize {
         .unwrap_or(0)
 }
 
-fn hash(node: &Containerd, exec: &str) -> Vec<String> {
-    let (code, out, err) = node.exec("app", exec, &["wget", "-qO-", "http://127.0.0.1:8080/hash"]);
-    assert_eq!(code, 0, "{err}");
-    out.split_whitespace().map(str::to_string).collect()
-}
-
 /// The whole move: B answers at once, counts on, holds the source's
 /// memory exactly; A's source exits once every page has moved, and the
 /// archive (useless without its source) leaves the share. The restored
@@ -106,7 +102,7 @@ fn post_copy_moves_the_container_and_the_source_exits_once_its_memory_has_moved(
     let (a, b) = nodes(share.path(), secrets.path(), &[]);
     a.run_detached("app", &["/testapp", "-m", "64", "--fill", "realistic"]);
     assert_eq!(a.count("app"), 1);
-    let before = hash(&a, "h1");
+    let before = a.memory_hash("app", "h1");
 
     // The operator waits for the move, watching its progress.
     let cli = std::process::Command::new(criu_shim_tests::shim_binary())
@@ -128,7 +124,11 @@ fn post_copy_moves_the_container_and_the_source_exits_once_its_memory_has_moved(
     assert_eq!(code, 0, "exec works while pages move: {err}");
     let metrics = b.ctr(&["task", "metrics", "app"]);
     assert!(metrics.status.success(), "stats: {}", text(&metrics));
-    assert_eq!(hash(&b, "h2"), before, "the memory did not arrive whole");
+    assert_eq!(
+        b.memory_hash("app", "h2"),
+        before,
+        "the memory did not arrive whole"
+    );
 
     let out = cli.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
@@ -162,7 +162,11 @@ fn post_copy_moves_the_container_and_the_source_exits_once_its_memory_has_moved(
     let out = a.run_restored("app", "back");
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(a.count("app"), 3);
-    assert_eq!(hash(&a, "h3"), before, "the memory did not come back whole");
+    assert_eq!(
+        a.memory_hash("app", "h3"),
+        before,
+        "the memory did not come back whole"
+    );
 }
 
 /// A post-copy archive restored cold (the restoring pod does not ask for
@@ -174,7 +178,7 @@ fn a_post_copy_archive_restored_cold_has_all_its_memory_before_it_runs() {
     let (a, b) = nodes(share.path(), secrets.path(), &[]);
     a.run_detached("app", &["/testapp", "-m", "64", "--fill", "realistic"]);
     assert_eq!(a.count("app"), 1);
-    let before = hash(&a, "h1");
+    let before = a.memory_hash("app", "h1");
     let out = a.cli_checkpoint("app", &["--to", "pcc", "--post-copy"]);
     assert!(out.status.success(), "{}", text(&out));
     let out = b.run_restored("app", "pcc");
@@ -193,7 +197,11 @@ fn a_post_copy_archive_restored_cold_has_all_its_memory_before_it_runs() {
         a.log().contains("the dump ended and the source exited")
     });
     assert_eq!(b.count("app"), 2, "the count continues");
-    assert_eq!(hash(&b, "h2"), before, "the memory did not arrive whole");
+    assert_eq!(
+        b.memory_hash("app", "h2"),
+        before,
+        "the memory did not arrive whole"
+    );
 }
 
 /// Nobody restores (node B never comes, or cannot reach A): once the
@@ -210,7 +218,7 @@ fn when_no_node_restores_the_source_runs_on_and_the_archive_goes() {
     let (a, _b) = nodes(share.path(), secrets.path(), &settings);
     a.run_detached("app", &["/testapp", "-m", "16", "--fill", "realistic"]);
     assert_eq!(a.count("app"), 1);
-    let before = hash(&a, "h1");
+    let before = a.memory_hash("app", "h1");
     let out = a.cli_checkpoint("app", &["--to", "nobody", "--post-copy"]);
     assert!(out.status.success(), "{}", text(&out));
     wait_until(
@@ -227,7 +235,11 @@ fn when_no_node_restores_the_source_runs_on_and_the_archive_goes() {
         on_share(share.path(), "nobody") == 0
     });
     assert_eq!(a.count("app"), 2, "the source runs on, counting");
-    assert_eq!(hash(&a, "h2"), before, "the source's memory changed");
+    assert_eq!(
+        a.memory_hash("app", "h2"),
+        before,
+        "the source's memory changed"
+    );
 }
 
 /// Node B's shim dies mid-copy: the relay sees the stream end before
@@ -238,7 +250,7 @@ fn when_the_restoring_node_dies_mid_copy_the_source_runs_on() {
     let (a, b) = nodes(share.path(), secrets.path(), &[]);
     a.run_detached("app", &["/testapp", "-m", "1024", "--fill", "realistic"]);
     assert_eq!(a.count("app"), 1);
-    let before = hash(&a, "h1");
+    let before = a.memory_hash("app", "h1");
     let out = a.cli_checkpoint("app", &["--to", "dies", "--post-copy"]);
     assert!(out.status.success(), "{}", text(&out));
     // Lazy: Create returns at once, with most of a GiB still to move.
@@ -256,7 +268,11 @@ fn when_the_restoring_node_dies_mid_copy_the_source_runs_on() {
         "the source was killed although B never had all its memory"
     );
     assert_eq!(a.count("app"), 2, "the source runs on, counting");
-    assert_eq!(hash(&a, "h2"), before, "the source's memory changed");
+    assert_eq!(
+        a.memory_hash("app", "h2"),
+        before,
+        "the source's memory changed"
+    );
 }
 
 /// The source's shim (and with it the relay) dies mid-copy: node B's copy
@@ -359,7 +375,7 @@ fn a_cut_network_kills_the_copy_first_and_then_resumes_the_source() {
     let (a, b) = nodes(share.path(), secrets.path(), &settings);
     a.run_detached("app", &["/testapp", "-m", "1024", "--fill", "realistic"]);
     assert_eq!(a.count("app"), 1);
-    let before = hash(&a, "h1");
+    let before = a.memory_hash("app", "h1");
     let out = a.cli_checkpoint("app", &["--to", "cut", "--post-copy"]);
     assert!(out.status.success(), "{}", text(&out));
     let out = b.run_restored_with("app", "cut", &["criu-shim.io/migration=lazy"]);
@@ -385,7 +401,11 @@ fn a_cut_network_kills_the_copy_first_and_then_resumes_the_source() {
     );
     drop(cut);
     assert_eq!(a.count("app"), 2, "the source runs on, counting");
-    assert_eq!(hash(&a, "h2"), before, "the source's memory changed");
+    assert_eq!(
+        a.memory_hash("app", "h2"),
+        before,
+        "the source's memory changed"
+    );
 }
 
 /// Post-copy between two CRI nodes in their own network namespaces, as a
@@ -403,13 +423,9 @@ fn a_pod_moves_post_copy_between_cri_nodes() {
         run_cache_pod(&mut ca, "uid-a", &[("criu-shim.io/checkpoint-to", "pc")]);
     assert_eq!(http_count_within(&ip_a, 8080, Duration::from_secs(30)), 1);
     let hash = |cri: &mut Cri, id: &str| {
-        let (code, out, err) = cri
-            .exec_sync(id, &["wget", "-qO-", "http://127.0.0.1:8080/hash"])
-            .unwrap();
+        let (code, out, err) = cri.exec_sync(id, &["wget", "-qO-", HASH_URL]).unwrap();
         assert_eq!(code, 0, "{err}");
-        out.split_whitespace()
-            .map(str::to_string)
-            .collect::<Vec<_>>()
+        hash_parts(&out)
     };
     let before = hash(&mut ca, &id_a);
     let (code, _, err) = ca
