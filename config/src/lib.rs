@@ -89,6 +89,7 @@ pub mod env {
     pub const RESTORE_FETCH: &str = "CRIU_SHIM_RESTORE_FETCH";
     pub const POST_COPY_ADDRESS: &str = "CRIU_SHIM_POST_COPY_ADDRESS";
     pub const POST_COPY_IDLE_SECS: &str = "CRIU_SHIM_POST_COPY_IDLE_TIMEOUT";
+    pub const NETWORK_LOCK: &str = "CRIU_SHIM_NETWORK_LOCK";
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -155,6 +156,37 @@ pub enum PublishMode {
     /// After the dump, from the complete local images (for shares where a
     /// file held open and growing for the dump's duration is a problem).
     Staged,
+}
+
+/// How CRIU keeps a container's network still while it dumps or restores
+/// it (packets dropped, so no connection state changes under it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkLock {
+    /// Rules through `iptables-restore`, a process per family and step:
+    /// CRIU's default.
+    Iptables,
+    /// A table through libnftables, inside CRIU: no processes to start,
+    /// tens of milliseconds less downtime on each node. Needs CRIU built
+    /// with libnftables (CRIU 4.2 from Debian is) and nf_tables in the
+    /// kernel.
+    Nftables,
+}
+
+impl NetworkLock {
+    pub fn parse(v: &str) -> Option<NetworkLock> {
+        match v {
+            "iptables" => Some(Self::Iptables),
+            "nftables" => Some(Self::Nftables),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Iptables => "iptables",
+            Self::Nftables => "nftables",
+        }
+    }
 }
 
 /// How a container migrates: how a restore brings its memory back, and
@@ -272,6 +304,8 @@ pub struct ShimConfig {
     pub max_archive_members: usize,
     pub compression: CompressionSetting,
     pub publish: PublishMode,
+    /// How CRIU locks the network at dump and restore.
+    pub network_lock: NetworkLock,
     /// How restores bring memory back unless the container's
     /// [`ANNOTATION_MIGRATION`] says.
     pub migration: MigrationMode,
@@ -316,6 +350,7 @@ impl ShimConfig {
             max_archive_members: 50_000,
             compression: CompressionSetting::Auto,
             publish: PublishMode::Stream,
+            network_lock: NetworkLock::Nftables,
             migration: MigrationMode::Cold,
             lazy_timeout_secs: 30,
             restore_fetch: RestoreFetch::Stream,
@@ -465,6 +500,13 @@ impl ShimConfig {
                 why: "expected stream or staged",
             })?;
         }
+        if let Some(v) = env(env::NETWORK_LOCK) {
+            c.network_lock = NetworkLock::parse(&v).ok_or(ConfigError::BadValue {
+                name: env::NETWORK_LOCK,
+                value: v,
+                why: "expected nftables or iptables",
+            })?;
+        }
         if let Some(v) = env(env::MIGRATION) {
             c.migration = MigrationMode::parse(&v).ok_or(ConfigError::BadValue {
                 name: env::MIGRATION,
@@ -553,6 +595,16 @@ mod tests {
         assert_eq!(c.publish, PublishMode::Staged);
         let env = |k: &str| (k == env::PUBLISH).then(|| "later".to_string());
         assert!(ShimConfig::resolve("n", None, env, false).is_err());
+        assert_eq!(c.network_lock, NetworkLock::Nftables);
+        let env = |k: &str| (k == env::NETWORK_LOCK).then(|| "iptables".to_string());
+        let c2 = ShimConfig::resolve("n", None, env, false).unwrap();
+        assert_eq!(c2.network_lock, NetworkLock::Iptables);
+        let env = |k: &str| (k == env::NETWORK_LOCK).then(|| "nft".to_string());
+        let e = ShimConfig::resolve("n", None, env, false).unwrap_err();
+        assert!(
+            e.to_string().contains("expected nftables or iptables"),
+            "{e}"
+        );
         assert_eq!(c.migration, MigrationMode::Cold);
         let env = |k: &str| (k == env::MIGRATION).then(|| "lazy".to_string());
         let c = ShimConfig::resolve("n", None, env, false).unwrap();

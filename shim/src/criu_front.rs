@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use crate::messages::{FailureKind, FileMessage, FrontFailure, FrontStats};
 
 use criu_sys::rpc::{CriuReq, CriuReqType, CriuResp};
-use criu_sys::{Action, Criu, Notification, Options, ServiceSocket};
+use criu_sys::{Action, Criu, NetworkLock, Notification, Options, ServiceSocket};
 
 /// Environment the shim sets for runc, read here.
 pub mod env {
@@ -39,6 +39,9 @@ pub mod env {
     /// (the shim kills them once the archive is published, or resumes them
     /// if publishing fails).
     pub const DUMP_LEAVE_STOPPED: &str = "CRIU_SHIM_FRONT_DUMP_LEAVE_STOPPED";
+    /// `nftables` or `iptables`: how CRIU locks the network (runc cannot
+    /// say; CRIU's default is iptables).
+    pub const NETWORK_LOCK: &str = "CRIU_SHIM_FRONT_NETWORK_LOCK";
 }
 
 pub fn main(args: &[String]) -> ! {
@@ -148,6 +151,15 @@ fn relay_with_options(
         // it is frozen. Not yet accepted ones are dropped (their clients
         // retry); established ones are dumped, to be restored or closed.
         opts = opts.tcp_skip_in_flight(true).tcp_established(true);
+    }
+    if let Some(method) = std::env::var(env::NETWORK_LOCK)
+        .ok()
+        .and_then(|v| criu_shim_config::NetworkLock::parse(&v))
+    {
+        opts = opts.network_lock(match method {
+            criu_shim_config::NetworkLock::Iptables => NetworkLock::Iptables,
+            criu_shim_config::NetworkLock::Nftables => NetworkLock::Nftables,
+        });
     }
     if !restore && flag(env::DUMP_LEAVE_STOPPED) {
         opts.raw_mut().set_leave_running(false);

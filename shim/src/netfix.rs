@@ -1,9 +1,14 @@
-//! Network fix-ups for restored containers.
+//! Network fix-ups around CRIU.
 //!
 //! A network namespace re-created by CRIU came back with its loopback
 //! device down on these hosts, so a restored server could not be reached
 //! on 127.0.0.1 (and anything talking to itself broke). Setting `lo` up is
 //! idempotent and harmless where it already is.
+//!
+//! A dump that fails can leave CRIU's network lock behind, and the
+//! container that runs on cannot be reached: always when CRIU is killed,
+//! and (CRIU 4.2.1, nftables lock) when a lazy dump is called off. The
+//! shim undoes it before the container runs again.
 
 use std::os::fd::AsRawFd;
 
@@ -48,8 +53,11 @@ fn set_up(ifname: &str) -> std::io::Result<()> {
 /// Removes the network lock a killed CRIU left behind in the network
 /// namespace of `pid` (CRIU drops every packet there while it dumps; when
 /// CRIU dies half-way nobody unlocks, and the container is cut off).
-/// CRIU's iptables lock is a chain `CRIU` jumped to from INPUT and OUTPUT;
-/// undoing it where it does not exist fails harmlessly.
+/// Both of CRIU's methods are undone, whichever was used: the iptables
+/// lock is a chain `CRIU` jumped to from INPUT and OUTPUT (undoing it
+/// where it does not exist fails harmlessly); the nftables lock is a
+/// table `inet CRIU-<run id>`, named by a run id only CRIU knew, so every
+/// `CRIU-` table in the namespace goes (nothing else names them so).
 pub fn unlock_criu_network(pid: i32, reaper: &dyn criu_sys::Reaper) {
     const UNLOCK: &str =
         "*filter\n:CRIU - [0:0]\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\n-X CRIU\nCOMMIT\n";
@@ -62,27 +70,71 @@ pub fn unlock_criu_network(pid: i32, reaper: &dyn criu_sys::Reaper) {
                 return;
             }
             for tool in ["iptables-restore", "ip6tables-restore"] {
-                let mut watch = reaper.watch();
-                let child = std::process::Command::new(tool)
-                    .args(["-w", "--noflush"])
-                    .stdin(std::process::Stdio::piped())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn();
-                let Ok(mut child) = child else { continue };
-                if let Some(mut stdin) = child.stdin.take() {
-                    let _ = std::io::Write::write_all(&mut stdin, UNLOCK.as_bytes());
+                if let Some((true, _)) = run(reaper, tool, &["-w", "--noflush"], UNLOCK) {
+                    log::warn!("removed a network lock CRIU left in pid {pid}'s namespace ({tool})");
                 }
-                let id = child.id() as i32;
-                drop(child);
-                if let Ok(Some(exit)) = watch.wait(id, std::time::Duration::from_secs(10)) {
-                    if exit.success() {
-                        log::warn!(
-                            "removed a network lock CRIU left in pid {pid}'s namespace ({tool})"
-                        );
-                    }
+            }
+            let Some((true, tables)) = run(reaper, "nft", &["list", "tables"], "") else {
+                return;
+            };
+            for table in criu_tables(&tables) {
+                if let Some((true, _)) = run(reaper, "nft", &["delete", "table", "inet", table], "") {
+                    log::warn!("removed a network lock CRIU left in pid {pid}'s namespace (nftables table {table})");
                 }
             }
         });
     });
+}
+
+/// The tables CRIU's nftables lock makes, from `nft list tables`.
+fn criu_tables(listing: &str) -> Vec<&str> {
+    listing
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("table inet "))
+        .filter(|name| name.starts_with("CRIU-"))
+        .collect()
+}
+
+/// Runs `tool` (a host binary, in the calling thread's network
+/// namespace) with `input` on its stdin: whether it succeeded, and its
+/// output. None if it cannot run or does not finish within 10 s. The
+/// exit comes from the shim's reaper, which reaps every child.
+fn run(
+    reaper: &dyn criu_sys::Reaper,
+    tool: &str,
+    args: &[&str],
+    input: &str,
+) -> Option<(bool, String)> {
+    use std::io::{Read, Write};
+    let mut watch = reaper.watch();
+    let mut child = std::process::Command::new(tool)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(input.as_bytes());
+    }
+    let mut out = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        let _ = stdout.take(1 << 20).read_to_string(&mut out);
+    }
+    let id = child.id() as i32;
+    drop(child);
+    let exit = watch.wait(id, std::time::Duration::from_secs(10)).ok()??;
+    Some((exit.success(), out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_criu_s_lock_tables_are_taken() {
+        let listing = "table inet filter\ntable inet CRIU-3f2a9c\ntable ip nat\ntable ip CRIU-x\n";
+        assert_eq!(criu_tables(listing), ["CRIU-3f2a9c"]);
+        assert!(criu_tables("").is_empty());
+    }
 }

@@ -354,6 +354,10 @@ fn runc_for(config: &ShimConfig, bundle: &std::path::Path) -> Runc {
         ),
         (front_env::LEAVE_STOPPED.to_string(), "1".to_string()),
         (front_env::TCP_ESTABLISHED.to_string(), "1".to_string()),
+        (
+            front_env::NETWORK_LOCK.to_string(),
+            config.network_lock.as_str().to_string(),
+        ),
     ];
     Runc::new(
         &config.runc,

@@ -416,8 +416,18 @@ fn criu_wrapper(dir: &Path, on_dump: &str) -> PathBuf {
     wrapper
 }
 
+/// With either of CRIU's network locks (the shim undoes each its own way).
 #[test]
 fn criu_killed_mid_dump_leaves_the_source_running_and_no_archive() {
+    for (lock, undone) in [
+        ("nftables", "(nftables table CRIU-"),
+        ("iptables", "(iptables-restore)"),
+    ] {
+        criu_killed_mid_dump_with(lock, undone);
+    }
+}
+
+fn criu_killed_mid_dump_with(lock: &str, undone: &str) {
     let share = share();
     let dir = tempfile::tempdir().unwrap();
     // A CRIU that gets SIGKILLed 400 ms into the dump, after it locked the
@@ -426,14 +436,17 @@ fn criu_killed_mid_dump_leaves_the_source_running_and_no_archive() {
     let wrapper = criu_wrapper(dir.path(), "(sleep 0.4; kill -9 $$) &");
     let a = Containerd::node(
         share.path(),
-        &[("CRIU_SHIM_CRIU", wrapper.to_str().unwrap())],
+        &[
+            ("CRIU_SHIM_CRIU", wrapper.to_str().unwrap()),
+            ("CRIU_SHIM_NETWORK_LOCK", lock),
+        ],
     );
     a.run_detached("victim", &["/testapp", "-m", "512"]);
     assert_eq!(a.count("victim"), 1);
     let out = a.cli_checkpoint("victim", &["--to", "victim"]);
     assert!(
         !out.status.success(),
-        "the dump should have failed: {}",
+        "{lock}: the dump should have failed: {}",
         text(&out)
     );
     let err = String::from_utf8_lossy(&out.stderr);
@@ -444,11 +457,18 @@ fn criu_killed_mid_dump_leaves_the_source_running_and_no_archive() {
     assert_eq!(
         a.count("victim"),
         2,
-        "the source keeps its state and serves"
+        "{lock}: the source keeps its state and serves"
     );
+    let removed = a
+        .log()
+        .lines()
+        .filter(|l| l.contains("removed a network lock CRIU left"))
+        .map(str::to_string)
+        .collect::<Vec<_>>();
     assert!(
-        a.log().contains("removed a network lock CRIU left"),
-        "the kill should have landed after CRIU locked the network"
+        removed.iter().any(|l| l.contains(undone)),
+        "{lock}: the kill should have landed after CRIU locked the network, and the shim \
+         removed the lock: {removed:#?}"
     );
     assert!(
         entries(share.path(), "victim").is_empty(),
