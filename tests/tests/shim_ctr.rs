@@ -411,3 +411,67 @@ fn the_shim_removes_its_socket_when_it_exits() {
     });
     cd.remove("sock");
 }
+
+/// What critest's "recursive read-only mounts" specs check, at the level
+/// containerd 2.1 lets us reach (it asks only runc's own runtime type
+/// for its features; 2.2+ ask ours, see `info_reports_the_runtime_and_
+/// runc_s_features` in cli.rs): an `rro` bind mount is read-only all the
+/// way down, a mount beneath it included, while plain `ro` leaves that
+/// one writable, as under runc.
+#[test]
+fn a_recursive_read_only_mount_is_read_only_all_the_way_down() {
+    let cd = Containerd::start();
+    let host = tempfile::tempdir().unwrap();
+    let sub = host.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&sub)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "tmpfs beneath the bind mount");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&sub);
+    let writes = |id: &str, options: &str| {
+        let mount = format!(
+            "type=bind,src={},dst=/data,options=rbind:{options}",
+            host.path().display()
+        );
+        cd.ctr_ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            "--mount",
+            &mount,
+            IMAGE,
+            id,
+            "/testapp",
+        ]);
+        let write = |path: &str| {
+            let (code, _, err) = cd.exec(id, "w", &["sh", "-c", &format!("echo x > {path}")]);
+            (code == 0, err)
+        };
+        let top = write("/data/top");
+        let below = write("/data/sub/below");
+        cd.remove(id);
+        (top, below)
+    };
+    let ((top, why), (below, why_below)) = writes("rro", "rro");
+    assert!(!top && why.contains("Read-only"), "rro: {why}");
+    assert!(
+        !below && why_below.contains("Read-only"),
+        "rro reaches the mount beneath: {why_below}"
+    );
+    let ((top, _), (below, err)) = writes("ro", "ro");
+    assert!(!top, "ro: the top is read-only");
+    assert!(
+        below,
+        "ro (not recursive) leaves the mount beneath writable: {err}"
+    );
+}
