@@ -410,13 +410,13 @@ fn ms(d: Duration) -> u128 {
 
 /// One run for the chart, if `BENCH_SAMPLES` names a file:
 /// `WAY (FILL)<TAB>MIB<TAB>DOWNTIME_MS`.
-fn record_sample(way: Way, mib: u64, downtime: Duration) {
+fn record_sample(label: &str, mib: u64, downtime: Duration) {
     use std::io::Write;
     let Ok(path) = std::env::var("BENCH_SAMPLES") else {
         return;
     };
     let fill = std::env::var("BENCH_FILL").unwrap_or_else(|_| "realistic".into());
-    let line = format!("{} ({fill})\t{mib}\t{}\n", way.name(), ms(downtime));
+    let line = format!("{label} ({fill})\t{mib}\t{}\n", ms(downtime));
     let appended = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -453,16 +453,35 @@ fn main() {
     std::fs::write(&key, [9u8; 32]).unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let key = key.display().to_string();
-    let node = |name: &str| {
+    let node = |name: &str, lock: Option<&str>| {
         let dir = staging.as_ref().map(|s| format!("{s}/{name}"));
         let mut env: Vec<(&str, &str)> = vec![("CRIU_SHIM_ARCHIVE_KEY_FILE", key.as_str())];
         if let Some(d) = dir.as_deref() {
             env.push(("CRIU_SHIM_STAGING_DIR", d));
         }
+        if let Some(lock) = lock {
+            env.push(("CRIU_SHIM_NETWORK_LOCK", lock));
+        }
         Containerd::cri_net_node(share.path(), &env)
     };
-    let a = node("a");
-    let b = node("b");
+    // BENCH_NETWORK_LOCKS=iptables,nftables: a pair of nodes per CRIU
+    // network lock, each of our ways run on every pair in turn, so the
+    // settings are compared interleaved, in the same run. Stock runs on
+    // the first pair.
+    let locks: Vec<Option<String>> = match std::env::var("BENCH_NETWORK_LOCKS") {
+        Ok(v) => v.split(',').map(|l| Some(l.trim().to_string())).collect(),
+        Err(_) => vec![None],
+    };
+    let pairs: Vec<(Option<String>, Containerd, Containerd)> = locks
+        .into_iter()
+        .enumerate()
+        .map(|(i, lock)| {
+            let a = node(&format!("a{i}"), lock.as_deref());
+            let b = node(&format!("b{i}"), lock.as_deref());
+            (lock, a, b)
+        })
+        .collect();
+    let (_, a, b) = &pairs[0];
     // containerd's own CRI restore pulls the base image, by digest, even
     // though it is on the node: serve it from node B's localhost.
     let registry = registry::Registry::serve(
@@ -470,7 +489,7 @@ fn main() {
         &b.net.as_ref().unwrap().netns(),
     );
     let stock_image = format!("localhost:{}/criu-shim/testapp:latest", registry.port);
-    for node in [&a, &b] {
+    for node in [a, b] {
         node.ctr_ok(&["images", "tag", IMAGE, &stock_image]);
         let digest = manifest_digest(node, IMAGE);
         let by_digest = format!("localhost:{}/criu-shim/testapp@{digest}", registry.port);
@@ -496,18 +515,32 @@ fn main() {
         !ways.is_empty(),
         "BENCH_WAYS={wanted}: none of cli, cri, cli lazy, cri lazy, cli post-copy, cri post-copy, stock"
     );
+    // Each way on each pair of nodes (stock on the first only), labelled
+    // with the pair's setting when there are several.
+    let variants: Vec<(Way, usize)> = ways
+        .iter()
+        .flat_map(|&w| {
+            let on = if w == Way::Stock { 1 } else { pairs.len() };
+            (0..on).map(move |p| (w, p))
+        })
+        .collect();
+    let label = |(way, p): (Way, usize)| match &pairs[p].0 {
+        Some(lock) if pairs.len() > 1 && way != Way::Stock => format!("{} [{lock}]", way.name()),
+        _ => way.name().to_string(),
+    };
     println!(
         "| size (MiB) | way | checkpoint (ms) | restore (ms) | downtime (ms) | downtime min..max | downtime vs stock | all memory on B (ms) | answer before / B's first 10 (ms, median) | failed checkpoints |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for &mib in &sizes {
-        let mut samples: Vec<Vec<Sample>> = ways.iter().map(|_| Vec::new()).collect();
+        let mut samples: Vec<Vec<Sample>> = variants.iter().map(|_| Vec::new()).collect();
         for run in 0..runs {
-            for (i, &way) in ways.iter().enumerate() {
-                let s = migrate(&a, &b, share.path(), way, mib, run, &stock_image);
+            for (i, &(way, p)) in variants.iter().enumerate() {
+                let (_, a, b) = &pairs[p];
+                let s = migrate(a, b, share.path(), way, mib, run, &stock_image);
                 eprintln!(
                     "{mib} MiB run {run} {}: checkpoint {} ms, restore {} ms, downtime {} ms, all memory on B {}, answers {:.1} ms before, {:.1} ms B's first 10, failed attempts {}",
-                    way.name(),
+                    label((way, p)),
                     ms(s.checkpoint),
                     ms(s.restore),
                     ms(s.downtime),
@@ -516,7 +549,7 @@ fn main() {
                     s.latency.1.as_secs_f64() * 1e3,
                     s.failed
                 );
-                record_sample(way, mib, s.downtime);
+                record_sample(&label((way, p)), mib, s.downtime);
                 samples[i].push(s);
             }
         }
@@ -524,8 +557,8 @@ fn main() {
             .iter()
             .map(|s| median(s.iter().map(|x| x.downtime).collect()))
             .collect();
-        let stock = downtimes[ways.len() - 1];
-        for (i, way) in ways.iter().enumerate() {
+        let stock = downtimes[variants.len() - 1];
+        for (i, &variant) in variants.iter().enumerate() {
             let s = &samples[i];
             let all_moved: Vec<Duration> = s.iter().filter_map(|x| x.all_moved).collect();
             let (lo, hi) = (
@@ -534,7 +567,7 @@ fn main() {
             );
             println!(
                 "| {mib} | {} | {} | {} | {} | {}..{} | {:.2} | {} | {:.1} / {:.1} | {} |",
-                way.name(),
+                label(variant),
                 ms(median(s.iter().map(|x| x.checkpoint).collect())),
                 ms(median(s.iter().map(|x| x.restore).collect())),
                 ms(downtimes[i]),
