@@ -97,8 +97,9 @@ fn criu_tables(listing: &str) -> Vec<&str> {
 
 /// Runs `tool` (a host binary, in the calling thread's network
 /// namespace) with `input` on its stdin: whether it succeeded, and its
-/// output. None if it cannot run or does not finish within 10 s. The
-/// exit comes from the shim's reaper, which reaps every child.
+/// output (the first MiB). None if it cannot run, or is still running
+/// after 10 s (it is killed then: a failed checkpoint must not hang on
+/// it). The exit comes from the shim's reaper, which reaps every child.
 fn run(
     reaper: &dyn criu_sys::Reaper,
     tool: &str,
@@ -117,14 +118,30 @@ fn run(
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(input.as_bytes());
     }
-    let mut out = String::new();
-    if let Some(stdout) = child.stdout.take() {
-        let _ = stdout.take(1 << 20).read_to_string(&mut out);
-    }
+    // Read beside the wait, so a tool that never ends cannot hold us.
+    let reader = child.stdout.take().map(|stdout| {
+        std::thread::spawn(move || {
+            let mut out = String::new();
+            let _ = stdout.take(1 << 20).read_to_string(&mut out);
+            out
+        })
+    });
     let id = child.id() as i32;
     drop(child);
-    let exit = watch.wait(id, std::time::Duration::from_secs(10)).ok()??;
-    Some((exit.success(), out))
+    match watch.wait(id, std::time::Duration::from_secs(10)) {
+        Ok(Some(exit)) => {
+            let out = reader.and_then(|r| r.join().ok()).unwrap_or_default();
+            Some((exit.success(), out))
+        }
+        _ => {
+            log::warn!("{tool} did not finish within 10 s; killed");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(id),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            None
+        }
+    }
 }
 
 #[cfg(test)]
