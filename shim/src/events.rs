@@ -5,8 +5,10 @@
 //! waiting on us. One thread sends events in the order they were queued, so
 //! TaskExit never overtakes TaskStart.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Sender};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskPaused,
@@ -73,11 +75,17 @@ impl Event {
 
 pub struct Events {
     tx: Mutex<Sender<Event>>,
+    /// Events queued and not yet handed to containerd: a shim that exits
+    /// must not take them with it (the TaskDelete of its last container
+    /// is queued just before containerd asks it to shut down).
+    unsent: Arc<AtomicUsize>,
 }
 
 impl Events {
     pub fn start(publisher: RemotePublisher, namespace: String) -> Events {
         let (tx, rx) = channel::<Event>();
+        let unsent = Arc::new(AtomicUsize::new(0));
+        let sent = unsent.clone();
         std::thread::Builder::new()
             .name("events".into())
             .spawn(move || {
@@ -86,20 +94,65 @@ impl Events {
                     if let Err(e) = publisher.publish(Context::default(), topic, &namespace, msg) {
                         log::warn!("publish {topic}: {e}");
                     }
+                    sent.fetch_sub(1, Ordering::SeqCst);
                 }
             })
             .expect("spawn events thread");
-        Events { tx: Mutex::new(tx) }
+        Events {
+            tx: Mutex::new(tx),
+            unsent,
+        }
     }
 
     pub fn send(&self, ev: Event) {
-        let _ = self.tx.lock().unwrap().send(ev);
+        self.unsent.fetch_add(1, Ordering::SeqCst);
+        if self.tx.lock().unwrap().send(ev).is_err() {
+            self.unsent.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Waits (at most `limit`) until every queued event has been handed
+    /// to containerd; false if some are still waiting.
+    pub fn flush(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.unsent.load(Ordering::SeqCst) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
     }
 
     /// Events that go to `rx` instead of containerd, for unit tests.
     #[cfg(test)]
     pub fn captured() -> (Events, std::sync::mpsc::Receiver<Event>) {
         let (tx, rx) = channel::<Event>();
-        (Events { tx: Mutex::new(tx) }, rx)
+        let events = Events {
+            tx: Mutex::new(tx),
+            unsent: Arc::new(AtomicUsize::new(0)),
+        };
+        (events, rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shim that shuts down waits for what is queued, and no longer.
+    #[test]
+    fn flush_waits_for_every_queued_event() {
+        let (events, rx) = Events::captured();
+        assert!(events.flush(Duration::ZERO), "nothing queued");
+        events.send(Event::Oom("c".into()));
+        assert!(
+            !events.flush(Duration::from_millis(20)),
+            "one not taken yet"
+        );
+        let taken = rx.recv().unwrap();
+        assert!(matches!(taken, Event::Oom(_)));
+        events.unsent.fetch_sub(1, Ordering::SeqCst); // as the sender thread does
+        assert!(events.flush(Duration::from_millis(20)));
     }
 }

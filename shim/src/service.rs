@@ -709,6 +709,9 @@ impl Task for TaskService {
         let empty = self.0.containers.lock().unwrap().is_empty();
         if empty {
             self.0.drain(Duration::from_secs(5));
+            if !self.0.events.flush(Duration::from_secs(5)) {
+                log::warn!("shutting down with task events containerd has not taken");
+            }
             log::info!("shutting down");
             self.0.exit.signal();
         }
