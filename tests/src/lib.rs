@@ -754,6 +754,18 @@ pub fn checkpointctl_reads(archive: &Path) -> (String, String) {
 /// The test app's memory digest, as served inside its container.
 pub const HASH_URL: &str = "http://127.0.0.1:8080/hash";
 
+/// The test app as a cache: 128 MiB of realistic records, each answer
+/// reading 16 pages (the pod the CRI and post-copy tests move).
+pub const CACHE_APP: &[&str] = &[
+    "/testapp",
+    "-m",
+    "128",
+    "--fill",
+    "realistic",
+    "--touch",
+    "16",
+];
+
 /// `GET /hash`'s answer: the digest and the bytes it covers.
 pub fn hash_parts(answer: &str) -> Vec<String> {
     let parts: Vec<String> = answer.split_whitespace().map(str::to_string).collect();

@@ -8,7 +8,7 @@ use criu_shim_tests::cri::{container_config, pod_config, ContainerState, Cri, Po
 use criu_shim_tests::sshfs::SshfsShare;
 use criu_shim_tests::{
     hash_parts, http_count, http_count_within, mounts_containing, pids_matching, wait_until,
-    Containerd, SmallShare, HASH_URL, IMAGE, POD_TENANT,
+    Containerd, SmallShare, CACHE_APP, HASH_URL, IMAGE, POD_TENANT,
 };
 
 #[test]
@@ -194,15 +194,7 @@ fn a_pod_migrates_lazily_through_the_cri() {
     let a = Containerd::cri_net_node(share.path(), &[]);
     let b = Containerd::cri_net_node(share.path(), &[]);
     let (mut ca, mut cb) = (a.cri(), b.cri());
-    let app: &[&str] = &[
-        "/testapp",
-        "-m",
-        "128",
-        "--fill",
-        "realistic",
-        "--touch",
-        "16",
-    ];
+    let app = CACHE_APP;
     let (pod_a, ids_a, _) = run_pod(
         &mut ca,
         "cache",

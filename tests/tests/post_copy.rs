@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use criu_shim_tests::cri::{container_config, pod_config, Cri};
 use criu_shim_tests::{
-    hash_parts, http_count_within, text, wait_until, Containerd, CTR_TENANT, HASH_URL, IMAGE,
+    hash_parts, http_count_within, text, wait_until, Containerd, CACHE_APP, CTR_TENANT, HASH_URL,
+    IMAGE,
 };
 
 /// A cluster key in `secrets` (root's, mode 0600, as the shim demands);
@@ -51,19 +52,10 @@ fn run_cache_pod(
     uid: &str,
     annotations: &[(&str, &str)],
 ) -> (String, String, String) {
-    let app = [
-        "/testapp",
-        "-m",
-        "128",
-        "--fill",
-        "realistic",
-        "--touch",
-        "16",
-    ];
     let pod = pod_config("cache", uid, annotations, false);
     let pod_id = cri.run_pod_sandbox(&pod, "criu").expect("pod");
     let id = cri
-        .create_container(&pod_id, container_config("cache", IMAGE, &app), &pod)
+        .create_container(&pod_id, container_config("cache", IMAGE, CACHE_APP), &pod)
         .expect("container");
     cri.start_container(&id).expect("start");
     let ip = cri.pod_ip(&pod_id).unwrap();
